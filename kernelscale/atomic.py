@@ -1,0 +1,58 @@
+"""Atomic file writes: temp file in the same directory, fsync, ``os.replace``, fsync dir.
+
+A reader (or a process restarted after ``kill -9``) sees either the old file or the new
+one, never a torn write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory entry so a rename inside it survives a power loss."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temp file beside ``path``; on clean exit make it ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    atomic_write_bytes(path, data + b"\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, "rb") as fh:
+        return json.load(fh)

@@ -1,0 +1,245 @@
+"""The ``kernelscale`` command line.
+
+Every user error is a :class:`~kernelscale.errors.KernelscaleError`: printed as one line
+``kernelscale: error: ...`` and a non-zero exit status (2; 75 for a stage that stopped on
+a signal after checkpointing, so a batch wrapper can requeue it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import ConfigError, Interrupted, KernelscaleError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'8G', '512MiB', '1e9' -> bytes (powers of 1024 for suffixes)."""
+    m = _SIZE.match(text)
+    if not m:
+        try:
+            return int(float(text))
+        except ValueError:
+            raise ConfigError(f"cannot read {text!r} as a size (e.g. 8G, 512M)") from None
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def parse_range(text: str | None, what: str) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"--{what} {text!r}: expected START:STOP")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_pair(text: str | None, what: str) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX,]\s*(\d+)\s*", text)
+    if not m:
+        raise ConfigError(f"--{what} {text!r}: expected ROWSxCOLS")
+    return int(m.group(1)), int(m.group(2))
+
+
+# ------------------------------------------------------------------------- commands
+
+def cmd_simulate(a: argparse.Namespace) -> int:
+    from .simulate import simulate
+
+    t0 = time.monotonic()
+    s = simulate(a.out, runs=a.runs, files=a.files, n_train=a.n_train, n_test=a.n_test,
+                 classes=a.classes, seed=a.seed, progress=not a.quiet)
+    print(f"simulate: {s.runs} runs in {len(s.files)} file(s) to {a.out} "
+          f"(train {s.n_train}, test {s.n_test}, classes {s.classes}, seed {s.seed}) in "
+          f"{time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from .ingest import ingest_local
+
+    s = ingest_local(a.source, a.store, glob=a.glob, max_files=a.max_files,
+                     max_runs=a.max_runs, skip_bad=a.skip_bad, run_chunk=a.run_chunk,
+                     show_progress=not a.quiet)
+    print(s.line())
+    if s.errors:
+        for e in s.errors:
+            print(f"kernelscale: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def kernel_config_from_args(a: argparse.Namespace):  # noqa: ANN201
+    from .kernel import KernelConfig
+
+    classes = None
+    if a.cls is not None:
+        classes = tuple(int(c) for c in a.cls.split(","))
+    return KernelConfig(
+        store=Path(a.store), out=Path(a.out), runs=a.runs, pairs=a.pairs, device=a.device,
+        precision=a.precision,
+        max_memory=parse_bytes(a.max_memory) if a.max_memory else None,
+        tile=parse_pair(a.tile, "tile"), chunks=parse_pair(a.chunks, "chunks"),
+        rows=parse_range(a.rows, "rows"), cols=parse_range(a.cols, "cols"),
+        checkpoint_every=a.checkpoint_every, log_softmax=not a.no_log_softmax,
+        classes=classes, overwrite=a.overwrite, restart=a.restart,
+        show_progress=not a.quiet, run_chunk=a.run_chunk)
+
+
+def cmd_kernel(a: argparse.Namespace) -> int:
+    from .kernel import compute_kernel
+
+    s = compute_kernel(kernel_config_from_args(a))
+    print(s.line())
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .sources import load_labels
+    from .store import Store
+
+    st = Store.open(a.store)
+    labels = load_labels(a.labels, n_train=st.shape.n_train, n_test=st.shape.n_test,
+                         classes=st.shape.classes)
+    ev = evaluate(a.store, a.kernel, labels, k=a.k)
+    if a.json:
+        print(json.dumps(ev.as_json(), sort_keys=True))
+    else:
+        print(ev.table())
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .kernel import describe_kernel
+    from .store import Store
+
+    p = Path(a.path)
+    if Store.exists(p):
+        print(Store.open(p).describe())
+    else:
+        print(describe_kernel(p))
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .jobs import run_job
+
+    job = a.job or default_job()
+    return run_job(job, workdir=a.workdir, quiet=a.quiet, device=a.device)
+
+
+def default_job() -> str:
+    local = Path("jobs/demo.toml")
+    if local.is_file():
+        return str(local)
+    return str(Path(__file__).resolve().parent.parent / "jobs" / "demo.toml")
+
+
+# --------------------------------------------------------------------------- parser
+
+def add_kernel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="the store to read")
+    p.add_argument("--out", required=True, help="output Zarr group for the kernel")
+    p.add_argument("--runs", type=int, help="use the first N runs (default: all)")
+    p.add_argument("--pairs", default="test-train",
+                   choices=["test-train", "train-train", "test-test"])
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
+    p.add_argument("--precision", default="fp32", help="fp32 (default) or tf32")
+    p.add_argument("--max-memory", help="device memory budget, e.g. 40G")
+    p.add_argument("--tile", help="tile shape ROWSxCOLS (multiples of the output chunks)")
+    p.add_argument("--chunks", help="output chunk shape ROWSxCOLS (new kernels only)")
+    p.add_argument("--rows", help="compute only rows START:STOP (chunk-aligned)")
+    p.add_argument("--cols", help="compute only cols START:STOP (chunk-aligned)")
+    p.add_argument("--run-chunk", type=int, help="runs folded per step (default: auto)")
+    p.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS")
+    p.add_argument("--no-log-softmax", action="store_true",
+                   help="ablation: correlate raw logits instead of log-softmax")
+    p.add_argument("--class", dest="cls", metavar="C[,C...]",
+                   help="ablation: kernel of these classes only")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing kernel of different inputs")
+    p.add_argument("--restart", action="store_true",
+                   help="discard a partial kernel / checkpoints of different inputs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kernelscale", description=__doc__.splitlines()[0])
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="write a synthetic ensemble in the Hub's layout")
+    s.add_argument("out")
+    s.add_argument("--runs", type=int, default=200)
+    s.add_argument("--files", type=int, default=2)
+    s.add_argument("--n-train", type=int, default=2000)
+    s.add_argument("--n-test", type=int, default=500)
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("ingest", help="ingest log.pt files into a Zarr store")
+    s.add_argument("source", help="a directory of log.pt files")
+    s.add_argument("--store", required=True)
+    s.add_argument("--glob", default="**/log.pt", help="which files under SOURCE")
+    s.add_argument("--max-files", type=int)
+    s.add_argument("--max-runs", type=int)
+    s.add_argument("--skip-bad", action="store_true",
+                   help="record bad files as rejected and go on (still exits non-zero)")
+    s.add_argument("--run-chunk", type=int, help="runs per store chunk (new stores only)")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("kernel", help="compute the kernel from a store")
+    add_kernel_options(s)
+    s.set_defaults(func=cmd_kernel)
+
+    s = sub.add_parser("evaluate", help="baselines and k-NN accuracy from a saved kernel")
+    s.add_argument("--store", required=True)
+    s.add_argument("--kernel", required=True)
+    s.add_argument("--labels", required=True, help="labels.npz or cifar10:ROOT")
+    s.add_argument("--k", type=int, default=3)
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("info", help="what a store or kernel holds")
+    s.add_argument("path")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("run", help="run the stages a job file names")
+    s.add_argument("job", nargs="?", help="job file (default: jobs/demo.toml)")
+    s.add_argument("--workdir", help="override the job's workdir")
+    s.add_argument("--device", help="override the kernel device")
+    s.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda m, c, *_: f"kernelscale: warning: {m}\n"
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except KernelscaleError as e:
+        print(f"kernelscale: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kernelscale: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Where logits come from: local folders of ``log.pt`` files, and labels.
+
+A source file is a ``torch.save``d dict with
+
+* ``logits``       -- float16 tensor (runs, n_test, classes)
+* ``logits_train`` -- float16 tensor (runs, n_train, classes)
+* ``code``         -- str, the training script (optional here; kept for provenance)
+
+Files are untrusted: they are loaded with ``torch.load(..., weights_only=True)``, which
+refuses any pickle that is not plain tensors and containers, and then checked completely
+(keys, shapes, dtypes, finiteness) before any byte of them reaches a store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+
+#: dtypes a store can hold; logits keep their on-disk precision (the reference casts to
+#: float32 only for the computation, so widening here would only cost disk).
+ALLOWED_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a source: where it is and how it is named in the manifest."""
+
+    path: Path  #: local path to read
+    name: str  #: stable name recorded in the manifest (path relative to the source root)
+    size: int
+
+
+@dataclass
+class LoadedLog:
+    """A validated source file.
+
+    ``test``: (runs, n_test, classes) and ``train``: (runs, n_train, classes), both of the
+    file's floating dtype (float16 for the Hub data), C-contiguous numpy arrays.
+    """
+
+    name: str
+    sha256: str
+    size: int
+    test: np.ndarray
+    train: np.ndarray
+    code: str
+
+    @property
+    def runs(self) -> int:
+        return int(self.test.shape[0])
+
+
+def list_local(root: str | os.PathLike, glob: str = "**/log.pt") -> list[SourceFile]:
+    """Every file matching ``glob`` under ``root``, in sorted path order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise BadInputError(f"{root}: source is not a directory")
+    files = sorted(p for p in root.glob(glob) if p.is_file())
+    return [SourceFile(p, p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
+
+
+def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_log(path: str | os.PathLike, name: str | None = None, *,
+             expect: dict | None = None, sha256: str | None = None) -> LoadedLog:
+    """Load and validate one ``log.pt``.
+
+    ``expect`` (optional) holds the store's ``n_test``, ``n_train``, ``classes`` and
+    ``dtype``; the file must agree. ``sha256``, when given, must match the file's bytes.
+    Raises :class:`BadInputError` naming the file and the first problem found.
+    """
+    import torch
+
+    path = Path(path)
+    label = name or str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise BadInputError(f"{label}: cannot read ({e.strerror})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise BadInputError(f"{label}: sha256 mismatch (expected {sha256}, got {digest}); "
+                            "the file is corrupt or was changed")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad bytes; all mean the same here
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise BadInputError(f"{label}: refused, the pickle holds objects other than "
+                                f"plain tensors ({text[:160]})") from None
+        raise BadInputError(f"{label}: not a readable torch file ({type(e).__name__}: "
+                            f"{text[:160]})") from None
+    if not isinstance(obj, dict):
+        raise BadInputError(f"{label}: expected a dict with 'logits' and 'logits_train', "
+                            f"got {type(obj).__name__}")
+    missing = [k for k in ("logits", "logits_train") if k not in obj]
+    if missing:
+        raise BadInputError(f"{label}: missing key(s) {', '.join(map(repr, missing))}")
+    arrays = {}
+    for key in ("logits", "logits_train"):
+        t = obj[key]
+        if not isinstance(t, torch.Tensor):
+            raise BadInputError(f"{label}: {key!r} is {type(t).__name__}, not a tensor")
+        if t.ndim != 3:
+            raise BadInputError(f"{label}: {key!r} has shape {tuple(t.shape)}, expected "
+                                "(runs, examples, classes)")
+        dt = str(t.dtype).removeprefix("torch.")
+        if dt not in ALLOWED_DTYPES:
+            raise BadInputError(f"{label}: {key!r} has dtype {dt}, expected one of "
+                                f"{', '.join(ALLOWED_DTYPES)}")
+        arrays[key] = t.contiguous().numpy()
+    test, train = arrays["logits"], arrays["logits_train"]
+    if test.shape[0] != train.shape[0]:
+        raise BadInputError(f"{label}: 'logits' has {test.shape[0]} runs but 'logits_train' "
+                            f"has {train.shape[0]}")
+    if test.shape[0] == 0:
+        raise BadInputError(f"{label}: holds zero runs")
+    if test.shape[2] != train.shape[2]:
+        raise BadInputError(f"{label}: 'logits' has {test.shape[2]} classes but "
+                            f"'logits_train' has {train.shape[2]}")
+    if test.shape[2] < 2:
+        raise BadInputError(f"{label}: {test.shape[2]} class(es); log-softmax needs >= 2")
+    if test.dtype != train.dtype:
+        raise BadInputError(f"{label}: 'logits' is {test.dtype} but 'logits_train' is "
+                            f"{train.dtype}")
+    if expect:
+        for key, got, want in (("n_test", test.shape[1], expect.get("n_test")),
+                               ("n_train", train.shape[1], expect.get("n_train")),
+                               ("classes", test.shape[2], expect.get("classes"))):
+            if want is not None and got != want:
+                what = {"n_test": "test examples", "n_train": "train examples",
+                        "classes": "classes"}[key]
+                raise BadInputError(f"{label}: {got} {what}, but the store holds {want}")
+        if expect.get("dtype") and str(test.dtype) != expect["dtype"]:
+            raise BadInputError(f"{label}: dtype {test.dtype}, but the store holds "
+                                f"{expect['dtype']}")
+    for key, a in (("logits", test), ("logits_train", train)):
+        finite = np.isfinite(a)
+        if not finite.all():
+            bad = int(a.size - np.count_nonzero(finite))
+            r, i, c = (int(v[0]) for v in np.nonzero(~finite))
+            raise BadInputError(f"{label}: {key!r} has {bad} non-finite value(s), first at "
+                                f"[run {r}, example {i}, class {c}]")
+    code = obj.get("code", "")
+    if not isinstance(code, str):
+        code = ""
+    return LoadedLog(label, digest, len(data), test, train, code)
+
+
+# ----------------------------------------------------------------------------- labels
+
+@dataclass(frozen=True)
+class Labels:
+    """int64 label vectors ``train`` (n_train,) and ``test`` (n_test,), and class names."""
+
+    train: np.ndarray
+    test: np.ndarray
+    class_names: tuple[str, ...] | None = None
+    source: str = ""
+
+
+def load_labels(spec: str, *, n_train: int | None = None, n_test: int | None = None,
+                classes: int | None = None, download: bool = True) -> Labels:
+    """Load labels from ``path.npz`` (arrays ``train``, ``test``) or ``cifar10:ROOT``.
+
+    The lengths must match the store's split sizes and every label must lie in
+    ``[0, classes)``; otherwise :class:`BadInputError` names the file and the problem.
+    """
+    names = None
+    if spec.startswith("cifar10:"):
+        root = spec.split(":", 1)[1] or "."
+        try:
+            import torchvision
+            tr = torchvision.datasets.CIFAR10(root, train=True, download=download)
+            te = torchvision.datasets.CIFAR10(root, train=False, download=download)
+        except Exception as e:
+            raise BadInputError(f"{spec}: cannot load CIFAR-10 ({type(e).__name__}: "
+                                f"{str(e)[:160]})") from None
+        train = np.asarray(tr.targets, dtype=np.int64)
+        test = np.asarray(te.targets, dtype=np.int64)
+        names = tuple(tr.classes)
+    else:
+        try:
+            with np.load(spec, allow_pickle=False) as z:
+                missing = [k for k in ("train", "test") if k not in z.files]
+                if missing:
+                    raise BadInputError(f"{spec}: labels file lacks array(s) {missing}")
+                train, test = z["train"], z["test"]
+                if "class_names" in z.files:
+                    names = tuple(str(s) for s in z["class_names"])
+        except BadInputError:
+            raise
+        except Exception as e:
+            raise BadInputError(f"{spec}: not a readable labels .npz ({type(e).__name__}: "
+                                f"{str(e)[:160]})") from None
+    for split, arr, n in (("train", train, n_train), ("test", test, n_test)):
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise BadInputError(f"{spec}: {split} labels must be a 1-D integer array, got "
+                                f"{arr.dtype} {arr.shape}")
+        if n is not None and arr.shape[0] != n:
+            raise BadInputError(f"{spec}: {arr.shape[0]} {split} labels, but the store has "
+                                f"{n} {split} examples")
+        if classes is not None and arr.size and (arr.min() < 0 or arr.max() >= classes):
+            raise BadInputError(f"{spec}: {split} labels out of range [0, {classes}) "
+                                f"(min {arr.min()}, max {arr.max()})")
+    return Labels(train.astype(np.int64), test.astype(np.int64), names, spec)

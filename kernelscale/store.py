@@ -1,0 +1,325 @@
+"""The Zarr v3 store: logits of both splits, a manifest, and running statistics.
+
+Layout of ``STORE/`` (a Zarr v3 group)::
+
+    zarr.json                 group attributes: schema, n_test, n_train, classes, dtype
+    logits/test               (runs, n_test, classes)  source dtype, chunks (run_chunk, n_test, C)
+    logits/train              (runs, n_train, classes) source dtype, chunks (run_chunk, n_train, C)
+    stats/g<k>/<split>_mean   (examples, classes) float64
+    stats/g<k>/<split>_m2     (examples, classes) float64
+    manifest.json             the commit record (see below)
+    .lock                     held by the single writer
+
+``manifest.json`` is the only source of truth for what the store holds: the number of
+committed runs, the files (name, sha256, size, runs, run range, source), the rejected
+files, and which statistics generation ``g<k>`` belongs to those runs. Ingesting a file
+writes its logits, then a new statistics generation, then replaces the manifest
+atomically; a crash at any point leaves the previous manifest, which still describes
+consistent data (runs past ``manifest.runs`` and unreferenced generations are ignored and
+cleaned up by the next writer).
+
+Logits are stored uncompressed: fp16 logits compress ~1.09x with zstd, not worth the
+decode time on the kernel's read path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from .atomic import atomic_write_json, read_json
+from .errors import StoreError
+from .stats import RunningStats
+
+SCHEMA = "kernelscale-store"
+SCHEMA_VERSION = 1
+SPLITS = ("test", "train")
+#: target bytes of one run-chunk of the larger split: large enough for sequential disk
+#: reads to run at full speed, small enough to overlap reads with compute.
+TARGET_CHUNK_BYTES = 32 << 20
+
+
+def _durable_put(path: Path, data: bytes | memoryview) -> None:
+    """Write ``path`` atomically and durably (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+class DurableLocalStore(LocalStore):
+    """A :class:`zarr.storage.LocalStore` whose writes are fsynced before the rename.
+
+    Zarr's own local store renames a temp file into place (atomic under ``kill -9``) but
+    does not fsync; the manifest may only point at data that survives a power loss.
+    """
+
+    async def _set(self, key: str, value, exclusive: bool = False) -> None:  # noqa: ANN001
+        import asyncio
+
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        path = self.root / key
+        if exclusive and path.exists():
+            raise FileExistsError(path)
+        await asyncio.to_thread(_durable_put, path, value.as_buffer_like())
+
+
+def auto_run_chunk(n_examples: int, classes: int, itemsize: int) -> int:
+    """Runs per store chunk so that one chunk of the larger split is ~32 MB."""
+    per_run = max(1, n_examples * classes * itemsize)
+    return int(max(1, min(4096, TARGET_CHUNK_BYTES // per_run)))
+
+
+@dataclass(frozen=True)
+class StoreShape:
+    n_test: int
+    n_train: int
+    classes: int
+    dtype: str
+    run_chunk: int
+
+    def examples(self, split: str) -> int:
+        return self.n_test if split == "test" else self.n_train
+
+
+def _empty_manifest() -> dict:
+    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "runs": 0,
+            "stats_generation": 0, "stats_sha256": None, "files": [], "rejected": [],
+            "sources": []}
+
+
+class Store:
+    """An opened store. Use :meth:`create` or :meth:`open`; write only under :meth:`writer`."""
+
+    def __init__(self, root: Path, group: zarr.Group, manifest: dict, read_only: bool):
+        self.root = root
+        self.group = group
+        self.manifest = manifest
+        self.read_only = read_only
+        a = group.attrs
+        self.shape = StoreShape(int(a["n_test"]), int(a["n_train"]), int(a["classes"]),
+                                str(a["dtype"]), int(a["run_chunk"]))
+        self._stats_cache: dict[tuple[str, int], RunningStats] = {}
+
+    # ------------------------------------------------------------------ open / create
+    @staticmethod
+    def exists(path: str | os.PathLike) -> bool:
+        return (Path(path) / "manifest.json").is_file()
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, *, n_test: int, n_train: int, classes: int,
+               dtype: str, run_chunk: int | None = None) -> Store:
+        root = Path(path)
+        if cls.exists(root):
+            raise StoreError(f"{root}: a store already exists here")
+        if root.exists() and any(root.iterdir()):
+            raise StoreError(f"{root}: exists and is not an empty directory or a store")
+        itemsize = np.dtype(dtype).itemsize
+        run_chunk = run_chunk or auto_run_chunk(max(n_test, n_train), classes, itemsize)
+        root.mkdir(parents=True, exist_ok=True)
+        zs = DurableLocalStore(root)
+        g = zarr.open_group(store=zs, mode="w", zarr_format=3)
+        g.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+                        "n_test": n_test, "n_train": n_train, "classes": classes,
+                        "dtype": dtype, "run_chunk": run_chunk})
+        lg = g.create_group("logits")
+        for split, n in (("test", n_test), ("train", n_train)):
+            lg.create_array(split, shape=(0, n, classes), chunks=(run_chunk, n, classes),
+                            dtype=dtype, compressors=None, fill_value=0,
+                            dimension_names=("run", "example", "class"))
+        g.create_group("stats")
+        # The manifest is written last: its presence is what makes the directory a store.
+        atomic_write_json(root / "manifest.json", _empty_manifest())
+        return cls.open(root, mode="a")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> Store:
+        root = Path(path)
+        if not cls.exists(root):
+            raise StoreError(f"{root}: not a kernelscale store (no manifest.json)")
+        try:
+            manifest = read_json(root / "manifest.json")
+        except (OSError, json.JSONDecodeError) as e:
+            raise StoreError(f"{root}/manifest.json: unreadable ({e})") from None
+        if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{root}: store schema {manifest.get('schema')}/"
+                             f"{manifest.get('schema_version')} is not {SCHEMA}/{SCHEMA_VERSION}")
+        read_only = mode == "r"
+        zs = DurableLocalStore(root, read_only=read_only)
+        g = zarr.open_group(store=zs, mode="r" if read_only else "r+", zarr_format=3)
+        return cls(root, g, manifest, read_only)
+
+    # ------------------------------------------------------------------------- reads
+    @property
+    def runs(self) -> int:
+        return int(self.manifest["runs"])
+
+    def array(self, split: str) -> zarr.Array:
+        return self.group["logits"][split]
+
+    def read(self, split: str, start: int, stop: int,
+             examples: slice | None = None) -> np.ndarray:
+        """Logits of runs ``[start, stop)``: (stop - start, examples, classes), store dtype."""
+        if not 0 <= start <= stop <= self.runs:
+            raise StoreError(f"{self.root}: runs [{start}, {stop}) outside the "
+                             f"{self.runs} committed runs")
+        sel = examples if examples is not None else slice(None)
+        return self.array(split)[start:stop, sel, :]
+
+    def stats(self, split: str) -> RunningStats:
+        """Statistics of all committed runs for ``split`` (float64, (examples, classes))."""
+        gen = int(self.manifest["stats_generation"])
+        key = (split, gen)
+        if key not in self._stats_cache:
+            n = self.shape.examples(split)
+            if gen == 0:
+                st = RunningStats.empty(n, self.shape.classes)
+            else:
+                sg = self.group["stats"][f"g{gen}"]
+                st = RunningStats(self.runs, sg[f"{split}_mean"][...], sg[f"{split}_m2"][...])
+            self._stats_cache[key] = st
+        return self._stats_cache[key]
+
+    def fingerprint(self) -> str:
+        """sha256 over the committed file list, run count and statistics digest."""
+        m = self.manifest
+        core = {"runs": m["runs"], "stats_sha256": m["stats_sha256"],
+                "files": [[f["name"], f["sha256"], f["run_start"], f["run_stop"]]
+                          for f in m["files"]], "shape": self.shape.__dict__}
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+    def known_sha256(self) -> dict[str, str]:
+        return {f["sha256"]: f["name"] for f in self.manifest["files"]}
+
+    def known_names(self) -> set[str]:
+        return {f["name"] for f in self.manifest["files"]}
+
+    # ------------------------------------------------------------------------ writes
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[Store]:
+        """Hold the store's exclusive lock; reload the manifest; clean crash leftovers."""
+        if self.read_only:
+            raise StoreError(f"{self.root}: opened read-only")
+        fh = open(self.root / ".lock", "a+")  # noqa: SIM115 -- held for the whole block
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"{self.root}: another process is writing this store") from None
+            self.manifest = read_json(self.root / "manifest.json")
+            self._cleanup()
+            yield self
+        finally:
+            fh.close()
+
+    def _cleanup(self) -> None:
+        """Remove what a crashed writer may have left: stray generations, temp files."""
+        keep = f"g{self.manifest['stats_generation']}"
+        sdir = self.root / "stats"
+        if sdir.is_dir():
+            for child in sdir.iterdir():
+                if child.is_dir() and child.name != keep:
+                    shutil.rmtree(child, ignore_errors=True)
+        for tmp in self.root.rglob(".*.partial"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def commit_file(self, entry: dict, test: np.ndarray, train: np.ndarray,
+                    file_stats: dict[str, RunningStats]) -> dict:
+        """Append one validated file's runs and fold in its statistics; then commit.
+
+        ``test`` (runs, n_test, C) and ``train`` (runs, n_train, C) of the store dtype;
+        ``file_stats`` maps split to the file's own :class:`RunningStats`. ``entry`` holds
+        the manifest fields of the file (name, sha256, size, source, ...); the run range
+        is filled in here. Must be called under :meth:`writer`.
+        """
+        runs = int(test.shape[0])
+        start = self.runs
+        stop = start + runs
+        for split, data in (("test", test), ("train", train)):
+            arr = self.array(split)
+            # Shrinking first drops whatever a crashed writer left past the committed runs.
+            arr.resize((stop, *arr.shape[1:]))
+            arr[start:stop] = data
+        gen = int(self.manifest["stats_generation"]) + 1
+        sg = self.group["stats"].create_group(f"g{gen}", overwrite=True)
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            merged = self.stats(split).merge(file_stats[split])
+            for name, val in (("mean", merged.mean), ("m2", merged.m2)):
+                sg.create_array(f"{split}_{name}", data=val, chunks=val.shape,
+                                compressors=None)
+                digest.update(val.tobytes())
+        m = json.loads(json.dumps(self.manifest))
+        rec = dict(entry, runs=runs, run_start=start, run_stop=stop,
+                   ingested_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        m["files"].append(rec)
+        m["runs"] = stop
+        m["stats_generation"] = gen
+        m["stats_sha256"] = digest.hexdigest()
+        atomic_write_json(self.root / "manifest.json", m)  # the commit point
+        self.manifest = m
+        self._stats_cache.clear()
+        shutil.rmtree(self.root / "stats" / f"g{gen - 1}", ignore_errors=True)
+        return rec
+
+    def record_rejected(self, name: str, reason: str, sha256: str | None = None) -> None:
+        m = json.loads(json.dumps(self.manifest))
+        m["rejected"] = [r for r in m["rejected"] if r["name"] != name]
+        m["rejected"].append({"name": name, "sha256": sha256, "reason": reason})
+        atomic_write_json(self.root / "manifest.json", m)
+        self.manifest = m
+
+    def record_source(self, source: dict) -> None:
+        """Remember a source (and e.g. its pinned commit) once, in the manifest."""
+        m = json.loads(json.dumps(self.manifest))
+        if source not in m["sources"]:
+            m["sources"].append(source)
+            atomic_write_json(self.root / "manifest.json", m)
+            self.manifest = m
+
+    # -------------------------------------------------------------------------- info
+    def describe(self) -> str:
+        s = self.shape
+        lines = [f"store {self.root}",
+                 f"  runs {self.runs}  test {s.n_test}  train {s.n_train}  classes {s.classes}"
+                 f"  dtype {s.dtype}  run_chunk {s.run_chunk}",
+                 f"  fingerprint {self.fingerprint()}"]
+        if self.runs >= 2:
+            zt, zr = self.stats("test").zero_variance(), self.stats("train").zero_variance()
+            lines.append(f"  zero-variance entries: test {zt}  train {zr}")
+        for src in self.manifest["sources"]:
+            lines.append("  source " + "  ".join(f"{k}={v}" for k, v in sorted(src.items())))
+        lines.append(f"  files {len(self.manifest['files'])}:")
+        for f in self.manifest["files"]:
+            extra = f"  commit {f['commit']}" if f.get("commit") else ""
+            lines.append(f"    {f['sha256']}  runs {f['run_start']}:{f['run_stop']}  "
+                         f"{f['size']} B  {f['name']}{extra}")
+        if self.manifest["rejected"]:
+            lines.append(f"  rejected {len(self.manifest['rejected'])}:")
+            for r in self.manifest["rejected"]:
+                lines.append(f"    {r['name']}: {r['reason']}")
+        return "\n".join(lines)

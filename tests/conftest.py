@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.reference import random_source  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def small_source(tmp_path):  # noqa: ANN001, ANN201
+    """Three files of 7, 8, 9 runs; returns (dir, test, train) with float16 arrays."""
+    src = tmp_path / "src"
+    test, train = random_source(src, [7, 8, 9])
+    return src, test, train
+
+
+@pytest.fixture
+def small_store(tmp_path, small_source):  # noqa: ANN001, ANN201
+    from kernelscale.ingest import ingest_local
+
+    src, test, train = small_source
+    store = tmp_path / "store"
+    ingest_local(src, store, run_chunk=4, show_progress=False)
+    return store, test, train
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 300):  # noqa: ANN201
+    """Run ``python -m kernelscale ARGS`` in a subprocess; return CompletedProcess."""
+    import subprocess
+
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    p = subprocess.run([sys.executable, "-m", "kernelscale", "-q", *args], capture_output=True,
+                       text=True, env=e, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"kernelscale {' '.join(args)} exited {p.returncode}\n"
+                             f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p

@@ -1,0 +1,84 @@
+"""Independent float64 implementations used as the truth in tests.
+
+Nothing here imports kernelscale: the formula is written out again from its definition
+(log-softmax, unbiased std over runs, 1/R, mean over classes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def log_softmax64(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def normalise64(logits: np.ndarray, log_softmax: bool = True) -> np.ndarray:
+    """(R, n, C) -> z (R, n, C) float64; zero-variance entries give 0."""
+    x = log_softmax64(logits) if log_softmax else np.asarray(logits, dtype=np.float64)
+    mean = x.mean(axis=0)
+    std = x.std(axis=0, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(std > 0, (x - mean) / std, 0.0)
+    return z
+
+
+def reference_kernel(a_logits: np.ndarray, b_logits: np.ndarray, *, log_softmax: bool = True,
+                     classes: list[int] | None = None) -> np.ndarray:
+    """K[i, j] = 1/C sum_c 1/R sum_r z_a[r,i,c] z_b[r,j,c], float64."""
+    za, zb = normalise64(a_logits, log_softmax), normalise64(b_logits, log_softmax)
+    if classes is not None:
+        za, zb = za[..., classes], zb[..., classes]
+    R, _, C = za.shape
+    return np.einsum("ric,rjc->ij", za, zb) / (R * C)
+
+
+def write_log(path: str | os.PathLike, test: np.ndarray, train: np.ndarray,
+              code: str = "synthetic", dtype=torch.float16) -> Path:  # noqa: ANN001
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"logits": torch.from_numpy(np.asarray(test)).to(dtype),
+                "logits_train": torch.from_numpy(np.asarray(train)).to(dtype),
+                "code": code}, path)
+    return path
+
+
+def random_source(root: str | os.PathLike, runs: list[int], n_test: int = 40,
+                  n_train: int = 96, classes: int = 5, seed: int = 0,
+                  scale: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Write files of random correlated logits; return all (test, train) as float16 arrays.
+
+    Logits share a per-example mean and a per-run component so the kernel has structure.
+    """
+    rng = np.random.default_rng(seed)
+    base_te = rng.normal(size=(n_test, classes)) * scale
+    base_tr = rng.normal(size=(n_train, classes)) * scale
+    proj = rng.normal(size=(classes, classes))
+    tests, trains = [], []
+    for f, r in enumerate(runs):
+        w = rng.normal(size=(r, classes, classes)) * 0.5 + proj
+        te = base_te @ w / classes + rng.normal(size=(r, n_test, classes))
+        tr = base_tr @ w / classes + rng.normal(size=(r, n_train, classes))
+        te, tr = te.astype(np.float16), tr.astype(np.float16)
+        write_log(Path(root) / "logs_saveoutputs_main" / f"file{f:03d}" / "log.pt", te, tr)
+        tests.append(te)
+        trains.append(tr)
+    return np.concatenate(tests), np.concatenate(trains)
+
+
+def labels_file(path: str | os.PathLike, n_train: int, n_test: int, classes: int,
+                seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    np.savez(path, train=rng.integers(0, classes, n_train), test=rng.integers(0, classes, n_test))
+    return Path(path)
+
+
+def top_sets(K: np.ndarray, k: int = 3) -> list[frozenset]:
+    idx = np.argsort(-K, axis=1, kind="stable")[:, :k]
+    return [frozenset(r) for r in idx]

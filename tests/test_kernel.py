@@ -1,0 +1,177 @@
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernelscale.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    KernelOutputError,
+)
+from kernelscale.ingest import ingest_local
+from kernelscale.kernel import KernelConfig, compute_kernel
+from tests.reference import random_source, reference_kernel, top_sets, write_log
+
+
+def run(store, out, **kw):
+    kw.setdefault("show_progress", False)
+    compute_kernel(KernelConfig(store=store, out=out, **kw))
+    return zarr.open_group(str(out), mode="r")["kernel"][...]
+
+
+def test_kernel_matches_float64_reference(small_store, tmp_path):
+    store, test, train = small_store
+    K = run(store, tmp_path / "k")
+    ref = reference_kernel(test, train)
+    assert K.dtype == np.float32 and K.shape == ref.shape
+    assert np.abs(K - ref).max() <= 1e-5
+    assert top_sets(K) == top_sets(ref)
+
+
+def test_prefix_runs_use_prefix_statistics(small_store, tmp_path):
+    store, test, train = small_store
+    K = run(store, tmp_path / "k", runs=11)  # ends inside the second file
+    ref = reference_kernel(test[:11], train[:11])
+    assert np.abs(K - ref).max() <= 1e-5
+    attrs = zarr.open_group(str(tmp_path / "k"), mode="r").attrs
+    assert attrs["runs"] == 11 and attrs["precision"] == "fp32"
+
+
+def test_runs_beyond_store_is_an_error(small_store, tmp_path):
+    store, *_ = small_store
+    with pytest.raises(ConfigError, match="larger than the 24 runs"):
+        run(store, tmp_path / "k", runs=25)
+    assert not (tmp_path / "k").exists()
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cr=st.integers(1, 40), cc=st.integers(1, 96), tr=st.integers(1, 3), tc=st.integers(1, 3),
+       run_chunk=st.integers(1, 24), budget_kb=st.sampled_from([None, 30, 200]))
+def test_tiled_equals_untiled(small_store, tmp_path_factory, cr, cc, tr, tc, run_chunk,
+                              budget_kb):
+    store, test, train = small_store
+    d = tmp_path_factory.mktemp("tiled")
+    whole = run(store, d / "whole")
+    kw = {"chunks": (cr, cc), "run_chunk": run_chunk}
+    if budget_kb is None:
+        kw["tile"] = (tr * cr, tc * cc)
+    else:
+        kw["max_memory"] = budget_kb * 1024
+    try:
+        tiled = run(store, d / "tiled", **kw)
+    except ConfigError as e:  # a budget below one chunk is a documented refusal
+        assert "memory budget" in str(e)
+        return
+    np.testing.assert_allclose(tiled, whole, atol=2e-6, rtol=0)
+    assert np.abs(tiled - reference_kernel(test, train)).max() <= 1e-5
+
+
+def test_regions_assembled_equal_whole(small_store, tmp_path):
+    store, test, train = small_store
+    whole = run(store, tmp_path / "whole", chunks=(16, 32))
+    out = tmp_path / "regions"
+    for rows in ((0, 16), (16, 40)):
+        for cols in ((0, 64), (64, 96)):
+            run(store, out, chunks=(16, 32), rows=rows, cols=cols)
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["complete"] is True
+    np.testing.assert_array_equal(g["kernel"][...], whole)
+
+
+def test_partial_region_leaves_kernel_incomplete(small_store, tmp_path):
+    store, *_ = small_store
+    run(store, tmp_path / "k", chunks=(16, 32), rows=(0, 16), cols=(0, 96))
+    assert zarr.open_group(str(tmp_path / "k"), mode="r").attrs["complete"] is False
+
+
+def test_misaligned_region_refused(small_store, tmp_path):
+    store, *_ = small_store
+    with pytest.raises(ConfigError, match="chunk grid"):
+        run(store, tmp_path / "k", chunks=(16, 32), rows=(0, 10))
+
+
+@pytest.mark.parametrize("pairs", ["train-train", "test-test"])
+def test_square_kernels_symmetric_with_diagonal_r_minus_1_over_r(small_store, tmp_path, pairs):
+    store, test, train = small_store
+    K = run(store, tmp_path / "k", pairs=pairs, chunks=(32, 32))
+    x = train if pairs == "train-train" else test
+    R = x.shape[0]
+    np.testing.assert_allclose(K, K.T, atol=1e-6)
+    np.testing.assert_allclose(np.diag(K), (R - 1) / R, atol=1e-5)
+    assert np.abs(K - reference_kernel(x, x)).max() <= 1e-5
+
+
+def test_ablations_match_reference(small_store, tmp_path):
+    store, test, train = small_store
+    K = run(store, tmp_path / "raw", log_softmax=False)
+    assert np.abs(K - reference_kernel(test, train, log_softmax=False)).max() <= 1e-5
+    K = run(store, tmp_path / "c2", classes=(2,))
+    assert np.abs(K - reference_kernel(test, train, classes=[2])).max() <= 1e-5
+
+
+def test_zero_variance_entries_give_zero_not_nan(tmp_path):
+    rng = np.random.default_rng(3)
+    te = rng.normal(size=(6, 10, 4)).astype(np.float16)
+    tr = rng.normal(size=(6, 12, 4)).astype(np.float16)
+    te[:, 3, :] = te[0, 3, :]  # example 3 identical in every run
+    write_log(tmp_path / "src" / "a" / "log.pt", te, tr)
+    ingest_local(tmp_path / "src", tmp_path / "store", show_progress=False)
+    K = run(tmp_path / "store", tmp_path / "k")
+    assert np.isfinite(K).all()
+    assert (K[3] == 0).all()
+    assert np.abs(K - reference_kernel(te, tr)).max() <= 1e-5
+    attrs = zarr.open_group(str(tmp_path / "k"), mode="r").attrs
+    assert attrs["zero_variance"]["test"] == 4
+
+
+def test_large_random_case_error_bound(tmp_path):
+    """A larger case (more runs, wider reduction) still within 1e-5 of float64."""
+    test, train = random_source(tmp_path / "src", [150, 150], n_test=200, n_train=600,
+                                classes=10, seed=7)
+    ingest_local(tmp_path / "src", tmp_path / "store", show_progress=False)
+    K = run(tmp_path / "store", tmp_path / "k", chunks=(64, 128), max_memory=2 << 20)
+    ref = reference_kernel(test, train)
+    err = np.abs(K - ref).max()
+    assert err <= 1e-5, err
+    assert top_sets(K) == top_sets(ref)
+
+
+def test_finished_kernel_of_other_inputs_needs_overwrite(small_store, tmp_path):
+    store, test, train = small_store
+    run(store, tmp_path / "k", runs=10)
+    with pytest.raises(KernelOutputError, match="--overwrite"):
+        run(store, tmp_path / "k", runs=12)
+    K = run(store, tmp_path / "k", runs=12, overwrite=True)
+    assert np.abs(K - reference_kernel(test[:12], train[:12])).max() <= 1e-5
+
+
+def test_partial_kernel_of_changed_store_needs_restart(small_store, tmp_path):
+    store, test, train = small_store
+    run(store, tmp_path / "k", chunks=(16, 32), rows=(0, 16))
+    # the store changes: one more file
+    rng = np.random.default_rng(9)
+    write_log(tmp_path / "src" / "logs_saveoutputs_main" / "zzz" / "log.pt",
+              rng.normal(size=(3, 40, 5)), rng.normal(size=(3, 96, 5)))
+    ingest_local(tmp_path / "src", store, show_progress=False)
+    with pytest.raises(CheckpointMismatchError, match="--restart"):
+        run(store, tmp_path / "k", chunks=(16, 32))
+    run(store, tmp_path / "k", chunks=(16, 32), restart=True)
+
+
+def test_bf16_is_not_offered(small_store, tmp_path):
+    store, *_ = small_store
+    with pytest.raises(ConfigError, match="bf16"):
+        run(store, tmp_path / "k", precision="bf16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-5), ("tf32", 2e-4)])
+def test_cuda_against_float64(tmp_path, precision, tol):
+    test, train = random_source(tmp_path / "src", [200, 300], n_test=300, n_train=1000,
+                                classes=10, seed=2)
+    ingest_local(tmp_path / "src", tmp_path / "store", show_progress=False)
+    K = run(tmp_path / "store", tmp_path / "k", device="cuda", precision=precision)
+    ref = reference_kernel(test, train)
+    assert np.abs(K - ref).max() <= tol

@@ -1,0 +1,118 @@
+"""Kill -9 and SIGTERM during the kernel, in subprocesses; the result must not change."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+
+from kernelscale.ingest import ingest_local
+from tests.conftest import ROOT, run_cli
+from tests.reference import random_source, reference_kernel
+
+ARGS = ["--chunks", "64x256", "--tile", "64x256", "--max-memory", "600K", "--run-chunk", "2",
+        "--checkpoint-every", "0.001", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def resume_store(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    test, train = random_source(d / "src", [40, 40], n_test=128, n_train=1024, classes=10,
+                                seed=11)
+    ingest_local(d / "src", d / "store", show_progress=False)
+    out = d / "clean"
+    run_cli("kernel", "--store", str(d / "store"), "--out", str(out), *ARGS)
+    return d, zarr.open_group(str(out), mode="r")["kernel"][...], test, train
+
+
+def _ckpt_progress(out):
+    """Runs folded in by the newest checkpoint, and number of finished tiles."""
+    done = len(list((out / ".done").glob("*.json"))) if (out / ".done").is_dir() else 0
+    best = 0
+    if (out / ".checkpoints").is_dir():
+        for p in (out / ".checkpoints").glob("*.npz"):
+            try:
+                with np.load(p) as z:
+                    import json
+                    best = max(best, json.loads(z["meta"].tobytes())["runs_done"])
+            except Exception:
+                pass
+    return best, done
+
+
+def _start(store, out):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "kernelscale", "-q", "kernel", "--store",
+                             str(store), "--out", str(out), *ARGS], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_clean_run_matches_reference(resume_store):
+    _, K, test, train = resume_store
+    assert np.abs(K - reference_kernel(test, train)).max() <= 1e-5
+
+
+def test_kill9_at_several_points_then_resume_is_bitwise_identical(resume_store, tmp_path):
+    d, clean, *_ = resume_store
+    out = tmp_path / "killed"
+    # kill points: mid-way through the first tile's runs, after some tiles, later again
+    kills = [(20, 0), (0, 3), (30, 5)]
+    seen = []
+    for want_runs, want_done in kills:
+        proc = _start(d / "store", out)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            runs, done = _ckpt_progress(out)
+            if done > want_done or (done == want_done and runs >= want_runs):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, f"finished before the kill point: {proc.communicate()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        seen.append(_ckpt_progress(out))
+    assert len(seen) == 3
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["complete"] is False
+    p = run_cli("kernel", "--store", str(d / "store"), "--out", str(out), *ARGS,
+                env={"OMP_NUM_THREADS": "1"})
+    assert "kernel:" in p.stdout
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["complete"] is True
+    np.testing.assert_array_equal(g["kernel"][...], clean)
+    assert not (out / ".checkpoints").exists(), "checkpoints are removed when complete"
+
+
+def test_sigterm_checkpoints_and_exits_75_then_resumes(resume_store, tmp_path):
+    d, clean, *_ = resume_store
+    out = tmp_path / "term"
+    proc = _start(d / "store", out)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _ckpt_progress(out)[0] < 10:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "checkpoint" in err and "re-run to resume" in err
+    assert list((out / ".checkpoints").glob("*.npz"))
+    p = run_cli("kernel", "--store", str(d / "store"), "--out", str(out), *ARGS,
+                env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["kernel"][...], clean)
+
+
+def test_checkpoint_of_other_precision_is_refused(resume_store, tmp_path):
+    d, *_ = resume_store
+    out = tmp_path / "prec"
+    proc = _start(d / "store", out)
+    while _ckpt_progress(out)[0] < 4 and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    p = run_cli("kernel", "--store", str(d / "store"), "--out", str(out), *ARGS,
+                "--precision", "tf32", check=False)
+    assert p.returncode == 2
+    assert "precision: 'fp32' -> 'tf32'" in p.stderr and "--restart" in p.stderr
