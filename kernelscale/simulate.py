@@ -51,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
+
 __all__ = ["SimulationError", "SimulationSummary", "simulate", "SUBDIR", "MODEL_VERSION"]
 
 #: Folder of the run files inside ``out``, as on the Hub.
@@ -80,7 +82,7 @@ _DUP_RHO = 0.9  # correlation of a near-duplicate's per-run noise with its sourc
 _STREAM_DATA, _STREAM_RUN, _STREAM_NAME = 0, 1, 2
 
 
-class SimulationError(ValueError):
+class SimulationError(ConfigError, ValueError):
     """Invalid simulation arguments, or an output folder holding another simulation."""
 
 

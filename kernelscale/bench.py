@@ -1,0 +1,334 @@
+"""``kernelscale bench``: the kernel engine against the published reference and its floors.
+
+Every figure is measured in the same invocation, on the same data and machine:
+
+* **reference**: the published code as written (``torch.load`` every file, normalise,
+  10 per-class matmuls), run in a subprocess; wall time and peak RSS.
+* **kernelscale**: ``kernelscale kernel`` on a store of the same runs, in a subprocess;
+  wall time, peak RSS and its own stage timings.
+* **floors**: reading the store's bytes (page cache dropped first), and normalise + GEMM
+  on the same data already in memory; the engine's accumulate time is compared with the
+  larger of the two (reading should overlap compute).
+* **scaling**: kernelscale's time and peak RSS as the runs grow (files of 500 runs are
+  added to one store).
+
+Peak RSS is reported above a baseline: a Python process that imports the same libraries.
+Results are printed and written to ``WORKDIR/bench.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REFERENCE = r'''
+import glob, sys, time, json
+import numpy as np
+import torch
+files, device, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+t0 = time.perf_counter()
+
+def normalize(logits):
+    logits = logits.float()
+    logits = logits.log_softmax(-1)
+    logits = (logits - logits.mean(0, keepdim=True)) / logits.std(0, keepdim=True)
+    return logits
+
+def compute_kernel(logits1, logits2):
+    logits1 = normalize(logits1)
+    logits2 = normalize(logits2)
+    assert len(logits1) == len(logits2)
+    kernel = torch.zeros(logits1.shape[1], logits2.shape[1]).to(device)
+    for c in range(logits1.shape[-1]):
+        logits1_cls = logits1[..., c].to(device)
+        logits2_cls = logits2[..., c].to(device)
+        corr_cls = (logits1_cls.T @ logits2_cls) / len(logits1)
+        kernel += corr_cls / logits1.shape[-1]
+    return kernel
+
+objs = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+test = torch.cat([o["logits"] for o in objs])
+train = torch.cat([o["logits_train"] for o in objs])
+del objs
+t1 = time.perf_counter()
+kernel = compute_kernel(test, train)
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
+t2 = time.perf_counter()
+print(json.dumps({"load_s": t1 - t0, "compute_s": t2 - t1, "total_s": t2 - t0}), flush=True)
+np.save(out, kernel.cpu().numpy())
+'''
+
+BASELINE = "import numpy, torch, zarr, kernelscale.kernel, kernelscale.store"
+
+
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss: int  # bytes
+    stdout: str
+    stderr: str
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> Measured:
+    """Run ``cmd``; wall time and the child's own peak RSS (``os.wait4``)."""
+    rfd_out, wfd_out = os.pipe()
+    rfd_err, wfd_err = os.pipe()
+    t0 = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.dup2(wfd_out, 1)
+        os.dup2(wfd_err, 2)
+        for fd in (rfd_out, rfd_err, wfd_out, wfd_err):
+            os.close(fd)
+        os.execvpe(cmd[0], cmd, {**os.environ, **(env or {})})
+    os.close(wfd_out)
+    os.close(wfd_err)
+    chunks: dict[int, list[bytes]] = {rfd_out: [], rfd_err: []}
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    for fd in chunks:
+        sel.register(fd, selectors.EVENT_READ)
+    open_fds = set(chunks)
+    while open_fds:
+        for key, _ in sel.select():
+            data = os.read(key.fd, 65536)
+            if data:
+                chunks[key.fd].append(data)
+            else:
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                open_fds.discard(key.fd)
+    _, status, ru = os.wait4(pid, 0)
+    dt = time.perf_counter() - t0
+    out = b"".join(chunks[rfd_out]).decode(errors="replace")
+    err = b"".join(chunks[rfd_err]).decode(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd[:5])} ... exited {code}: {err[-2000:]}")
+    return Measured(dt, int(ru.ru_maxrss) * 1024, out, err)
+
+
+def drop_cache(paths: list[Path]) -> None:
+    """Evict files from the page cache (POSIX_FADV_DONTNEED; no root needed)."""
+    for root in paths:
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def write_synthetic(src: Path, runs: int, n_test: int, n_train: int, classes: int,
+                    runs_per_file: int = 500, seed: int = 0) -> list[Path]:
+    """Hub-layout files of random float16 logits (content does not matter for timing)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for f, s in enumerate(range(0, runs, runs_per_file)):
+        r = min(runs_per_file, runs - s)
+        p = src / "logs_saveoutputs_main" / f"{f:05d}" / "log.pt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.exists():
+            te = (rng.standard_normal((r, n_test, classes), dtype=np.float32) * 3).astype(
+                np.float16)
+            tr = (rng.standard_normal((r, n_train, classes), dtype=np.float32) * 3).astype(
+                np.float16)
+            torch.save({"logits": torch.from_numpy(te), "logits_train": torch.from_numpy(tr),
+                        "code": "synthetic"}, p)
+        paths.append(p)
+    return paths
+
+
+def read_floor(store: Path) -> tuple[float, int]:
+    """Seconds and bytes to read every logits chunk file of the store once, cold."""
+    files = sorted(p for p in (store / "logits").rglob("*") if p.is_file()
+                   and p.name != "zarr.json")
+    drop_cache([store / "logits"])
+    t0 = time.perf_counter()
+    total = 0
+    buf = bytearray(8 << 20)
+    mv = memoryview(buf)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(mv):
+                total += n
+    return time.perf_counter() - t0, total
+
+
+def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
+    """Seconds to normalise + GEMM all runs already in memory, with the engine's own code."""
+    import torch
+
+    from .kernel import _Normaliser, matmul_precision, resolve_device
+    from .plan import plan
+    from .store import Store
+
+    store = Store.open(store_path)
+    device = resolve_device(device_name)
+    runs = store.runs
+    p = plan((store.shape.n_test, store.shape.n_train), classes=store.shape.classes,
+             budget=1 << 62, chunks=(store.shape.n_test, store.shape.n_train),
+             store_run_chunk=store.shape.run_chunk, runs=runs)
+    te = torch.from_numpy(store.read("test", 0, runs))
+    tr = torch.from_numpy(store.read("train", 0, runs))
+    if device.type == "cuda":
+        te, tr = te.pin_memory(), tr.pin_memory()
+    nt = _Normaliser(store.stats("test"), (0, store.shape.n_test), None, device, True)
+    nr = _Normaliser(store.stats("train"), (0, store.shape.n_train), None, device, True)
+    acc = torch.zeros((store.shape.n_test, store.shape.n_train), dtype=torch.float64,
+                      device=device)
+    best = float("inf")
+    with matmul_precision(precision):
+        for _ in range(2):  # the first pass also pays for first-touch allocations
+            acc.zero_()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for s in range(0, runs, p.run_chunk):
+                e = min(s + p.run_chunk, runs)
+                a, b = nt(te[s:e]), nr(tr[s:e])
+                acc += a @ b.T
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+_SUMMARY = re.compile(r"seconds read (?P<read>[\d.]+) \(waited (?P<wait>[\d.]+)\) normalise "
+                      r"(?P<norm>[\d.]+) gemm (?P<gemm>[\d.]+) write (?P<write>[\d.]+) "
+                      r"checkpoint (?P<ckpt>[\d.]+) total (?P<total>[\d.]+)")
+
+
+def run_bench(workdir: Path, *, n_test: int, n_train: int, runs: int, classes: int,
+              device: str, precision: str, scaling: list[int], skip_reference: bool,
+              keep: bool) -> dict:
+    py = sys.executable
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    workdir.mkdir(parents=True, exist_ok=True)
+    src, store = workdir / "src", workdir / "store"
+    all_runs = sorted(set(scaling) | {runs})
+    t0 = time.perf_counter()
+    files = write_synthetic(src, max(all_runs), n_test, n_train, classes)
+    print(f"bench: data {len(files)} file(s), {max(all_runs)} runs, test {n_test}, train "
+          f"{n_train}, classes {classes} ({time.perf_counter() - t0:.1f} s to write)",
+          flush=True)
+    shutil.rmtree(store, ignore_errors=True)
+    results: dict = {"machine": _machine(device), "shape": [n_test, n_train, classes],
+                     "device": device, "precision": precision, "scaling": []}
+    base = run_measured([py, "-c", BASELINE], env)
+    results["baseline_rss"] = base.peak_rss
+    kernel_bytes = n_test * n_train * 4
+
+    def ours(r: int) -> dict:
+        out = workdir / f"kernel-{r}"
+        shutil.rmtree(out, ignore_errors=True)
+        drop_cache([store])
+        m = run_measured([py, "-m", "kernelscale", "-q", "kernel", "--store", str(store),
+                           "--out", str(out), "--device", device, "--precision", precision],
+                          env)
+        st = _SUMMARY.search(m.stdout)
+        d = {"runs": r, "seconds": m.seconds, "peak_rss_above_baseline": m.peak_rss - base.peak_rss,
+             "summary": m.stdout.strip()}
+        if st:
+            d.update({k: float(v) for k, v in st.groupdict().items()})
+        return d
+
+    from .ingest import ingest_local
+
+    main = None
+    for r in all_runs:
+        n_files = -(-r // 500)
+        ingest_local(src, store, max_files=n_files, show_progress=False)
+        d = ours(r)
+        results["scaling"].append(d)
+        print(f"bench: kernelscale {r:6d} runs  {d['seconds']:7.2f} s  peak RSS above baseline "
+              f"{d['peak_rss_above_baseline'] / 1e9:6.3f} GB", flush=True)
+        if r == runs:
+            main = d
+            rd, nbytes = read_floor(store)
+            cf = compute_floor(store, device, precision)
+            results["floors"] = {"read_s": rd, "read_bytes": nbytes, "compute_s": cf}
+            if not skip_reference:
+                ref_files = [str(f) for f in files[:n_files]]
+                drop_cache([src])
+                m = run_measured([py, "-c", REFERENCE, json.dumps(ref_files), device,
+                                   str(workdir / "reference.npy")], env)
+                rj = json.loads(m.stdout.strip().splitlines()[0])
+                results["reference"] = {"seconds": m.seconds, **rj,
+                                        "peak_rss_above_baseline": m.peak_rss - base.peak_rss}
+                import zarr
+                ours_k = zarr.open_group(str(workdir / f"kernel-{r}"), mode="r")["kernel"][...]
+                ref_k = np.load(workdir / "reference.npy")
+                results["max_abs_diff_vs_reference"] = float(np.abs(ours_k - ref_k).max())
+    assert main is not None
+    results["main"] = main
+    _print_report(results, kernel_bytes)
+    (workdir / "bench.json").write_text(json.dumps(results, indent=1))
+    if not keep:
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(store, ignore_errors=True)
+    return results
+
+
+def _machine(device: str) -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    s = f"{os.cpu_count()} x {cpu}, torch {torch.__version__}"
+    if device != "cpu" and torch.cuda.is_available():
+        s += f", {torch.cuda.get_device_name()}"
+    return s
+
+
+def _print_report(r: dict, kernel_bytes: int) -> None:
+    m, f = r["main"], r["floors"]
+    print(f"bench: machine {r['machine']}")
+    print(f"bench: shape (test, train, classes) = {tuple(r['shape'])}, runs {m['runs']}, "
+          f"device {r['device']}, precision {r['precision']}")
+    if "reference" in r:
+        ref = r["reference"]
+        print(f"bench: reference      {ref['seconds']:7.2f} s (load {ref['load_s']:.2f}, compute "
+              f"{ref['compute_s']:.2f})  peak RSS above baseline "
+              f"{ref['peak_rss_above_baseline'] / 1e9:.3f} GB")
+        print(f"bench: kernelscale    {m['seconds']:7.2f} s  peak RSS above baseline "
+              f"{m['peak_rss_above_baseline'] / 1e9:.3f} GB  (kernel {kernel_bytes / 1e9:.3f} GB"
+              f" + 0.5 GB = {(kernel_bytes + 0.5e9) / 1e9:.3f} GB allowed)")
+        print(f"bench: time ratio kernelscale / reference = {m['seconds'] / ref['seconds']:.3f}")
+        print(f"bench: max |kernelscale - reference| = {r['max_abs_diff_vs_reference']:.2e}")
+    acc = m.get("total", m["seconds"]) - m.get("write", 0.0)
+    floor = max(f["read_s"], f["compute_s"])
+    print(f"bench: floors: read {f['read_bytes'] / 1e9:.3f} GB cold in {f['read_s']:.2f} s "
+          f"({f['read_bytes'] / max(f['read_s'], 1e-9) / 1e9:.2f} GB/s); normalise+GEMM in "
+          f"memory {f['compute_s']:.2f} s")
+    print(f"bench: accumulate {acc:.2f} s = {acc / floor:.3f} x max(read, compute) floor "
+          f"({floor:.2f} s)")
+    rows = r["scaling"]
+    if len(rows) > 1:
+        b = rows[0]
+        for d in rows:
+            print(f"bench: scaling runs {d['runs']:6d}: {d['seconds']:7.2f} s "
+                  f"({d['seconds'] / b['seconds']:.2f}x for {d['runs'] / b['runs']:.1f}x runs), "
+                  f"peak RSS above baseline {d['peak_rss_above_baseline'] / 1e9:.3f} GB")
