@@ -593,7 +593,8 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
         while True:
             p = plan(shape, classes=n_cls, budget=budget, chunks=out.chunks,
                      store_run_chunk=store.shape.run_chunk, runs=runs, region=region,
-                     tile=cfg.tile, in_itemsize=itemsize, run_chunk=cfg.run_chunk)
+                     tile=cfg.tile, in_itemsize=itemsize, run_chunk=cfg.run_chunk,
+                     target_reduction=4096 if device.type == "cuda" else 512)
             try:
                 _run_plan(p, cfg, store, out, stats, classes, device, runs, summary, flag)
                 break

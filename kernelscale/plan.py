@@ -87,13 +87,14 @@ def _cuts(lo: int, hi: int, chunk: int, size: int) -> list[tuple[int, int]]:
 def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int, int],
          store_run_chunk: int, runs: int, region: Tile | None = None,
          tile: tuple[int, int] | None = None, in_itemsize: int = 2,
-         run_chunk: int | None = None) -> Plan:
+         run_chunk: int | None = None, target_reduction: int = 512) -> Plan:
     """Plan the tiles of ``region`` (default: the whole ``shape``).
 
     ``budget``: device bytes for tiles; ``chunks``: output chunk shape; ``store_run_chunk``:
     the store's chunk length along runs (run-chunks are multiples of it so every store
     chunk is read once per pass); ``runs``: runs to fold in; ``tile``: optional
-    (rows, cols) override, multiples of ``chunks``. Raises :class:`ConfigError` when the
+    (rows, cols) override, multiples of ``chunks``; ``target_reduction``: the GEMM
+    reduction length (runs x classes) to aim for per run-chunk. Raises :class:`ConfigError` when the
     region is not chunk-aligned or no tile fits the budget.
     """
     n_rows, n_cols = shape
@@ -109,9 +110,9 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
         raise ConfigError(f"region rows {region.r0}:{region.r1} cols {region.c0}:{region.c1} "
                           f"does not lie on the output chunk grid {cr}x{cc}")
     if run_chunk is None:
-        # A reduction length of >= ~512 per GEMM keeps the matrix units busy; more only
-        # grows the operand buffers.
-        want = max(1, math.ceil(512 / classes))
+        # A reduction length of >= ~512 per GEMM keeps a CPU's matrix units busy; a GPU
+        # wants longer reads (more store chunks in flight at once) more than longer GEMMs.
+        want = max(1, math.ceil(target_reduction / classes))
         run_chunk = store_run_chunk * max(1, math.ceil(want / store_run_chunk))
     run_chunk = max(1, min(run_chunk, max(runs, 1)))
 

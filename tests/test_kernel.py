@@ -175,3 +175,41 @@ def test_cuda_against_float64(tmp_path, precision, tol):
     K = run(tmp_path / "store", tmp_path / "k", device="cuda", precision=precision)
     ref = reference_kernel(test, train)
     assert np.abs(K - ref).max() <= tol
+
+
+def test_out_of_memory_retries_once_with_smaller_tiles(small_store, tmp_path, monkeypatch,
+                                                       capsys):
+    import torch
+
+    import kernelscale.kernel as kmod
+
+    store, test, train = small_store
+    real = kmod._run_plan
+    budgets = []
+
+    def flaky(p, *a, **kw):
+        budgets.append(p.budget)
+        if len(budgets) == 1:
+            raise torch.OutOfMemoryError("simulated")
+        return real(p, *a, **kw)
+
+    monkeypatch.setattr(kmod, "_run_plan", flaky)
+    K = run(store, tmp_path / "k", max_memory=1 << 20)
+    assert budgets == [1 << 20, 1 << 19]
+    assert "out of memory" in capsys.readouterr().err
+    assert np.abs(K - reference_kernel(test, train)).max() <= 1e-5
+
+
+def test_out_of_memory_twice_is_a_clear_error(small_store, tmp_path, monkeypatch):
+    import torch
+
+    import kernelscale.kernel as kmod
+    from kernelscale.errors import KernelscaleError
+
+    def always(*a, **kw):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(kmod, "_run_plan", always)
+    with pytest.raises(KernelscaleError, match="out of memory on cpu even with a budget"):
+        run(store := small_store[0], tmp_path / "k", max_memory=1 << 20)
+    assert store.exists()
