@@ -537,12 +537,29 @@ def _parse_range(rng: tuple[int, int] | None, n: int, what: str) -> tuple[int, i
     return (a, b)
 
 
-def compute_kernel(cfg: KernelConfig) -> KernelSummary:
-    """Compute (or resume) the kernel ``cfg`` describes; see the module docstring."""
-    import torch
+@dataclass
+class Resolved:
+    """What a :class:`KernelConfig` means for a given store (no computation yet)."""
 
+    store: Store
+    runs: int
+    classes: list[int] | None
+    shape: tuple[int, int]
+    region: Tile
+    identity: dict
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes) if self.classes is not None else self.store.shape.classes
+
+
+def resolve(cfg: KernelConfig) -> Resolved:
+    """Validate ``cfg`` against its store: runs, classes, output shape, region, identity.
+
+    The identity (store fingerprint, runs, pairs, precision, transform, classes, shape)
+    is what a partial output, a checkpoint or a done-marker must match to be reused.
+    """
     cfg.validate()
-    t_start = time.monotonic()
     store = Store.open(cfg.store, mode="r")
     if store.runs < 2:
         raise StoreError(f"{cfg.store}: holds {store.runs} run(s); the kernel needs >= 2")
@@ -554,20 +571,47 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     classes = sorted(set(cfg.classes)) if cfg.classes is not None else None
     if classes is not None and (not classes or classes[0] < 0 or classes[-1] >= C):
         raise ConfigError(f"--class must lie in [0, {C})")
-    n_cls = len(classes) if classes is not None else C
     rsplit, csplit = PAIRS[cfg.pairs]
     shape = (store.shape.examples(rsplit), store.shape.examples(csplit))
     region = Tile(*_parse_range(cfg.rows, shape[0], "rows"),
                   *_parse_range(cfg.cols, shape[1], "cols"))
-    device = resolve_device(cfg.device)
-
     identity = {"store_fingerprint": store.fingerprint(), "runs": runs,
                 "pairs": cfg.pairs, "precision": cfg.precision,
                 "log_softmax": cfg.log_softmax, "classes": classes, "shape": list(shape)}
-    out = KernelOutput.open_or_create(Path(cfg.out), identity, shape, cfg.chunks,
+    return Resolved(store, runs, classes, shape, region, identity)
+
+
+def prepare_output(cfg: KernelConfig, res: Resolved | None = None) -> KernelOutput:
+    """Create (or check and reopen) the output group of ``cfg`` without computing.
+
+    Run once before many processes compute regions of the same kernel (a Slurm array),
+    so that none of them races to create it.
+    """
+    res = res or resolve(cfg)
+    out = KernelOutput.open_or_create(Path(cfg.out), res.identity, res.shape, cfg.chunks,
                                       overwrite=cfg.overwrite, restart=cfg.restart)
-    out.group.attrs.update({"store": str(Path(cfg.store).resolve()), "runs": runs,
-                            "precision": cfg.precision, "pairs": cfg.pairs})
+    want = {"store": str(Path(cfg.store).resolve()), "runs": res.runs,
+            "precision": cfg.precision, "pairs": cfg.pairs}
+    attrs = out.attrs
+    # Only write what differs: concurrent region tasks must not rewrite zarr.json (and
+    # so race with the task that marks the kernel complete) for nothing.
+    if any(attrs.get(k) != v for k, v in want.items()):
+        out.group.attrs.update(want)
+    return out
+
+
+def compute_kernel(cfg: KernelConfig) -> KernelSummary:
+    """Compute (or resume) the kernel ``cfg`` describes; see the module docstring."""
+    import torch
+
+    t_start = time.monotonic()
+    res = resolve(cfg)
+    store, runs, classes, shape, region = (res.store, res.runs, res.classes, res.shape,
+                                           res.region)
+    n_cls = res.n_classes
+    rsplit, csplit = PAIRS[cfg.pairs]
+    device = resolve_device(cfg.device)
+    out = prepare_output(cfg, res)
 
     summary = KernelSummary(str(cfg.out), cfg.pairs, shape, runs, str(device), cfg.precision)
     grid = out.done_grid()
@@ -584,7 +628,8 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     zv = {s: int(np.count_nonzero((st.m2 == 0)[:, classes] if classes else st.m2 == 0))
           for s, st in stats.items()}
     summary.zero_variance = zv
-    out.group.attrs["zero_variance"] = zv
+    if out.attrs.get("zero_variance") != zv:
+        out.group.attrs["zero_variance"] = zv
 
     budget = cfg.max_memory or default_budget(device)
     itemsize = np.dtype(store.shape.dtype).itemsize
