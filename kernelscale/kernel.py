@@ -635,13 +635,14 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     itemsize = np.dtype(store.shape.dtype).itemsize
     attempts = 0
     with matmul_precision(cfg.precision), stop_on_signals() as flag:
+        ctx = _Context(cfg, store, out, stats, classes, device, runs, summary, flag)
         while True:
             p = plan(shape, classes=n_cls, budget=budget, chunks=out.chunks,
                      store_run_chunk=store.shape.run_chunk, runs=runs, region=region,
                      tile=cfg.tile, in_itemsize=itemsize, run_chunk=cfg.run_chunk,
                      target_reduction=4096 if device.type == "cuda" else 512)
             try:
-                _run_plan(p, cfg, store, out, stats, classes, device, runs, summary, flag)
+                _run_plan(p, ctx)
                 break
             except torch.OutOfMemoryError:
                 attempts += 1
@@ -660,10 +661,28 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     return summary
 
 
-def _run_plan(p: Plan, cfg: KernelConfig, store: Store, out: KernelOutput,
-              stats: dict[str, RunningStats], classes: list[int] | None, device,  # noqa: ANN001
-              runs: int, summary: KernelSummary, flag: StopFlag) -> None:
-    rsplit, csplit = PAIRS[cfg.pairs]
+@dataclass
+class _Context:
+    """What every pass of one kernel computation shares."""
+
+    cfg: KernelConfig
+    store: Store
+    out: KernelOutput
+    stats: dict[str, RunningStats]
+    classes: list[int] | None
+    device: object  # torch.device
+    runs: int
+    summary: KernelSummary
+    flag: StopFlag
+
+    @property
+    def splits(self) -> tuple[str, str]:
+        return PAIRS[self.cfg.pairs]
+
+
+def _run_plan(p: Plan, ctx: _Context) -> None:
+    """Run every pass of ``p`` whose tiles are not finished yet."""
+    out, summary, runs = ctx.out, ctx.summary, ctx.runs
     grid = out.done_grid()
     todo_passes = []
     for pidx in p.passes:
@@ -675,25 +694,33 @@ def _run_plan(p: Plan, cfg: KernelConfig, store: Store, out: KernelOutput,
     summary.tiles += sum(len(t) for t in todo_passes)
     summary.passes += len(todo_passes)
     bounds = [(s, min(s + p.run_chunk, runs)) for s in range(0, runs, p.run_chunk)]
-    n_cls = len(classes) if classes is not None else store.shape.classes
-    scale = 1.0 / (n_cls * runs)
     if len(todo_passes) > 1:
         print(f"kernel: {len(todo_passes)} passes over the store (budget {p.budget} B "
               f"holds {max(len(t) for t in todo_passes)} tile(s) at once)", file=sys.stderr)
     bar = progress(sum(len(t) for t in todo_passes) * len(bounds), "kernel", "tile-chunk",
-                   enabled=cfg.show_progress)
-    is_cuda = device.type == "cuda"
+                   enabled=ctx.cfg.show_progress)
     try:
         for tiles in todo_passes:
-            _run_pass(tiles, p, cfg, store, out, stats, classes, device, runs, bounds, scale,
-                      summary, flag, bar, rsplit, csplit, is_cuda)
+            _run_pass(tiles, p, ctx, bounds, bar)
     finally:
         bar.close()
 
 
-def _run_pass(tiles, p, cfg, store, out, stats, classes, device, runs, bounds, scale,  # noqa: ANN001, PLR0913
-              summary, flag, bar, rsplit, csplit, is_cuda) -> None:
+def _run_pass(tiles: list[Tile], p: Plan, ctx: _Context, bounds: list[tuple[int, int]],
+              bar) -> None:  # noqa: ANN001
+    """Fold every run-chunk into the accumulators of ``tiles``; write them when done.
+
+    Accumulators are float64 (rows, cols) on the device, one per tile; the state saved in
+    a checkpoint is exactly (accumulators, runs folded), at a chunk boundary.
+    """
     import torch
+
+    cfg, store, out, stats, classes = ctx.cfg, ctx.store, ctx.out, ctx.stats, ctx.classes
+    device, runs, summary, flag = ctx.device, ctx.runs, ctx.summary, ctx.flag
+    rsplit, csplit = ctx.splits
+    is_cuda = device.type == "cuda"
+    n_cls = len(classes) if classes is not None else store.shape.classes
+    scale = 1.0 / (n_cls * runs)
 
     row_rng = (min(t.r0 for t in tiles), max(t.r1 for t in tiles))
     col_rng = (min(t.c0 for t in tiles), max(t.c1 for t in tiles))
