@@ -7,7 +7,10 @@ Stages, one module per role:
 * :mod:`kernelscale.store`     -- the Zarr store: logits, manifest, running statistics
 * :mod:`kernelscale.plan`      -- the pure tile planner
 * :mod:`kernelscale.kernel`    -- the streaming accumulator with checkpoints
-* :mod:`kernelscale.evaluate`  -- baselines and k-NN from a saved kernel
+* :mod:`kernelscale.evaluate`  -- baselines, weighted k-NN, honest selection, ablations
+* :mod:`kernelscale.curve`     -- accuracy against the number of runs
+* :mod:`kernelscale.interpret` -- most similar pairs, failure modes, random examples
+* :mod:`kernelscale.report`    -- the self-contained HTML report
 * :mod:`kernelscale.config`    -- validated job configuration
 * :mod:`kernelscale.cli`       -- the ``kernelscale`` command
 """

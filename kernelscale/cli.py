@@ -112,7 +112,7 @@ def cmd_kernel(a: argparse.Namespace) -> int:
     from .kernel import compute_kernel
 
     if a.prepare_only:
-        from .slurm import prepare_output
+        from .kernel import prepare_output
 
         out = prepare_output(kernel_config_from_args(a))
         print(f"kernel: output {a.out} ready, shape {tuple(out.array.shape)} chunks "
@@ -131,11 +131,46 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     st = Store.open(a.store)
     labels = load_labels(a.labels, n_train=st.shape.n_train, n_test=st.shape.n_test,
                          classes=st.shape.classes)
-    ev = evaluate(a.store, a.kernel, labels, k=a.k)
+    ev = evaluate(a.store, a.kernel, labels, k=a.k, weighting=a.weighting, power=a.power,
+                  temperature=a.temperature, select=a.select, train_kernel=a.train_kernel,
+                  seed=a.seed, ablations_dir=a.ablations, device=a.device,
+                  workers=a.workers, show_progress=not a.quiet)
     if a.json:
         print(json.dumps(ev.as_json(), sort_keys=True))
     else:
         print(ev.table())
+    return 0
+
+
+def cmd_curve(a: argparse.Namespace) -> int:
+    from .curve import CurveConfig, compute_curve, curve_table
+
+    doc = compute_curve(CurveConfig(
+        store=Path(a.store), labels=a.labels, runs=a.runs, out=Path(a.out), k=a.k,
+        device=a.device, precision=a.precision,
+        max_memory=parse_bytes(a.max_memory) if a.max_memory else None,
+        keep_kernels=a.keep_kernels, seed=a.seed, workers=a.workers,
+        show_progress=not a.quiet))
+    if a.json:
+        print(json.dumps(doc, sort_keys=True))
+    else:
+        print(curve_table(doc))
+        print(f"curve: {doc['path']}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import ReportConfig, build_report
+
+    path = build_report(ReportConfig(
+        store=Path(a.store), kernel=Path(a.kernel), labels=a.labels, out=Path(a.out),
+        train_kernel=Path(a.train_kernel) if a.train_kernel else None,
+        curve=Path(a.curve) if a.curve else None,
+        ablations=Path(a.ablations) if a.ablations else None, images=a.images, k=a.k,
+        weighting=a.weighting, power=a.power, temperature=a.temperature,
+        threshold=a.threshold, examples=a.examples, seed=a.seed, device=a.device,
+        workers=a.workers, show_progress=not a.quiet))
+    print(f"report: {path}")
     return 0
 
 
@@ -231,6 +266,22 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
                    help="discard a partial kernel / checkpoints of different inputs")
 
 
+def add_knn_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=int, default=3, help="neighbours (default 3)")
+    p.add_argument("--weighting", default="none", choices=["none", "power", "softmax"],
+                   help="vote weight of a neighbour with kernel value K: 1, max(K,0)^p or "
+                        "exp(K/T)")
+    p.add_argument("--power", type=float, help="p of --weighting power (default 8)")
+    p.add_argument("--temperature", type=float,
+                   help="T of --weighting softmax (default 0.02)")
+    p.add_argument("--train-kernel", metavar="KERNEL",
+                   help="a train-train kernel (`kernelscale kernel --pairs train-train`) of "
+                        "the same store and runs: select by leave-one-out (implies --select)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cross-fitting halves")
+    p.add_argument("--workers", type=int, help="threads reading kernel rows (default: cores, "
+                                               "at most 4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kernelscale", description=__doc__.splitlines()[0])
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -286,9 +337,52 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", required=True)
     s.add_argument("--kernel", required=True)
     s.add_argument("--labels", required=True, help="labels.npz or cifar10:ROOT")
-    s.add_argument("--k", type=int, default=3)
+    add_knn_options(s)
+    s.add_argument("--select", action="store_true",
+                   help="choose k and the weighting without test labels: leave-one-out on "
+                        "--train-kernel if given, else 2-fold cross-fitting over test halves")
+    s.add_argument("--ablations", metavar="DIR",
+                   help="compute (or reuse) the per-class and no-log-softmax kernels in DIR "
+                        "and report their k-NN accuracy")
+    s.add_argument("--device", default="auto", help="for --ablations kernels: auto|cpu|cuda")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("curve", help="ensemble and kernel k-NN accuracy against the "
+                                     "number of runs")
+    s.add_argument("--store", required=True)
+    s.add_argument("--labels", required=True, help="labels.npz or cifar10:ROOT")
+    s.add_argument("--runs", required=True, metavar="N,N,...",
+                   help="run counts, e.g. 10,20,50,100,200,500,all")
+    s.add_argument("--out", default="curve",
+                   help="directory for curve.json and the per-point kernels (default: curve)")
+    s.add_argument("--k", type=int, default=3, help="k of the majority-vote k-NN")
+    s.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
+    s.add_argument("--precision", default="fp32", help="fp32 (default) or tf32")
+    s.add_argument("--max-memory", help="device memory budget, e.g. 40G")
+    s.add_argument("--keep-kernels", action="store_true",
+                   help="keep each point's kernel (OUT/kernel-runs-N) after scoring it")
+    s.add_argument("--seed", type=int, default=0, help="seed of the cross-fitting halves")
+    s.add_argument("--workers", type=int, help="threads reading kernel rows")
+    s.add_argument("--json", action="store_true", help="print the curve as one JSON object")
+    s.set_defaults(func=cmd_curve)
+
+    s = sub.add_parser("report", help="one self-contained HTML report of a kernel")
+    s.add_argument("--store", required=True)
+    s.add_argument("--kernel", required=True, help="the test-train kernel")
+    s.add_argument("--labels", required=True, help="labels.npz or cifar10:ROOT")
+    s.add_argument("--out", required=True, help="report directory (index.html + figures)")
+    add_knn_options(s)
+    s.add_argument("--curve", metavar="JSON", help="curve.json of `kernelscale curve`")
+    s.add_argument("--ablations", metavar="DIR",
+                   help="compute (or reuse) the per-class and no-log-softmax kernels in DIR")
+    s.add_argument("--images", metavar="cifar10:ROOT",
+                   help="images for the views (default: --labels when it is cifar10:ROOT)")
+    s.add_argument("--threshold", type=float, default=0.5,
+                   help="kernel value above which a train example counts as very similar")
+    s.add_argument("--examples", type=int, default=8, help="rows of each example view")
+    s.add_argument("--device", default="auto", help="for --ablations kernels: auto|cpu|cuda")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("info", help="what a store or kernel holds")
     s.add_argument("path")
@@ -344,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda m, c, *_: f"kernelscale: warning: {m}\n"
     args = build_parser().parse_args(argv)
+    if args.command == "kernel":
+        from .kernel import catch_signals_early
+
+        catch_signals_early()
     try:
         return int(args.func(args) or 0)
     except Interrupted as e:

@@ -1,7 +1,8 @@
 """Job files: one validated configuration object per job; unknown keys are an error.
 
 A job file is TOML with one table per stage it runs (``simulate``, ``ingest``, ``kernel``,
-``evaluate``) and a ``[job]`` table. Relative paths inside are relative to the job's
+``evaluate``, ``curve``, ``report``), a ``[job]`` table and, for ``kernelscale submit``, a ``[slurm]`` table.
+Relative paths inside are relative to the job's
 ``workdir`` (itself relative to the current directory unless absolute), except a
 ``source``/``labels`` that names a scheme (``hf://``, ``cifar10:``).
 """
@@ -44,6 +45,13 @@ class IngestTable:
     max_files: int | None = None
     max_runs: int | None = None
     run_chunk: int | None = None
+    workers: int | None = None  #: dask worker processes validating files (1: no dask)
+    scheduler: str | None = None  #: address of a running dask scheduler to use instead
+    revision: str | None = None  #: hf:// sources: branch, tag or commit (default main)
+    download_workers: int = 4  #: hf:// sources: parallel downloads
+    retries: int = 5  #: hf:// sources: retries per request on transient errors
+    keep_downloads: bool = False  #: hf:// sources: keep downloaded files in the cache
+    cache_dir: str | None = None  #: hf:// sources: download cache (default: the Hub's)
 
 
 @dataclass
@@ -55,6 +63,9 @@ class KernelTable:
     precision: str = "fp32"
     max_memory: str | None = None
     checkpoint_every: float = 600.0
+    tile: str | None = None  #: "ROWSxCOLS", multiples of the chunks
+    chunks: str | None = None  #: "ROWSxCOLS" output chunk shape (new kernels only)
+    run_chunk: int | None = None  #: runs folded per step (default: from the store's chunks)
 
 
 @dataclass
@@ -65,6 +76,63 @@ class EvaluateTable:
 
 
 @dataclass
+class CurveTable:
+    """Accuracy against the number of runs (``kernelscale curve``)."""
+
+    labels: str | None = None  #: default: the [evaluate] labels
+    runs: list = field(default_factory=lambda: [10, 20, 50, 100, 200, "all"])  #: run counts
+    out: str = "curve"  #: directory of curve.json (and of the per-point kernels)
+    k: int = 3
+    keep_kernels: bool = False
+    seed: int = 0  #: of the cross-fitting halves
+
+
+@dataclass
+class ReportTable:
+    """The HTML report (``kernelscale report``) of the [kernel] stage's kernel."""
+
+    out: str = "report"  #: directory of index.html and its figures
+    labels: str | None = None  #: default: the [evaluate] labels
+    train_kernel: str | None = None  #: train-train kernel for leave-one-out (computed if absent)
+    ablations: str | None = None  #: directory of per-class / no-log-softmax kernels (computed)
+    images: str | None = None  #: cifar10:ROOT (default: the labels when they are cifar10:)
+    k: int = 3
+    weighting: str = "none"
+    power: float | None = None
+    temperature: float | None = None
+    threshold: float = 0.5
+    examples: int = 8
+    seed: int = 0
+
+
+@dataclass
+class SlurmTable:
+    """How ``kernelscale submit`` turns the job into Slurm jobs (see README)."""
+
+    partition: str | None = None  #: every job
+    account: str | None = None  #: every job
+    time: str = "04:00:00"  #: each kernel array task
+    mem: str | None = None  #: each kernel array task, e.g. "64G"
+    gres: str = "gpu:1"  #: each kernel array task ("" for none)
+    cpus_per_task: int = 4  #: each kernel array task
+    tasks: int | None = None  #: at most this many kernel array tasks (default: one per tile)
+    max_parallel: int | None = None  #: array tasks running at once (the %M of --array)
+    signal_lead: int = 120  #: seconds before the time limit that SIGUSR1 arrives
+    max_requeues: int = 3  #: self-requeues per array task after that signal
+    ingest_time: str = "04:00:00"
+    ingest_mem: str | None = None
+    ingest_cpus: int = 8  #: also the number of dask workers unless [ingest] workers
+    gather_time: str = "01:00:00"
+    gather_mem: str | None = None
+    gather_cpus: int = 2
+    extra: list | None = None  #: more sbatch options for every job, e.g. ["--qos=high"]
+    setup: str = ""  #: shell lines run first in every job (module load, venv activation)
+    command: str | None = None  #: how nodes run kernelscale (default: this interpreter)
+    log_dir: str = "slurm"  #: scripts, plan and logs (relative to the workdir)
+    templates: str | None = None  #: directory of *.sbatch.in templates (default: slurm/)
+
+
+@dataclass
 class JobConfig:
     path: Path
     job: JobTable = field(default_factory=JobTable)
@@ -72,6 +140,9 @@ class JobConfig:
     ingest: IngestTable | None = None
     kernel: KernelTable | None = None
     evaluate: EvaluateTable | None = None
+    curve: CurveTable | None = None
+    report: ReportTable | None = None
+    slurm: SlurmTable = field(default_factory=SlurmTable)
 
     @property
     def workdir(self) -> Path:
@@ -86,7 +157,8 @@ class JobConfig:
 
 
 TABLES = {"job": JobTable, "simulate": SimulateTable, "ingest": IngestTable,
-          "kernel": KernelTable, "evaluate": EvaluateTable}
+          "kernel": KernelTable, "evaluate": EvaluateTable,
+          "curve": CurveTable, "report": ReportTable, "slurm": SlurmTable}
 
 
 def _check_type(where: str, key: str, value: Any, hint: Any) -> Any:
@@ -138,6 +210,7 @@ def load_job(path: str | Path, workdir: str | None = None) -> JobConfig:
             setattr(cfg, name, _build(cls, raw[name], f"{path} [{name}]"))
     if workdir is not None:
         cfg.job = dataclasses.replace(cfg.job, workdir=workdir)
-    if not any((cfg.simulate, cfg.ingest, cfg.kernel, cfg.evaluate)):
-        raise ConfigError(f"{path}: names no stage (simulate, ingest, kernel, evaluate)")
+    if not any((cfg.simulate, cfg.ingest, cfg.kernel, cfg.evaluate, cfg.curve, cfg.report)):
+        raise ConfigError(f"{path}: names no stage (simulate, ingest, kernel, evaluate, curve, "
+                          "report)")
     return cfg

@@ -133,13 +133,10 @@ def ingest_files(files: Iterable[SourceFile], store_path: str | Path, *,
     bar = progress(sum(f.size for f in todo), "ingest", "B", unit_scale=True,
                    enabled=show_progress)
     try:
-        # The first file fixes the store's shape, so it is validated on its own.
-        stream: Iterator[PreparedFile | BadFile]
-        if store is None and todo:
-            first = prepare_or_bad(todo[0], None)
-            stream = _chain([first], lambda: preparer(todo[1:], _expect_from(first)))
-        else:
-            stream = preparer(todo, _expect(store))
+        # Without a store yet, nothing is expected of the files: the first good one fixes
+        # the shape and the rest are checked against it below.
+        stream: Iterator[PreparedFile | BadFile] = preparer(todo, _expect(store))
+        early_bad: list[BadFile] = []
         for item in stream:
             bar.update(item.source.size)
             summary.bytes_read += item.source.size
@@ -152,7 +149,9 @@ def ingest_files(files: Iterable[SourceFile], store_path: str | Path, *,
                 summary.errors.append(item.reason)
                 if not skip_bad:
                     raise BadInputError(item.reason)
-                if store is not None:
+                if store is None:  # recorded once a good file has created the store
+                    early_bad.append(item)
+                else:
                     with store.writer():
                         store.record_rejected(item.source.name, item.reason, item.sha256)
                 continue
@@ -164,6 +163,9 @@ def ingest_files(files: Iterable[SourceFile], store_path: str | Path, *,
                 store = Store.create(store_path, n_test=item.test.shape[1],
                                      n_train=item.train.shape[1], classes=item.test.shape[2],
                                      dtype=str(item.test.dtype), run_chunk=run_chunk)
+                with store.writer():
+                    for bad in early_bad:
+                        store.record_rejected(bad.source.name, bad.reason, bad.sha256)
             with store.writer():
                 dup = store.known_sha256().get(item.sha256)
                 if dup is not None:
@@ -204,18 +206,6 @@ def _shape_problem(store: Store, item: PreparedFile) -> str | None:
 
 def summary_runs(store: Store | None) -> int:
     return store.runs if store else 0
-
-
-def _expect_from(item: PreparedFile | BadFile) -> dict | None:
-    if isinstance(item, BadFile):
-        return None
-    return {"n_test": item.test.shape[1], "n_train": item.train.shape[1],
-            "classes": item.test.shape[2], "dtype": str(item.test.dtype)}
-
-
-def _chain(head: list, tail_factory: Callable[[], Iterator]) -> Iterator:
-    yield from head
-    yield from tail_factory()
 
 
 def ingest_local(source: str | Path, store_path: str | Path, *, glob: str = "**/log.pt",

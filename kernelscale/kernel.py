@@ -331,9 +331,25 @@ class StopFlag:
         return self.signum is not None
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_early: list[int] = []
+
+
+def catch_signals_early() -> None:
+    """Record stop signals that arrive before a computation installs its own handlers.
+
+    Called first thing by the command line, so Slurm's time-limit warning during imports
+    or statistics is not fatal: the next :func:`stop_on_signals` sees it as already set.
+    """
+    for s in STOP_SIGNALS:
+        signal.signal(s, lambda signum, frame: _early.append(signum))
+
+
 @contextlib.contextmanager
-def stop_on_signals(sigs: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> Iterator[StopFlag]:
+def stop_on_signals(sigs: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]:
     flag = StopFlag()
+    if _early:
+        flag.signum = _early[-1]
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
@@ -461,9 +477,13 @@ class ChunkReader:
             yield item
 
     def close(self) -> None:
+        """Stop the thread, also when it is blocked on a full queue (stopping early)."""
         self._stop.set()
         self.free.put(None)
-        self.thread.join(timeout=30)
+        while self.thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self.q.get_nowait()
+            self.thread.join(timeout=0.05)
 
 
 # ---------------------------------------------------------------------------- engine

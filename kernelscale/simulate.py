@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import uuid
 import zipfile
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write_bytes
 from .errors import ConfigError
 
 __all__ = ["SimulationError", "SimulationSummary", "simulate", "SUBDIR", "MODEL_VERSION"]
@@ -179,30 +179,6 @@ def _code(seed: int, runs: int, n_train: int, n_test: int, classes: int, start: 
             f"rho={_DUP_RHO}")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    # the rename itself is durable only once the directory entry is
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
     # np.savez stamps the current time into the zip entries; fixed stamps keep bytes stable
     buf = io.BytesIO()
@@ -264,12 +240,10 @@ def simulate(out: str | os.PathLike, *, runs: int = 200, files: int = 2, n_train
 
     data = _dataset(seed, n_train, n_test, classes)
     bounds = np.concatenate([[0], np.cumsum(_split(runs, files))]).tolist()
-    it = range(files)
-    if progress:
-        from tqdm import tqdm
+    from .progress import progress as progress_bar
 
-        it = tqdm(it, desc="simulate", unit="file", file=sys.stderr)
-    for f in it:
+    bar = progress_bar(files, "simulate", "file", enabled=progress)
+    for f in range(files):
         start, stop = bounds[f], bounds[f + 1]
         test, train = _runs(seed, start, stop, data)
         blob = _torch_bytes({
@@ -279,9 +253,11 @@ def simulate(out: str | os.PathLike, *, runs: int = 200, files: int = 2, n_train
         })
         del test, train
         paths[f].parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(paths[f], blob)
+        atomic_write_bytes(paths[f], blob)
         del blob
+        bar.update(1)
+    bar.close()
     y_train, y_test = data[0], data[1]
-    _write_atomic(out / "labels.npz", _npz_bytes(train=y_train, test=y_test))
+    atomic_write_bytes(out / "labels.npz", _npz_bytes(train=y_train, test=y_test))
     return SimulationSummary(out=out, files=tuple(paths), runs=runs, n_train=n_train,
                              n_test=n_test, classes=classes, seed=seed)

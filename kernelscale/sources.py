@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,8 +188,14 @@ def load_labels(spec: str, *, n_train: int | None = None, n_test: int | None = N
             tr = torchvision.datasets.CIFAR10(root, train=True, download=download)
             te = torchvision.datasets.CIFAR10(root, train=False, download=download)
         except Exception as e:
+            text = " ".join(str(e).split())[:160]
+            if isinstance(e, urllib.error.URLError | TimeoutError | ConnectionError):
+                raise BadInputError(
+                    f"{spec}: CIFAR-10 is not under {root} and downloading it failed "
+                    f"({type(e).__name__}: {text}); run once with network access, or "
+                    "pass --labels FILE.npz") from None
             raise BadInputError(f"{spec}: cannot load CIFAR-10 ({type(e).__name__}: "
-                                f"{str(e)[:160]})") from None
+                                f"{text})") from None
         train = np.asarray(tr.targets, dtype=np.int64)
         test = np.asarray(te.targets, dtype=np.int64)
         names = tuple(tr.classes)

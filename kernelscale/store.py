@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from .atomic import atomic_write_json, read_json
+from .atomic import atomic_write_bytes, atomic_write_json, read_json
 from .errors import StoreError
 from .stats import RunningStats
 
@@ -50,22 +49,6 @@ SPLITS = ("test", "train")
 #: target bytes of one run-chunk of the larger split: large enough for sequential disk
 #: reads to run at full speed, small enough to overlap reads with compute.
 TARGET_CHUNK_BYTES = 32 << 20
-
-
-def _durable_put(path: Path, data: bytes | memoryview) -> None:
-    """Write ``path`` atomically and durably (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class DurableLocalStore(LocalStore):
@@ -84,7 +67,7 @@ class DurableLocalStore(LocalStore):
         path = self.root / key
         if exclusive and path.exists():
             raise FileExistsError(path)
-        await asyncio.to_thread(_durable_put, path, value.as_buffer_like())
+        await asyncio.to_thread(atomic_write_bytes, path, value.as_buffer_like())
 
 
 def auto_run_chunk(n_examples: int, classes: int, itemsize: int) -> int:
@@ -243,7 +226,7 @@ class Store:
             for child in sdir.iterdir():
                 if child.is_dir() and child.name != keep:
                     shutil.rmtree(child, ignore_errors=True)
-        for tmp in self.root.rglob(".*.partial"):
+        for tmp in self.root.rglob(".*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
 

@@ -1,0 +1,572 @@
+"""Hugging Face Hub source: ``hf://datasets/OWNER/NAME[@REVISION][/PATH/PREFIX]``.
+
+The revision (default ``main``) is resolved to a commit sha once, at the start; the tree
+under ``PATH/PREFIX`` is listed at that commit and every file is downloaded at that
+commit, so a run never mixes two states of the repo. Talking to the Hub is left entirely
+to ``huggingface_hub``: the endpoint comes from its ``HF_ENDPOINT`` setting (or the
+``endpoint`` argument), the token from its usual places (``HF_TOKEN``, the token file).
+A token is never printed, logged or recorded.
+
+Files are downloaded by ``workers`` threads into the library's cache (``cache_dir``) and
+handed to the single-writer commit path of :func:`kernelscale.ingest.ingest_files` in
+sorted path order. At most ``workers`` downloaded files wait for their commit at any time
+and each is deleted once its runs are in the store (unless ``keep_downloads``), so local
+disk for downloads stays below ``(workers + 1) x`` the largest file. A file whose bytes
+do not match the listing's LFS sha256 is rejected and its blob removed from the cache.
+
+The manifest name of a file is its path inside the repo, so re-running against a newer
+revision ingests only the files that are new; each file entry records the ``commit`` it
+was downloaded at, its ``hub_path`` and ``lfs_sha256``, and the manifest's ``sources``
+list records every (repo, revision asked, commit) that contributed files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.hf_api import RepoFile
+
+from .errors import ConfigError, KernelscaleError
+from .ingest import BadFile, IngestSummary, PreparedFile, ingest_files, prepare_or_bad
+from .sources import SourceFile, sha256_file
+from .store import Store
+
+SCHEME = "hf://"
+DEFAULT_REVISION = "main"
+#: longest wait between two attempts of one request, seconds
+MAX_RETRY_WAIT = 60.0
+#: seconds to wait for the Hub's answer to the revision lookup
+API_TIMEOUT = 60.0
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class HubError(KernelscaleError):
+    """The Hub refused a request, or it kept failing after the allowed retries."""
+
+
+class ChangedUpstreamWarning(UserWarning):
+    """A file already in the store has other content at the revision being ingested."""
+
+
+class _Cancelled(Exception):
+    """Raised inside a download thread to stop a transfer nobody will use."""
+
+
+# --------------------------------------------------------------------------- spec
+
+@dataclass(frozen=True)
+class HubSpec:
+    """A parsed ``hf://datasets/OWNER/NAME[@REVISION][/PATH/PREFIX]``."""
+
+    repo_id: str  #: OWNER/NAME
+    revision: str | None  #: as written (branch, tag or commit), None for the default
+    prefix: str  #: folder inside the repo, "" for the whole repo
+
+    def __str__(self) -> str:
+        rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
+        return f"{SCHEME}datasets/{self.repo_id}{rev}" + (f"/{self.prefix}" if self.prefix else "")
+
+    def label(self, path: str) -> str:
+        """How a file of the repo is named in messages."""
+        return f"{SCHEME}datasets/{self.repo_id}/{path}"
+
+
+def is_hub_spec(text: str) -> bool:
+    return text.startswith(SCHEME)
+
+
+def parse_hub_spec(text: str) -> HubSpec:
+    """Parse ``hf://datasets/OWNER/NAME[@REVISION][/PATH/PREFIX]``; raises ConfigError.
+
+    A revision holding ``/`` (``refs/pr/1``) is written URL-encoded: ``@refs%2Fpr%2F1``.
+    """
+    if not is_hub_spec(text):
+        raise ConfigError(f"{text}: not a Hub source (expected hf://datasets/OWNER/NAME...)")
+    kind, _, rest = text[len(SCHEME):].partition("/")
+    if kind != "datasets":
+        raise ConfigError(f"{text}: only dataset repos are supported "
+                          "(hf://datasets/OWNER/NAME[@REVISION][/PATH])")
+    parts = rest.split("/")
+    if len(parts) < 2:
+        raise ConfigError(f"{text}: expected hf://datasets/OWNER/NAME[@REVISION][/PATH]")
+    owner, (name, at, rev) = parts[0], parts[1].partition("@")
+    for what, v in (("owner", owner), ("repo name", name)):
+        if not _NAME.match(v):
+            raise ConfigError(f"{text}: invalid {what} {v!r}")
+    if at and not rev:
+        raise ConfigError(f"{text}: empty revision after '@'")
+    prefix = [p for p in parts[2:] if p]
+    if any(p in (".", "..") for p in prefix):
+        raise ConfigError(f"{text}: the path may not contain '.' or '..'")
+    return HubSpec(f"{owner}/{name}", unquote(rev) if at else None, "/".join(prefix))
+
+
+def glob_regex(pattern: str) -> re.Pattern:
+    """A glob over '/'-separated paths: ``**`` spans folders, ``*`` and ``?`` do not."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]*/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and (j := pattern.find("]", i + 2)) > 0:
+            body = pattern[i + 1:j]
+            neg = body.startswith("!")
+            body = body[neg:].replace("\\", "\\\\")
+            out.append("[" + ("^" if neg else "\\" if body.startswith("^") else "") + body + "]")
+            i = j + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _literal_dir(pattern: str) -> str:
+    """The folders a glob names literally before its first wildcard ('' if none)."""
+    parts = pattern.split("/")[:-1]
+    lit = []
+    for p in parts:
+        if any(c in p for c in "*?["):
+            break
+        lit.append(p)
+    return "/".join(lit)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return not folder or path == folder or path.startswith(folder + "/")
+
+
+# ------------------------------------------------------------------------- errors
+
+def _status(exc: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, X-Error-Code) of the first response found along the exception chain."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        resp = getattr(e, "response", None)
+        code = getattr(resp, "status_code", None)
+        if isinstance(code, int):
+            return code, resp.headers.get("X-Error-Code")
+        e = e.__cause__ or e.__context__
+    return None, None
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, e = [], exc
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+#: exception class names (any HTTP stack huggingface_hub has used) meaning "try again"
+_TRANSIENT_NAMES = {"TimeoutException", "NetworkError", "RemoteProtocolError", "ConnectError",
+                    "ReadError", "WriteError", "ConnectTimeout", "ReadTimeout",
+                    "ChunkedEncodingError", "ProtocolError", "Timeout"}
+
+
+def _transient(exc: BaseException) -> bool:
+    status, _ = _status(exc)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    for e in _chain(exc):
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & _TRANSIENT_NAMES or isinstance(e, ConnectionError | TimeoutError):
+            return True
+        # A body shorter than announced: the connection dropped mid-transfer.
+        if isinstance(e, OSError) and "Consistency check failed" in str(e):
+            return True
+    return False
+
+
+def _explain(exc: BaseException, commit: str | None) -> str:
+    """One line saying what went wrong and its likely cause; never the token."""
+    names = {c.__name__ for e in _chain(exc) for c in type(e).__mro__}
+    if "OfflineModeIsEnabled" in names:
+        return "the Hub is not reachable in offline mode (unset HF_HUB_OFFLINE)"
+    status, code = _status(exc)
+    at = f" at commit {commit}" if commit else ""
+    if code == "RevisionNotFound":
+        return f"HTTP {status}: revision not found (wrong branch, tag or commit?)"
+    if code == "RepoNotFound":
+        return (f"HTTP {status}: repository not found (wrong OWNER/NAME, or a private or "
+                "gated repo and no valid token: set HF_TOKEN or run `hf auth login`)")
+    if status == 401:
+        return ("HTTP 401 unauthorized: the repo is private or gated and no valid token was "
+                "sent (set HF_TOKEN or run `hf auth login`)")
+    if status == 403:
+        return ("HTTP 403 forbidden: the token has no access (gated repo: accept its "
+                "conditions on the Hub; or a token without read permission)")
+    if status == 404:
+        return f"HTTP 404: not found{at} (wrong path or revision?)"
+    if status is not None:
+        return f"HTTP {status}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
+
+
+def _safe_endpoint(url: str) -> str:
+    """The endpoint without any user:password part, fit for the manifest."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host = f"{host}:{p.port}"
+    return urlunsplit((p.scheme, host, p.path, "", "")).rstrip("/")
+
+
+# ------------------------------------------------------------------------- client
+
+@dataclass(frozen=True)
+class HubFile:
+    """One file of the listing: path in the repo, size in bytes, LFS sha256 if any."""
+
+    path: str
+    size: int
+    sha256: str | None
+
+
+@dataclass
+class _Download:
+    name: str
+    path: Path  #: the snapshot path hf_hub_download returned
+    blob: Path  #: the file holding the bytes (the path itself when not a symlink)
+    released: bool = False
+
+
+class HubSource:
+    """The files of one Hub spec at one resolved commit, and their downloads."""
+
+    def __init__(self, spec: HubSpec | str, *, revision: str | None = None,
+                 endpoint: str | None = None, token: str | bool | None = None,
+                 cache_dir: str | os.PathLike | None = None, workers: int = 4,
+                 retries: int = 5, retry_wait: float = 1.0,
+                 keep_downloads: bool = False) -> None:
+        self.spec = parse_hub_spec(spec) if isinstance(spec, str) else spec
+        if revision and self.spec.revision and revision != self.spec.revision:
+            raise ConfigError(f"{self.spec}: --revision {revision} contradicts the "
+                              f"revision in the source")
+        if workers < 1:
+            raise ConfigError(f"--download-workers must be >= 1, not {workers}")
+        if retries < 0:
+            raise ConfigError(f"--retries must be >= 0, not {retries}")
+        self.revision = revision or self.spec.revision or DEFAULT_REVISION
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self.token = token
+        self.cache_dir = Path(cache_dir or constants.HF_HUB_CACHE).expanduser().resolve()
+        self.workers = workers
+        self.retries = retries
+        self.retry_wait = retry_wait
+        self.keep_downloads = keep_downloads
+        self.api = HfApi(endpoint=self.endpoint, token=token)
+        self.commit: str | None = None
+        self.files: dict[str, HubFile] = {}
+        self.bytes_downloaded = 0
+        self.current: _Download | None = None  #: the download last handed to the writer
+        self._lock = threading.Lock()
+        self._blobs: Counter[Path] = Counter()  # downloads not yet released, per blob
+        self._cancel = threading.Event()
+        self._bar_kw = ({"tqdm_class": _silent_bar(self._cancel, self._count)}
+                        if "tqdm_class" in inspect.signature(hf_hub_download).parameters else {})
+
+    # ---------------------------------------------------------------- retry wrapper
+    def _attempts(self, label: str, fn):  # noqa: ANN001, ANN202
+        """Call ``fn()``; retry transient failures with exponential backoff."""
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except (_Cancelled, KernelscaleError):
+                raise
+            except Exception as e:
+                if not _transient(e):
+                    raise HubError(f"{label}: {_explain(e, self.commit)}") from None
+                if attempt == self.retries:
+                    raise HubError(f"{label}: {_explain(e, self.commit)}; gave up after "
+                                   f"{attempt + 1} attempt(s) (--retries {self.retries})"
+                                   ) from None
+                wait = min(MAX_RETRY_WAIT, self.retry_wait * 2 ** attempt)
+                attempt += 1
+                self._note(f"{label}: {_explain(e, self.commit)}; retry {attempt}/"
+                           f"{self.retries} in {wait:.1f} s")
+                if self._cancel.wait(wait):
+                    raise _Cancelled() from None
+
+    def _count(self, n: float) -> None:
+        with self._lock:
+            self.bytes_downloaded += int(n)
+
+    def _note(self, msg: str) -> None:
+        print(f"hub: {msg}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------- resolve, list
+    def resolve(self) -> str:
+        """Resolve the revision to a commit sha (once)."""
+        if self.commit is None:
+            info = self._attempts(str(self.spec), lambda: self.api.repo_info(
+                self.spec.repo_id, repo_type="dataset", revision=self.revision,
+                timeout=API_TIMEOUT))
+            if not info.sha:
+                raise HubError(f"{self.spec}: the Hub did not name the commit of revision "
+                               f"{self.revision!r}")
+            self.commit = str(info.sha)
+        return self.commit
+
+    def list(self, glob: str = "**/log.pt") -> list[HubFile]:
+        """Files under the prefix matching ``glob``, at the resolved commit, sorted by path.
+
+        ``glob`` is matched against the path inside the repo, or against the path
+        relative to the spec's prefix.
+        """
+        commit = self.resolve()
+        prefix = self.spec.prefix
+        rx = glob_regex(glob)
+        # A glob naming folders literally (one file of 20,000) lists only those folders.
+        lit = _literal_dir(glob)
+        root = lit if lit and _inside(lit, prefix) else prefix
+
+        def fetch() -> list[HubFile]:
+            out = []
+            for e in self.api.list_repo_tree(self.spec.repo_id, path_in_repo=root or None,
+                                             recursive=True, revision=commit,
+                                             repo_type="dataset"):
+                if not isinstance(e, RepoFile) or not _inside(e.path, prefix):
+                    continue
+                rel = e.path[len(prefix) + 1:] if prefix else e.path
+                if rx.match(e.path) or rx.match(rel):
+                    out.append(HubFile(e.path, int(e.size), e.lfs.sha256 if e.lfs else None))
+            return out
+
+        try:
+            files = self._attempts(str(self.spec), fetch)
+        except HubError as e:
+            if root != prefix and "HTTP 404" in str(e):
+                files = []  # the folder the glob names does not exist at this commit
+            else:
+                raise
+        files.sort(key=lambda f: f.path)
+        self.files = {f.path: f for f in files}
+        return files
+
+    # ------------------------------------------------------------------- download
+    def download(self, f: HubFile) -> _Download:
+        """Download one file at the resolved commit (retrying); return where it lies."""
+        commit = self.resolve()
+        # Same cache_dir on every attempt and run: the library resumes partial downloads
+        # there (within the call in 2.x; from `<blob>.incomplete` on the next call before).
+        p = self._attempts(self.spec.label(f.path), lambda: hf_hub_download(
+            self.spec.repo_id, f.path, repo_type="dataset", revision=commit,
+            cache_dir=self.cache_dir, endpoint=self.endpoint, token=self.token,
+            **self._bar_kw))
+        path = Path(p)
+        blob = Path(os.path.realpath(path))
+        with self._lock:
+            self._blobs[blob] += 1
+        return _Download(f.path, path, blob)
+
+    def release(self, d: _Download, corrupt: bool = False) -> None:
+        """Forget a download; delete its file unless kept (a corrupt one always goes)."""
+        if d.released:
+            return
+        d.released = True
+        with self._lock:
+            self._blobs[d.blob] -= 1
+            in_use = self._blobs[d.blob] > 0
+            if not in_use:
+                del self._blobs[d.blob]
+        if in_use or (self.keep_downloads and not corrupt):
+            return
+        for p in (d.path, d.blob):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        # Drop the snapshot folders left empty, up to the commit's snapshot folder.
+        parent, stop = d.path.parent, self.cache_dir
+        while parent != stop and stop in parent.parents and parent.name != self.commit:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    # ------------------------------------------------------------------- pipeline
+    def stream(self, files: list[SourceFile], expect: dict | None
+               ) -> Iterator[PreparedFile | BadFile]:
+        """Download ``files`` ahead with the workers; yield each prepared, in order.
+
+        At most ``workers`` files are downloading, waiting or being committed at once:
+        the next download starts only when the caller comes back for the next item,
+        after the previous one is committed and released (deleted unless kept). So the
+        download folder holds at most ``workers`` files, within the promised
+        ``(workers + 1) x`` the largest file.
+        """
+        pending: deque[tuple[SourceFile, Future]] = deque()
+        todo = iter(files)
+        current: _Download | None = None
+        self._cancel.clear()
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hub-download")
+        try:
+            while True:
+                while len(pending) < self.workers and (f := next(todo, None)) is not None:
+                    pending.append((f, pool.submit(self.download, self.files[f.name])))
+                if not pending:
+                    return
+                f, fut = pending.popleft()
+                current = fut.result()
+                item = self.prepare(current, f, expect)
+                if expect is None and isinstance(item, PreparedFile):
+                    expect = _expect_of(item)
+                self.current = current
+                yield item
+                self.release(current)
+                current = None
+        finally:
+            self._cancel.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            if current is not None:
+                self.release(current)
+            for _, fut in pending:
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self.release(fut.result())
+
+    def prepare(self, d: _Download, f: SourceFile, expect: dict | None
+                ) -> PreparedFile | BadFile:
+        """Validate a downloaded file against its LFS sha256 and the store's shape."""
+        hf = self.files[f.name]
+        item = prepare_or_bad(SourceFile(d.path, f.name, f.size), expect, sha256=hf.sha256)
+        if isinstance(item, BadFile) and hf.sha256 and d.blob.exists() \
+                and sha256_file(d.blob) != hf.sha256:
+            # A corrupt blob in the cache would be served again by every later call.
+            self.release(d, corrupt=True)
+        return item
+
+    def on_committed(self, item: PreparedFile) -> None:
+        if self.current is not None and self.current.name == item.source.name:
+            self.release(self.current)
+
+    def entry_extra(self, src: SourceFile) -> dict:
+        hf = self.files[src.name]
+        extra = {"commit": self.commit, "hub_path": hf.path}
+        if hf.sha256:
+            extra["lfs_sha256"] = hf.sha256
+        return extra
+
+    def source_record(self, glob: str) -> dict:
+        return {"kind": "hub", "repo": f"datasets/{self.spec.repo_id}",
+                "revision": self.revision, "commit": self.commit,
+                "path": self.spec.prefix, "glob": glob,
+                "endpoint": _safe_endpoint(self.endpoint)}
+
+
+def _silent_bar(cancel: threading.Event, count) -> type:  # noqa: ANN001
+    """A tqdm stand-in for hf_hub_download: counts bytes, stops a cancelled transfer."""
+
+    class _Bar:
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            pass
+
+        def update(self, n: float = 1) -> None:
+            if cancel.is_set():
+                raise _Cancelled()
+            count(n)
+
+        def __enter__(self) -> _Bar:
+            return self
+
+        def __exit__(self, *exc) -> bool:  # noqa: ANN002
+            return False
+
+        def __getattr__(self, name: str):  # noqa: ANN204
+            return lambda *a, **k: None
+
+    return _Bar
+
+
+def _expect_of(item: PreparedFile) -> dict:
+    return {"n_test": item.test.shape[1], "n_train": item.train.shape[1],
+            "classes": item.test.shape[2], "dtype": str(item.test.dtype)}
+
+
+# --------------------------------------------------------------------------- ingest
+
+def ingest_hub(spec: str | HubSpec, store_path: str | os.PathLike, *,
+               glob: str = "**/log.pt", max_files: int | None = None,
+               max_runs: int | None = None, revision: str | None = None,
+               endpoint: str | None = None, token: str | bool | None = None,
+               cache_dir: str | os.PathLike | None = None, workers: int = 4,
+               retries: int = 5, retry_wait: float = 1.0, keep_downloads: bool = False,
+               skip_bad: bool = False, run_chunk: int | None = None,
+               show_progress: bool = True) -> IngestSummary:
+    """Ingest the files of a Hub spec matching ``glob`` (sorted by path) into a store.
+
+    ``max_files`` keeps the first N matching files (ingested or not); ``max_runs`` stops
+    before the file that would take the store past N runs. Files whose path is already
+    in the store are neither downloaded nor ingested again. See the module docstring for
+    pinning, verification, disk bound and provenance.
+    """
+    hub = HubSource(spec, revision=revision, endpoint=endpoint, token=token,
+                    cache_dir=cache_dir, workers=workers, retries=retries,
+                    retry_wait=retry_wait, keep_downloads=keep_downloads)
+    commit = hub.resolve()
+    listing = hub.list(glob)
+    if not listing:
+        raise HubError(f"{hub.spec}: no files match {glob!r} at commit {commit}")
+    if max_files is not None:
+        listing = listing[:max_files]
+    store_path = Path(store_path)
+    store = Store.open(store_path) if Store.exists(store_path) else None
+    ingested = {f["name"]: f for f in store.manifest["files"]} if store else {}
+    for f in listing:
+        old = ingested.get(f.path)
+        if old and f.sha256 and old.get("sha256") != f.sha256:
+            warnings.warn(f"{hub.spec.label(f.path)}: changed upstream since it was "
+                          f"ingested at commit {old.get('commit')}; kept the ingested "
+                          "version", ChangedUpstreamWarning, stacklevel=2)
+    files = [SourceFile(hub.cache_dir / f.path, f.path, f.size) for f in listing]
+    new = [f for f in files if f.name not in ingested]
+    hub._note(f"{hub.spec} revision {hub.revision} = commit {commit}: {len(listing)} "
+              f"file(s) match {glob!r}, {len(new)} new; {hub.workers} download worker(s), "
+              f"cache {hub.cache_dir}")
+    t0 = time.monotonic()
+    kw = dict(skip_bad=skip_bad, run_chunk=run_chunk, max_runs=max_runs,
+              source_record=hub.source_record(glob), show_progress=show_progress,
+              on_committed=hub.on_committed, entry_extra=hub.entry_extra)
+    streams = []
+
+    def preparer(todo: list[SourceFile], expect: dict | None
+                 ) -> Iterator[PreparedFile | BadFile]:
+        streams.append(hub.stream(todo, expect))
+        return streams[-1]
+
+    try:
+        summary = ingest_files(files, store_path, preparer=preparer, **kw)
+    finally:
+        # Stop downloads ahead and delete them now, not when the generator is collected.
+        for g in streams:
+            g.close()
+    if hub.bytes_downloaded:
+        dt = time.monotonic() - t0
+        hub._note(f"downloaded {hub.bytes_downloaded / 1e6:.1f} MB in {dt:.1f} s")
+    return summary

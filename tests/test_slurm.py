@@ -1,0 +1,518 @@
+"""`kernelscale submit/status/gather`: planning and scripts here, and on a real Slurm.
+
+The tests marked ``slurm`` submit to the cluster that ``sbatch`` reaches (``.ci/run``
+starts a local one); without one they are skipped, and under ``CI=true`` they fail.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from kernelscale.atomic import atomic_write_json
+from kernelscale.config import load_job
+from kernelscale.errors import ConfigError
+from kernelscale.plan import Tile, plan
+from kernelscale.slurm import (
+    SlurmError,
+    array_spec,
+    gather,
+    group_regions,
+    plan_kernel,
+    record_dir,
+    slurm_seconds,
+    slurm_settings,
+    split_tile,
+    status,
+    submit,
+)
+from tests.conftest import ROOT, run_cli
+from tests.reference import random_source, reference_kernel
+from tests.test_ingest import assert_same_store
+
+DATA = ROOT / "tests" / "data" / "slurm"
+REGENERATE = os.environ.get("KERNELSCALE_REGENERATE_SLURM") == "1"
+#: one BLAS thread everywhere, so that the Slurm tasks and the single-process runs they are
+#: compared with bitwise do the very same float operations
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+# --------------------------------------------------------------------- no Slurm needed
+
+def test_slurm_time_formats():
+    assert slurm_seconds("10") == 600
+    assert slurm_seconds("10:30") == 630
+    assert slurm_seconds("04:00:00") == 4 * 3600
+    assert slurm_seconds("1-12") == 36 * 3600
+    assert slurm_seconds("2-03:04") == (51 * 60 + 4) * 60
+    assert slurm_seconds("1-00:00:05") == 86405
+    assert slurm_seconds("UNLIMITED") is None
+    with pytest.raises(ConfigError, match="expected a Slurm time"):
+        slurm_seconds("4h")
+
+
+def test_array_spec():
+    assert array_spec([0, 1, 2, 5, 7, 8], 3) == "0-2,5,7-8%3"
+    assert array_spec([4], None) == "4"
+
+
+@pytest.mark.parametrize("shape,chunks,tile,tasks", [
+    ((1000, 5000), (100, 1000), (300, 2000), 4),
+    ((1000, 5000), (100, 1000), (100, 1000), 7),
+    ((128, 512), (64, 128), (64, 128), 4),
+    ((10000, 50000), (1024, 4096), (1024, 4096), 1000),
+    ((10000, 50000), (1024, 4096), (1024, 4096), 1),
+])
+def test_regions_cover_every_cell_once(shape, chunks, tile, tasks):
+    p = plan(shape, classes=10, budget=1 << 40, chunks=chunks, store_run_chunk=8, runs=100,
+             tile=tile)
+    regions = group_regions(list(p.tiles), tasks)
+    assert 1 <= len(regions) <= tasks
+    if tasks >= len(p.tiles):
+        assert len(regions) == len(p.tiles)
+    # every edge lies on the chunk grid, so counting per chunk counts every cell
+    cr, cc = chunks
+    count = np.zeros((-(-shape[0] // cr), -(-shape[1] // cc)), dtype=np.int32)
+    for r in regions:
+        assert r.r0 % cr == 0 and r.c0 % cc == 0
+        assert r.r1 % cr == 0 or r.r1 == shape[0]
+        assert r.c1 % cc == 0 or r.c1 == shape[1]
+        count[r.r0 // cr:-(-r.r1 // cr), r.c0 // cc:-(-r.c1 // cc)] += 1
+        # a region is whole tiles: every tile lies inside it or apart from it
+        for t in p.tiles:
+            inside = r.r0 <= t.r0 and t.r1 <= r.r1 and r.c0 <= t.c0 and t.c1 <= r.c1
+            apart = t.r1 <= r.r0 or r.r1 <= t.r0 or t.c1 <= r.c0 or r.c1 <= t.c0
+            assert inside or apart
+    assert (count == 1).all()
+
+
+def test_split_tile_gives_enough_tiles_on_the_chunk_grid():
+    for tasks in (1, 2, 3, 5, 8, 13):
+        tr, tc = split_tile(1000, 5000, (100, 500), (1000, 5000), tasks)
+        assert tr % 100 == 0 and tc % 500 == 0
+        n = -(-1000 // tr) * -(-5000 // tc)
+        assert n >= tasks
+        assert n <= 2 * tasks  # and not needlessly many
+
+
+def _write_job(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
+
+
+DRY_JOB = """
+[job]
+name = "demo-gpu"
+workdir = "run"
+
+[simulate]
+out = "simulated"
+runs = 400
+files = 4
+n_train = 5000
+n_test = 1000
+
+[ingest]
+source = "simulated"
+store = "store"
+
+[kernel]
+out = "kernel"
+max_memory = "40G"
+chunks = "500x1024"
+checkpoint_every = 300
+
+[evaluate]
+labels = "simulated/labels.npz"
+
+[slurm]
+partition = "gpu"
+account = "proj42"
+time = "02:00:00"
+mem = "32G"
+cpus_per_task = 8
+tasks = 3
+max_parallel = 2
+signal_lead = 180
+max_requeues = 2
+ingest_cpus = 16
+ingest_mem = "64G"
+extra = ["--qos=normal", "--constraint=a100"]
+setup = "module load cuda/12.4"
+command = "kernelscale"
+"""
+
+
+def test_dry_run_prints_the_saved_scripts(tmp_path):
+    job = _write_job(tmp_path / "job.toml", DRY_JOB)
+    p = run_cli("submit", str(job), "--dry-run", "--workdir", str(tmp_path / "run"))
+    text = p.stdout.replace(str(tmp_path), "/WORK")
+    parts = re.split(r"^\n?==> (\S+) <==\n", text, flags=re.M)
+    got = {"plan.txt": parts[0]}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        got[Path(name).name] = body
+    assert sorted(got) == ["gather.sbatch", "ingest.sbatch", "kernel-array.sbatch", "plan.txt"]
+    if REGENERATE:
+        DATA.mkdir(parents=True, exist_ok=True)
+        for name, body in got.items():
+            (DATA / name).write_text(body)
+    for name, body in got.items():
+        assert body == (DATA / name).read_text(), f"{name} differs from tests/data/slurm/ " \
+            "(KERNELSCALE_REGENERATE_SLURM=1 rewrites the copies after a deliberate change)"
+    assert not (tmp_path / "run").exists(), "a dry run writes nothing"
+    # the scripts are valid bash
+    for name in ("ingest.sbatch", "kernel-array.sbatch", "gather.sbatch"):
+        subprocess.run(["bash", "-n"], input=got[name], text=True, check=True)
+
+
+def test_command_line_overrides_and_bad_settings(tmp_path):
+    job = _write_job(tmp_path / "job.toml", DRY_JOB)
+    wd = ["--workdir", str(tmp_path / "run")]
+    p = run_cli("submit", str(job), "--dry-run", *wd, "--partition", "big", "--time", "30:00",
+                "--gres", "", "--max-parallel", "5")
+    assert "#SBATCH --partition=big" in p.stdout and "#SBATCH --time=30:00" in p.stdout
+    assert "--gres" not in p.stdout and "#SBATCH --array=0-2%5" in p.stdout
+    p = run_cli("submit", str(job), "--dry-run", *wd, "--signal-lead", "7200", check=False)
+    assert p.returncode == 2 and "signal_lead 7200 s is not shorter" in p.stderr
+    _write_job(tmp_path / "bad.toml", DRY_JOB + "gpus = 2\n")
+    p = run_cli("submit", str(tmp_path / "bad.toml"), "--dry-run", *wd, check=False)
+    assert p.returncode == 2
+    assert re.search(r"kernelscale: error: .*bad.toml \[slurm\]: unknown key\(s\) gpus",
+                     p.stderr)
+    _write_job(tmp_path / "bad2.toml", DRY_JOB.replace('"--qos=normal"', '"qos=normal"'))
+    p = run_cli("submit", str(tmp_path / "bad2.toml"), "--dry-run", *wd, check=False)
+    assert p.returncode == 2 and "extra must list sbatch options" in p.stderr
+
+
+# ------------------------------------------------------ stores shared by several tests
+
+#: 600 runs of a small problem: each region folds 600 run-chunks of one run, which takes
+#: the second or two the signal tests need to catch a task mid-way (after its first
+#: checkpoint)
+SLOW_KERNEL = """
+[kernel]
+out = "kernel"
+device = "cpu"
+chunks = "64x256"
+tile = "64x256"
+run_chunk = 1
+checkpoint_every = 0.2
+"""
+
+
+@pytest.fixture(scope="module")
+def slow_store(tmp_path_factory):
+    """(dir, store, single-process kernel, test logits, train logits)."""
+    from kernelscale.ingest import ingest_local
+
+    d = tmp_path_factory.mktemp("slow")
+    test, train = random_source(d / "src", [300, 300], n_test=64, n_train=512, classes=10,
+                                seed=5)
+    ingest_local(d / "src", d / "store", run_chunk=1, show_progress=False)
+    K = _single_process(d / "store", d / "single", "64x256", "64x256", run_chunk=1)
+    return d, d / "store", K, test, train
+
+
+def _single_process(store: Path, out: Path, chunks: str, tile: str, **kw) -> np.ndarray:
+    """The kernel of one process with one BLAS thread, as the array tasks run."""
+    from kernelscale.cli import parse_pair
+    from kernelscale.kernel import KernelConfig, compute_kernel
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compute_kernel(KernelConfig(store=store, out=out, device="cpu", show_progress=False,
+                                    chunks=parse_pair(chunks, "chunks"),
+                                    tile=parse_pair(tile, "tile"), **kw))
+    finally:
+        torch.set_num_threads(threads)
+    return zarr.open_group(str(out), mode="r")["kernel"][...]
+
+
+def _slow_job(tmp_path: Path, d: Path, **slurm) -> Path:
+    settings = {"gres": '""', "cpus_per_task": 1, "gather_cpus": 1, "tasks": 2,
+                "time": '"10:00"', **{k: str(v) for k, v in slurm.items()}}
+    body = (f'[job]\nname = "slow-{tmp_path.name[-12:]}"\nworkdir = "{tmp_path / "w"}"\n\n'
+            f'[ingest]\nsource = "{d / "src"}"\nstore = "{d / "store"}"\n'
+            + SLOW_KERNEL + "\n[slurm]\n"
+            + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+    return _write_job(tmp_path / "job.toml", body)
+
+
+def test_gather_checks_every_planned_tile(tmp_path, small_store):
+    from kernelscale.jobs import kernel_config
+    from kernelscale.kernel import compute_kernel
+
+    store, test, train = small_store
+    job = _write_job(tmp_path / "job.toml", f"""
+[job]
+name = "gather"
+workdir = "{tmp_path / "w"}"
+[ingest]
+source = "{tmp_path / "src"}"
+store = "{store}"
+[kernel]
+out = "kernel"
+device = "cpu"
+chunks = "8x32"
+tile = "8x32"
+[slurm]
+tasks = 2
+""")
+    cfg = load_job(job)
+    t = slurm_settings(cfg)
+    kp = plan_kernel(cfg, t, need_ingest=False)
+    assert len(kp.tiles) == 15
+    assert [(r.r0, r.r1, r.c0, r.c1) for r in kp.regions] == [(0, 24, 0, 96), (24, 40, 0, 96)]
+    atomic_write_json(record_dir(cfg, t) / "plan.json", kp.as_json())
+    kc = kernel_config(cfg, quiet=True)
+    r = kp.regions[0]
+    s = compute_kernel(dataclasses.replace(kc, rows=(r.r0, r.r1), cols=(r.c0, r.c1)))
+    assert s.tiles == 9 and not s.complete
+    with pytest.raises(SlurmError, match=r"6 of 15 tiles have no done-marker \(regions 1\)"):
+        gather(job)
+    out = tmp_path / "w" / "kernel"
+    assert zarr.open_group(str(out), mode="r").attrs["complete"] is False
+    r = kp.regions[1]
+    compute_kernel(dataclasses.replace(kc, rows=(r.r0, r.r1), cols=(r.c0, r.c1)))
+    assert gather(job) == 0
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["complete"] is True
+    assert np.abs(g["kernel"][...] - reference_kernel(test, train)).max() <= 1e-5
+
+
+# ------------------------------------------------------------------ on a real Slurm
+
+def _slurm_problem() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "sbatch is not on PATH (start one with ../shared/slurm/start-local-slurm.sh)"
+    # a controller that is down (or a missing slurm.conf) makes the clients retry for a
+    # while: ten seconds of no answer is no cluster
+    cmd = ["squeue", "-h", "-o", "%i"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{' '.join(cmd)}: {e}"
+    if p.returncode != 0:
+        return f"{' '.join(cmd)}: {p.stderr.strip() or p.returncode}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    problem = _slurm_problem()
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no Slurm cluster answers under CI=true: {problem}")
+        pytest.skip(f"no Slurm cluster: {problem}")
+
+
+def _queue(job_id: str) -> dict[str, tuple[str, str]]:
+    """{"12" or "12_3": (state, reason)} for every task of job ``job_id``."""
+    p = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", job_id, "-o", "%i|%T|%r"],
+                       capture_output=True, text=True, timeout=30)
+    out = {}
+    for line in p.stdout.splitlines():
+        i, s, r = line.strip().split("|")
+        out[i] = (s, r)
+    return out
+
+
+def _wait(what: str, cond, timeout: float = 180.0, interval: float = 0.1):  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
+
+
+def _finished(job_id: str) -> dict | None:
+    q = _queue(job_id)
+    if q and all(s in FINAL or (s == "PENDING" and "DependencyNeverSatisfied" in r)
+                 for s, r in q.values()):
+        return q
+    return None
+
+
+def _submitted(cfg_dir: Path) -> dict:
+    return json.loads((cfg_dir / "w" / "slurm" / "submitted.json").read_text())
+
+
+def _has_checkpoint(out: Path, tile: Tile) -> bool:
+    """Has the pass computing just ``tile`` saved a checkpoint (so it is folding runs)?
+
+    A cheap test, as the tasks it waits for share the CPUs with it: the checkpoint's name
+    is the first 16 hex digits of the sha256 of the pass's tile keys.
+    """
+    key = hashlib.sha256(tile.key.encode()).hexdigest()[:16]
+    return (out / ".checkpoints" / f"pass-{key}.npz").exists()
+
+
+@pytest.mark.slurm
+def test_submitted_job_matches_the_single_process_run(slurm, tmp_path, capsys):
+    """Simulate, dask ingest, a 4-task kernel array and gather/evaluate, all on Slurm."""
+    job = _write_job(tmp_path / "job.toml", f"""
+[job]
+name = "e2e-{tmp_path.name[-12:]}"
+workdir = "{tmp_path / "w"}"
+
+[simulate]
+out = "simulated"
+runs = 40
+files = 4
+n_train = 512
+n_test = 128
+seed = 3
+
+[ingest]
+source = "simulated"
+store = "store"
+
+[kernel]
+out = "kernel"
+device = "cpu"
+chunks = "64x128"
+tile = "64x128"
+
+[evaluate]
+labels = "simulated/labels.npz"
+
+[slurm]
+gres = ""
+cpus_per_task = 1
+ingest_cpus = 2
+gather_cpus = 1
+tasks = 4
+time = "10:00"
+""")
+    p = run_cli("submit", str(job), env=ENV)
+    assert "8 tile(s) in 4 region(s), 0 done, 4 to submit" in p.stdout
+    jobs = _submitted(tmp_path)["submissions"][0]["jobs"]
+    assert sorted(jobs) == ["gather", "ingest", "kernel"]
+    # the gather job waits in the queue until the end: a second submit now is refused
+    with pytest.raises(SlurmError, match="earlier submission still queued or running"):
+        submit(job)
+    q = _wait("the gather job", lambda: _finished(jobs["gather"]["id"]))
+    w = tmp_path / "w"
+    assert q[jobs["gather"]["id"]][0] == "COMPLETED", (w / "slurm").iterdir()
+    assert {s for s, _ in _queue(jobs["kernel"]["id"]).values()} == {"COMPLETED"}
+
+    # the dask-ingested store is the serial ingest's
+    from kernelscale.ingest import ingest_local
+
+    ingest_local(w / "simulated", tmp_path / "serial", show_progress=False)
+    assert_same_store(tmp_path / "serial", w / "store")
+    # the kernel is the single-process run's, bit for bit, and close to the float64 truth
+    single = _single_process(w / "store", tmp_path / "single", "64x128", "64x128")
+    g = zarr.open_group(str(w / "kernel"), mode="r")
+    assert g.attrs["complete"] is True
+    K = g["kernel"][...]
+    np.testing.assert_array_equal(K, single)
+    objs = [torch.load(f, weights_only=True)
+            for f in sorted((w / "simulated").glob("**/log.pt"))]
+    te = torch.cat([o["logits"] for o in objs]).numpy()
+    tr = torch.cat([o["logits_train"] for o in objs]).numpy()
+    assert np.abs(K - reference_kernel(te, tr)).max() <= 1e-5
+    res = json.loads((w / "results.json").read_text())
+    assert res["runs"] == 40
+
+    assert status(job) == 0
+    st = capsys.readouterr().out
+    assert "ingest: done: 4/4 file(s) in the store, 40 runs" in st
+    assert "kernel: done 4/4 regions (8/8 tiles); running 0; pending 0; failed 0; left 0" in st
+    assert "gather: done" in st
+    # everything is done: a second submit has nothing to do
+    assert submit(job) == 0
+    assert "sbatch: nothing to submit" in capsys.readouterr().out
+    assert len(_submitted(tmp_path)["submissions"]) == 1
+
+
+@pytest.mark.slurm
+def test_cancelled_task_is_all_that_a_resubmission_computes(slurm, slow_store, tmp_path,
+                                                            capsys):
+    d, _, K, test, train = slow_store
+    job = _slow_job(tmp_path, d)
+    run_cli("submit", str(job), env=ENV)
+    jobs = _submitted(tmp_path)["submissions"][0]["jobs"]
+    assert "ingest" not in jobs  # the store already holds every source file
+    arr = jobs["kernel"]["id"]
+    out = tmp_path / "w" / "kernel"
+    _wait("task 1's first checkpoint", lambda: _has_checkpoint(out, Tile(0, 64, 256, 512)),
+          interval=0.02)
+    subprocess.run(["scancel", f"{arr}_1"], check=True)
+    q = _wait("the array and gather to end", lambda: _finished(jobs["gather"]["id"])
+              and _finished(arr))
+    assert _queue(arr)[f"{arr}_1"][0] == "CANCELLED"
+    assert _queue(arr)[f"{arr}_0"][0] == "COMPLETED"
+    assert q  # the gather job was cancelled or can never run
+    log1 = tmp_path / "w" / "slurm" / f"kernel-{arr}_1.out"
+    assert status(job) == 0
+    st = capsys.readouterr().out
+    assert "kernel: done 1/2 regions (1/2 tiles)" in st and "failed 1" in st
+    assert f"failed: task 1 ({arr}_1 CANCELLED, log {log1})" in st
+    assert list((out / ".checkpoints").glob("*.npz")), "the cancelled task saved its state"
+
+    marker0 = out / ".done" / f"{Tile(0, 64, 0, 256).key}.json"
+    before = marker0.stat().st_mtime_ns
+    p = run_cli("submit", str(job), env=ENV)
+    assert "1 done, 1 to submit" in p.stdout and "task 1: rows 0:64 cols 256:512" in p.stdout
+    jobs2 = _submitted(tmp_path)["submissions"][1]["jobs"]
+    assert jobs2["kernel"]["indices"] == [1]
+    q = _wait("the second gather", lambda: _finished(jobs2["gather"]["id"]))
+    assert q[jobs2["gather"]["id"]][0] == "COMPLETED"
+    assert set(_queue(jobs2["kernel"]["id"])) == {f"{jobs2['kernel']['id']}_1"}
+    assert marker0.stat().st_mtime_ns == before, "region 0 was not computed again"
+    log = (tmp_path / "w" / "slurm" / f"kernel-{jobs2['kernel']['id']}_1.out").read_text()
+    assert re.search(r"resuming 1 tile\(s\) from \d+/600 runs", log)
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["complete"] is True
+    np.testing.assert_array_equal(g["kernel"][...], K)
+    assert np.abs(K - reference_kernel(test, train)).max() <= 1e-5
+
+
+@pytest.mark.slurm
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, slow_store, tmp_path):
+    d, _, K, *_ = slow_store
+    job = _slow_job(tmp_path, d, max_requeues=2)
+    run_cli("submit", str(job), env=ENV)
+    jobs = _submitted(tmp_path)["submissions"][0]["jobs"]
+    arr = jobs["kernel"]["id"]
+    out = tmp_path / "w" / "kernel"
+    _wait("task 1's first checkpoint", lambda: _has_checkpoint(out, Tile(0, 64, 256, 512)),
+          interval=0.02)
+    # what Slurm does --signal-lead seconds before the time limit (--signal=B:USR1@...)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{arr}_1"], check=True)
+    # Slurm holds a requeued job until its old credential expires (about 2 minutes). Start
+    # it sooner, but not within the second its old credential was revoked: slurmd refuses
+    # a credential no newer than the revocation (whole seconds), and the job would fail.
+    _wait("task 1 to be requeued",
+          lambda: _queue(arr).get(f"{arr}_1", ("", ""))[0] == "PENDING")
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={arr}_1", "StartTime=now"], check=True)
+    q = _wait("the gather job", lambda: _finished(jobs["gather"]["id"]))
+    assert q[jobs["gather"]["id"]][0] == "COMPLETED"
+    log = (tmp_path / "w" / "slurm" / f"kernel-{arr}_1.out").read_text()
+    assert re.search(rf"kernelscale-task: {arr}_1 exit 75 .*\n(.*\n)*kernelscale-task: "
+                     rf"{arr}_1 requeued", log), log
+    assert re.search(r"stopped by signal 10 after (\d+)/600 runs", log), log
+    assert "restart 1 rows 0:64 cols 256:512" in log
+    assert re.search(r"resuming 1 tile\(s\) from \d+/600 runs", log), log
+    assert re.search(rf"kernelscale-task: {arr}_1 exit 0", log)
+    g = zarr.open_group(str(out), mode="r")
+    assert g.attrs["complete"] is True
+    np.testing.assert_array_equal(g["kernel"][...], K)
