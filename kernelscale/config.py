@@ -66,6 +66,7 @@ class KernelTable:
     tile: str | None = None  #: "ROWSxCOLS", multiples of the chunks
     chunks: str | None = None  #: "ROWSxCOLS" output chunk shape (new kernels only)
     run_chunk: int | None = None  #: runs folded per step (default: from the store's chunks)
+    log_softmax_fp32: bool = False  #: float32 log-softmax, as the published code
 
 
 @dataclass

@@ -489,7 +489,7 @@ def open_train_kernel(path: str | os.PathLike, inputs: KernelInputs) -> KernelOu
     kern = load_kernel(path)
     ident = _check_kernel(kern, path, inputs.store, "train-train")
     main = inputs.identity
-    for key in ("runs", "log_softmax", "classes"):
+    for key in ("runs", "log_softmax", "log_softmax_fp32", "classes"):
         if ident.get(key) != main.get(key):
             raise KernelOutputError(f"{path}: {key} {ident.get(key)!r} differs from the "
                                     f"test kernel's {main.get(key)!r}")
@@ -527,7 +527,8 @@ def ablation_kernels(inputs: KernelInputs, directory: str | os.PathLike, *,
     for name in names if names is not None else ablation_names(inputs):
         if name.startswith("class-"):
             cfg = dict(classes=(int(name.split("-", 1)[1]),),
-                       log_softmax=bool(ident.get("log_softmax", True)))
+                       log_softmax=bool(ident.get("log_softmax", True)),
+                       log_softmax_fp32=bool(ident.get("log_softmax_fp32", False)))
         elif name == "no-log-softmax":
             cfg = dict(classes=None, log_softmax=False)
         else:

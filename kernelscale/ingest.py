@@ -185,7 +185,7 @@ def ingest_files(files: Iterable[SourceFile], store_path: str | Path, *,
                                                   if r["name"] != item.source.name]
             summary.files_ingested += 1
             summary.runs_added += item.runs
-            bar.set_postfix_str(f"runs {store.runs}")
+            bar.set_postfix_str(f"files {summary.files_ingested}/{len(todo)} runs {store.runs}")
             if on_committed:
                 on_committed(item)
     finally:

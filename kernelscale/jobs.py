@@ -89,7 +89,7 @@ def kernel_config(cfg: JobConfig, device: str | None = None, quiet: bool = False
                         max_memory=parse_bytes(k.max_memory) if k.max_memory else None,
                         tile=parse_pair(k.tile, "tile"), chunks=parse_pair(k.chunks, "chunks"),
                         run_chunk=k.run_chunk, checkpoint_every=k.checkpoint_every,
-                        show_progress=not quiet)
+                        log_softmax_fp32=k.log_softmax_fp32, show_progress=not quiet)
 
 
 def _kernel(cfg: JobConfig, quiet: bool, device: str | None) -> None:
@@ -159,7 +159,7 @@ def _report(cfg: JobConfig, quiet: bool, device: str | None) -> None:
             store=store, out=train_kernel, runs=k.runs if k else None, pairs="train-train",
             device=dev, precision=k.precision if k else "fp32",
             max_memory=parse_bytes(k.max_memory) if k and k.max_memory else None,
-            show_progress=not quiet))
+            log_softmax_fp32=bool(k and k.log_softmax_fp32), show_progress=not quiet))
         print(s.line())
     curve = Path(cfg.resolve(cfg.curve.out)) / "curve.json" if cfg.curve else None
     path = build_report(ReportConfig(

@@ -475,6 +475,7 @@ def _kernel_args(cfg: JobConfig, kp: KernelPlan) -> str:
                   ("--chunks", f"{kp.chunks[0]}x{kp.chunks[1]}"),
                   ("--tile", f"{kp.tile[0]}x{kp.tile[1]}"),
                   ("--run-chunk", kc.run_chunk),
+                  ("--log-softmax-fp32", kc.log_softmax_fp32),
                   ("--checkpoint-every", f"{kc.checkpoint_every:g}")])
 
 

@@ -213,3 +213,43 @@ def test_out_of_memory_twice_is_a_clear_error(small_store, tmp_path, monkeypatch
     with pytest.raises(KernelscaleError, match="out of memory on cpu even with a budget"):
         run(store := small_store[0], tmp_path / "k", max_memory=1 << 20)
     assert store.exists()
+
+
+def _published_kernel(te, tr):
+    """The published code's own computation (float32 throughout), on the CPU."""
+    import torch
+
+    def normalize(logits):
+        logits = torch.from_numpy(logits).float().log_softmax(-1)
+        return (logits - logits.mean(0, keepdim=True)) / logits.std(0, keepdim=True)
+
+    a, b = normalize(te), normalize(tr)
+    C = a.shape[-1]
+    k = torch.zeros(a.shape[1], b.shape[1])
+    for c in range(C):
+        k += (a[..., c].T @ b[..., c]) / len(a) / C
+    return k.numpy()
+
+
+def test_log_softmax_fp32_reproduces_the_published_method(tmp_path):
+    """Confident logits: the default follows float64, the fp32 mode the published code."""
+    from kernelscale.simulate import simulate
+
+    simulate(tmp_path / "sim", runs=60, files=2, n_train=600, n_test=150, seed=1,
+             progress=False)
+    ingest_local(tmp_path / "sim", tmp_path / "store", show_progress=False)
+    import glob
+
+    import torch
+    objs = [torch.load(f, weights_only=True)
+            for f in sorted(glob.glob(str(tmp_path / "sim" / "**" / "log.pt"), recursive=True))]
+    te = torch.cat([o["logits"] for o in objs]).numpy()
+    tr = torch.cat([o["logits_train"] for o in objs]).numpy()
+    exact, published = reference_kernel(te, tr), _published_kernel(te, tr)
+    assert np.abs(published - exact).max() > 1e-3  # the data does saturate float32
+    K = run(tmp_path / "store", tmp_path / "k64")
+    assert np.abs(K - exact).max() <= 1e-5
+    K32 = run(tmp_path / "store", tmp_path / "k32", log_softmax_fp32=True)
+    assert np.abs(K32 - published).max() <= 1e-5
+    ident = zarr.open_group(str(tmp_path / "k32"), mode="r").attrs["identity"]
+    assert ident["log_softmax_fp32"] is True
