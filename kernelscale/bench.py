@@ -326,6 +326,16 @@ def _print_report(r: dict, kernel_bytes: int) -> None:
     print(f"bench: accumulate {acc:.2f} s = {acc / floor:.3f} x max(read, compute) floor "
           f"({floor:.2f} s)")
     rows = r["scaling"]
+    if len(rows) > 2:
+        x = np.array([d["runs"] for d in rows], dtype=float)
+        y = np.array([d["seconds"] for d in rows])
+        slope, icpt = np.polyfit(x, y, 1)
+        resid = y - (slope * x + icpt)
+        r2 = 1 - (resid ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12)
+        mem = [d["peak_rss_above_baseline"] for d in rows]
+        print(f"bench: scaling fit: seconds = {icpt:.2f} + {slope * 1000:.3f} per 1000 runs "
+              f"(R^2 {r2:.3f}); peak RSS above baseline {min(mem) / 1e9:.3f}.."
+              f"{max(mem) / 1e9:.3f} GB")
     if len(rows) > 1:
         b = rows[0]
         for d in rows:

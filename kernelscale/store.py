@@ -70,6 +70,24 @@ class DurableLocalStore(LocalStore):
         await asyncio.to_thread(atomic_write_bytes, path, value.as_buffer_like())
 
 
+def _read_exact(path: Path, offset: int, dest: np.ndarray) -> None:
+    """Fill the uint8 buffer ``dest`` from ``path`` at ``offset`` (zeros if no file)."""
+    try:
+        fh = open(path, "rb", buffering=0)  # noqa: SIM115
+    except FileNotFoundError:
+        dest[...] = 0
+        return
+    with fh:
+        fh.seek(offset)
+        view = memoryview(dest)
+        got = 0
+        while got < len(view):
+            n = fh.readinto(view[got:])
+            if not n:
+                raise StoreError(f"{path}: chunk file shorter than its array says")
+            got += n
+
+
 def auto_run_chunk(n_examples: int, classes: int, itemsize: int) -> int:
     """Runs per store chunk so that one chunk of the larger split is ~32 MB."""
     per_run = max(1, n_examples * classes * itemsize)
@@ -106,6 +124,7 @@ class Store:
         self.shape = StoreShape(int(a["n_test"]), int(a["n_train"]), int(a["classes"]),
                                 str(a["dtype"]), int(a["run_chunk"]))
         self._stats_cache: dict[tuple[str, int], RunningStats] = {}
+        self._raw: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ open / create
     @staticmethod
@@ -171,6 +190,59 @@ class Store:
                              f"{self.runs} committed runs")
         sel = examples if examples is not None else slice(None)
         return self.array(split)[start:stop, sel, :]
+
+    def _raw_chunks(self, split: str) -> bool:
+        """Whether ``split``'s chunk files are the plain little-endian C-order bytes.
+
+        True for every store this module creates; then :meth:`read_into` reads chunk
+        files straight into the caller's buffer instead of through Zarr's codec pipeline.
+        """
+        if split not in self._raw:
+            from zarr.codecs import BytesCodec
+            from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
+
+            m = self.array(split).metadata
+            codecs = getattr(m, "codecs", ())
+            ok = (len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
+                  and (codecs[0].endian is None or codecs[0].endian.value == "little")
+                  and isinstance(m.chunk_key_encoding, DefaultChunkKeyEncoding)
+                  and m.chunk_key_encoding.separator == "/"
+                  and self.array(split).order == "C" and float(m.fill_value) == 0.0
+                  and tuple(m.chunk_grid.chunk_shape[1:]) == tuple(m.shape[1:]))
+            self._raw[split] = ok
+        return self._raw[split]
+
+    def read_into(self, split: str, start: int, stop: int, out: np.ndarray,
+                  pool=None) -> None:  # noqa: ANN001
+        """Read runs ``[start, stop)`` of ``split`` into ``out`` (stop-start, examples, C).
+
+        ``out`` must be C-contiguous of the store dtype (e.g. the numpy view of a pinned
+        host tensor). Chunk files are read with ``readinto`` straight into ``out``, on the
+        threads of ``pool`` when given (one chunk file each); a chunk that was never
+        written (all fill value) reads as zeros, as Zarr would return it.
+        """
+        if not 0 <= start <= stop <= self.runs:
+            raise StoreError(f"{self.root}: runs [{start}, {stop}) outside the "
+                             f"{self.runs} committed runs")
+        if not out.flags.c_contiguous or out.dtype != np.dtype(self.shape.dtype):
+            raise ValueError("out must be C-contiguous of the store dtype")
+        if not self._raw_chunks(split):
+            out[...] = self.read(split, start, stop)
+            return
+        rc = self.shape.run_chunk
+        per_run = self.shape.examples(split) * self.shape.classes * out.itemsize
+        dest = out.reshape(-1).view(np.uint8)
+        base = self.root / "logits" / split / "c"
+        jobs = []
+        for ci in range(start // rc, (stop - 1) // rc + 1 if stop > start else 0):
+            lo, hi = max(start, ci * rc), min(stop, (ci + 1) * rc)
+            jobs.append((base / str(ci) / "0" / "0", (lo - ci * rc) * per_run,
+                         dest[(lo - start) * per_run:(hi - start) * per_run]))
+        if pool is not None and len(jobs) > 1:
+            list(pool.map(lambda j: _read_exact(*j), jobs))
+        else:
+            for j in jobs:
+                _read_exact(*j)
 
     def stats(self, split: str) -> RunningStats:
         """Statistics of all committed runs for ``split`` (float64, (examples, classes))."""
