@@ -55,6 +55,12 @@ API_TIMEOUT = 60.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+#: a per-process partial download of huggingface_hub 2.x: ``<etag>.<8 hex>.incomplete``
+_UNIQUE_PARTIAL = re.compile(r"\.[0-9a-f]{8}\.incomplete$")
+#: a partial download not written for this long belongs to a dead process
+STALE_PARTIAL_SECONDS = 600.0
+
+
 class HubError(KernelscaleError):
     """The Hub refused a request, or it kept failing after the allowed retries."""
 
@@ -335,6 +341,35 @@ class HubSource:
             self.commit = str(info.sha)
         return self.commit
 
+    def sweep_stale_partials(self, max_age: float = STALE_PARTIAL_SECONDS) -> int:
+        """Delete this repo's abandoned per-process partial downloads; return bytes freed.
+
+        huggingface_hub 2.x downloads into ``<blob>.<8 hex>.incomplete``, a name unique to
+        the process and never resumed by another: a killed ingest leaves one behind, up to
+        a whole file. Only such names untouched for ``max_age`` seconds are removed (a live
+        download writes continuously); ``<blob>.incomplete`` of older versions, which a
+        later call resumes from, is kept.
+        """
+        from huggingface_hub.file_download import repo_folder_name
+
+        blobs = self.cache_dir / repo_folder_name(repo_id=self.spec.repo_id,
+                                                  repo_type="dataset") / "blobs"
+        freed = 0
+        now = time.time()
+        for p in blobs.glob("*.incomplete") if blobs.is_dir() else ():
+            if not _UNIQUE_PARTIAL.search(p.name):
+                continue
+            try:
+                st = p.stat()
+                if now - st.st_mtime >= max_age:
+                    p.unlink()
+                    freed += st.st_size
+            except FileNotFoundError:
+                continue
+        if freed:
+            self._note(f"removed {freed / 1e6:.1f} MB of abandoned partial downloads")
+        return freed
+
     def list(self, glob: str = "**/log.pt") -> list[HubFile]:
         """Files under the prefix matching ``glob``, at the resolved commit, sorted by path.
 
@@ -530,6 +565,7 @@ def ingest_hub(spec: str | HubSpec, store_path: str | os.PathLike, *,
                     cache_dir=cache_dir, workers=workers, retries=retries,
                     retry_wait=retry_wait, keep_downloads=keep_downloads)
     commit = hub.resolve()
+    hub.sweep_stale_partials()
     listing = hub.list(glob)
     if not listing:
         raise HubError(f"{hub.spec}: no files match {glob!r} at commit {commit}")

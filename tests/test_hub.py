@@ -553,3 +553,29 @@ def test_cifar10_labels_offline_is_one_clear_line(monkeypatch, tmp_path):
     msg = str(ei.value)
     assert "\n" not in msg and msg.startswith(f"cifar10:{tmp_path}: CIFAR-10 is not under")
     assert "--labels FILE.npz" in msg
+
+
+def test_abandoned_partial_downloads_are_swept(hub, tmp_path):
+    """A killed ingest leaves ``<blob>.<8 hex>.incomplete`` (never resumed by 2.x): the next
+    ingest removes such files once stale, and keeps fresh ones and ``<blob>.incomplete``."""
+    import os
+    import time
+
+    from huggingface_hub.file_download import repo_folder_name
+
+    src = tmp_path / "src"
+    write_files(src, {"logs_saveoutputs_main/run00/log.pt": 3})
+    hub.add_commit(REPO, src)
+    blobs = tmp_path / "cache" / repo_folder_name(repo_id=REPO, repo_type="dataset") / "blobs"
+    blobs.mkdir(parents=True)
+    stale = blobs / "0123abcd.deadbeef.incomplete"
+    fresh = blobs / "4567abcd.cafef00d.incomplete"
+    legacy = blobs / "89abcdef.incomplete"
+    for p in (stale, fresh, legacy):
+        p.write_bytes(b"x" * 1000)
+    old = time.time() - 3600
+    for p in (stale, legacy):
+        os.utime(p, (old, old))
+    s = ingest(hub, tmp_path / "store", tmp_path)
+    assert s.files_ingested == 1
+    assert not stale.exists() and fresh.exists() and legacy.exists()
