@@ -11,8 +11,9 @@ classes (bytes)::
 
     r*c*8               float64 accumulator
   + r*c*4               float32 product of one chunk (before it is added to the accumulator)
-  + (r + c)*k*C*(4 + 2 + in)  normalised float32 operands, float16 staging, raw input
-  + (r + c)*C*8         float32 mean and 1/std of its rows and columns
+  + (r + c)*k*C*(16 + in)  raw input, its float64 normalisation, float32 z and its
+                           transposed copy (the GPU normalises a whole chunk at once)
+  + (r + c)*C*16        float64 mean and 1/std of its rows and columns
 
 Nothing here does I/O; the local loop and the Slurm submitter both call :func:`plan`.
 """
@@ -65,13 +66,24 @@ class Plan:
         return tile_bytes(t.rows, t.cols, self.run_chunk, self.classes, self.in_itemsize)
 
     def pass_bytes(self, p: int) -> int:
-        return sum(self.tile_bytes(self.tiles[i]) for i in self.passes[p])
+        return pass_bytes([self.tiles[i] for i in self.passes[p]], self.run_chunk,
+                          self.classes, self.in_itemsize)
 
 
 def tile_bytes(rows: int, cols: int, run_chunk: int, classes: int, in_itemsize: int = 2) -> int:
     """Device bytes one tile needs (see the module docstring)."""
-    return (rows * cols * 12 + (rows + cols) * run_chunk * classes * (6 + in_itemsize)
-            + (rows + cols) * classes * 8)
+    return (rows * cols * 12 + (rows + cols) * run_chunk * classes * (16 + in_itemsize)
+            + (rows + cols) * classes * 16)
+
+
+def pass_bytes(tiles: list[Tile], run_chunk: int, classes: int, in_itemsize: int = 2) -> int:
+    """Device bytes of a pass: every tile's accumulator, and the operands of the row and
+    column spans the pass normalises once for all its tiles."""
+    rows = max(t.r1 for t in tiles) - min(t.r0 for t in tiles)
+    cols = max(t.c1 for t in tiles) - min(t.c0 for t in tiles)
+    return (sum(t.rows * t.cols * 12 for t in tiles)
+            + (rows + cols) * run_chunk * classes * (16 + in_itemsize)
+            + (rows + cols) * classes * 16)
 
 
 def _aligned(lo: int, hi: int, step: int, full: int) -> bool:
@@ -151,16 +163,16 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
     tiles = tuple(Tile(a, b, c, d)
                   for a, b in _cuts(region.r0, region.r1, cr, tr)
                   for c, d in _cuts(region.c0, region.c1, cc, tc))
+    # Consecutive tiles (row-major) share row spans, so greedy grouping in order keeps the
+    # operand spans of a pass small.
     passes: list[tuple[int, ...]] = []
     cur: list[int] = []
-    used = 0
-    for i, t in enumerate(tiles):
-        b = tile_bytes(t.rows, t.cols, run_chunk, classes, in_itemsize)
-        if cur and used + b > budget:
+    for i in range(len(tiles)):
+        if cur and pass_bytes([tiles[j] for j in (*cur, i)], run_chunk, classes,
+                              in_itemsize) > budget:
             passes.append(tuple(cur))
-            cur, used = [], 0
+            cur = []
         cur.append(i)
-        used += b
     passes.append(tuple(cur))
     return Plan(shape, chunks, region, tiles, tuple(passes), run_chunk, budget, classes,
                 in_itemsize)
