@@ -126,6 +126,7 @@ class SlurmTable:
     gather_time: str = "01:00:00"
     gather_mem: str | None = None
     gather_cpus: int = 2
+    gather_gres: str = ""  #: e.g. "gpu:1" when [curve]/[report] compute kernels in the gather
     extra: list | None = None  #: more sbatch options for every job, e.g. ["--qos=high"]
     setup: str = ""  #: shell lines run first in every job (module load, venv activation)
     command: str | None = None  #: how nodes run kernelscale (default: this interpreter)

@@ -155,7 +155,7 @@ def ingest_files(files: Iterable[SourceFile], store_path: str | Path, *,
                     with store.writer():
                         store.record_rejected(item.source.name, item.reason, item.sha256)
                 continue
-            if max_runs is not None and summary_runs(store) + item.runs > max_runs:
+            if max_runs is not None and (store.runs if store else 0) + item.runs > max_runs:
                 print(f"ingest: stopping before {item.source.name}: it would take the store "
                       f"past --max-runs {max_runs}", file=sys.stderr)
                 break
@@ -202,10 +202,6 @@ def _shape_problem(store: Store, item: PreparedFile) -> str | None:
     if got != want:
         return (f"(n_test, n_train, classes, dtype) = {got}, but the store holds {want}")
     return None
-
-
-def summary_runs(store: Store | None) -> int:
-    return store.runs if store else 0
 
 
 def ingest_local(source: str | Path, store_path: str | Path, *, glob: str = "**/log.pt",

@@ -565,7 +565,8 @@ def render_scripts(cfg: JobConfig, t: SlurmTable, kp: KernelPlan | None, log_dir
                    f"{shlex.quote(str(cfg.workdir.resolve()))}")
     out["gather"] = render(load("gather"), {
         **common, "gather_args": gather_args,
-        "resources": _resources(t, t.gather_time, t.gather_cpus, t.gather_mem, None)},
+        "resources": _resources(t, t.gather_time, t.gather_cpus, t.gather_mem,
+                                t.gather_gres or None)},
         TEMPLATES["gather"])
     return out
 
@@ -680,7 +681,7 @@ def _queue_of(subs: list[dict]) -> list[QueueEntry] | None:
 
 # ------------------------------------------------------------------------- submit
 
-def _plan_text(cfg: JobConfig, t: SlurmTable, ist: IngestState, kp: KernelPlan | None,
+def _plan_text(cfg: JobConfig, ist: IngestState, kp: KernelPlan | None,
                todo: list[int], done: list[bool], gather: bool, commands: list[str]) -> str:
     lines = [f"job {cfg.job.name}: workdir {cfg.workdir.resolve()}"]
     if cfg.ingest is not None:
@@ -705,12 +706,10 @@ def _plan_text(cfg: JobConfig, t: SlurmTable, ist: IngestState, kp: KernelPlan |
             lines.append(f"    ... and {len(todo) - shown} more")
     if gather:
         res = _results_path(cfg)
+        later = [n for n in ("curve", "report") if getattr(cfg, n, None) is not None]
         lines.append("  gather: check every tile, mark the kernel complete"
-                     + (f", evaluate -> {res}" if cfg.evaluate else ""))
-    later = [n for n in ("curve", "report") if getattr(cfg, n, None) is not None]
-    if later:
-        lines.append(f"  {', '.join(later)}: not submitted; after the gather, `kernelscale run "
-                     f"{cfg.path}` runs them (the finished stages return at once)")
+                     + (f", evaluate -> {res}" if cfg.evaluate else "")
+                     + (f", then {' and '.join(later)}" if later else ""))
     lines.append("sbatch:" if commands else "sbatch: nothing to submit")
     lines += [f"  {c}" for c in commands]
     return "\n".join(lines)
@@ -752,7 +751,7 @@ def submit(job: str | Path, *, workdir: str | None = None, dry_run: bool = False
     for i, stage in enumerate(stages):
         dep = f" --dependency=afterok:<{stages[i - 1]} job>" if i else ""
         commands.append(f"sbatch --parsable{dep} {paths[stage]}")
-    print(_plan_text(cfg, t, ist, kp, todo, done, gather, commands))
+    print(_plan_text(cfg, ist, kp, todo, done, gather, commands))
     if dry_run:
         for stage in stages:
             print(f"\n==> {paths[stage]} <==")
@@ -818,7 +817,8 @@ def read_plan(cfg: JobConfig, t: SlurmTable) -> KernelPlan:
 
 
 def gather(job: str | Path, *, workdir: str | None = None, evaluate: bool = True) -> int:
-    """Check every planned tile against the done-markers, mark complete, evaluate."""
+    """Check every planned tile against the done-markers, mark complete, evaluate; then
+    the job's ``[curve]`` and ``[report]`` stages, when it has them."""
     from .kernel import KernelOutput
 
     cfg = load_job(job, workdir)
@@ -854,10 +854,15 @@ def gather(job: str | Path, *, workdir: str | None = None, evaluate: bool = True
         raise SlurmError(f"{kpath}: the planned tiles do not cover the output")
     print(f"gather: {kpath} complete: {len(kp.tiles)} tile(s) in {len(kp.regions)} "
           "region(s) verified")
-    if evaluate and cfg.evaluate:
-        from .jobs import _evaluate
+    if evaluate:
+        from .jobs import _curve, _evaluate, _report
 
-        _evaluate(cfg)
+        if cfg.evaluate:
+            _evaluate(cfg)
+        if cfg.curve:
+            _curve(cfg, True, None)
+        if cfg.report:
+            _report(cfg, True, None)
     return 0
 
 

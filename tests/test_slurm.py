@@ -291,6 +291,53 @@ tasks = 2
     assert np.abs(g["kernel"][...] - reference_kernel(test, train)).max() <= 1e-5
 
 
+def test_gather_runs_evaluate_and_report_stages(tmp_path, small_store):
+    """The gather job ends the job: evaluate, then [report] when the job file has one."""
+    from html.parser import HTMLParser
+
+    from kernelscale.jobs import kernel_config
+    from kernelscale.kernel import compute_kernel
+    from tests.reference import labels_file
+
+    store, *_ = small_store
+    labels_file(tmp_path / "labels.npz", 96, 40, 5)
+    job = _write_job(tmp_path / "job.toml", f"""
+[job]
+name = "gather-report"
+workdir = "{tmp_path / "w"}"
+[ingest]
+source = "{tmp_path / "src"}"
+store = "{store}"
+[kernel]
+out = "kernel"
+device = "cpu"
+[evaluate]
+labels = "{tmp_path / "labels.npz"}"
+json = "results.json"
+[report]
+out = "report"
+[slurm]
+tasks = 1
+""")
+    cfg = load_job(job)
+    t = slurm_settings(cfg)
+    kp = plan_kernel(cfg, t, need_ingest=False)
+    atomic_write_json(record_dir(cfg, t) / "plan.json", kp.as_json())
+    compute_kernel(dataclasses.replace(kernel_config(cfg, quiet=True), chunks=kp.chunks,
+                                       tile=kp.tile))
+    assert gather(job) == 0
+    assert (tmp_path / "w" / "results.json").is_file()
+    index = tmp_path / "w" / "report" / "index.html"
+    ids = []
+
+    class Ids(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            ids.extend(v for k, v in attrs if k == "id")
+
+    Ids().feed(index.read_text())
+    assert {"provenance", "baselines", "knn"} <= set(ids)
+
+
 # ------------------------------------------------------------------ on a real Slurm
 
 def _slurm_problem() -> str | None:
