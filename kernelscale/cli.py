@@ -42,6 +42,16 @@ def parse_range(text: str | None, what: str) -> tuple[int, int] | None:
     return int(m.group(1)), int(m.group(2))
 
 
+def parse_shape(text: str | None) -> tuple[int, int, int] | None:
+    """'10000x50000x10' -> (n_test, n_train, classes)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or min(int(g) for g in m.groups()) < 1:
+        raise ConfigError(f"shape {text!r}: expected N_TESTxN_TRAINxCLASSES, e.g. 10000x50000x10")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
 def parse_pair(text: str | None, what: str) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -73,7 +83,8 @@ def cmd_ingest(a: argparse.Namespace) -> int:
                        max_runs=a.max_runs, revision=a.revision, cache_dir=a.cache_dir,
                        workers=a.download_workers, retries=a.retries,
                        keep_downloads=a.keep_downloads, skip_bad=a.skip_bad,
-                       run_chunk=a.run_chunk, show_progress=not a.quiet)
+                       run_chunk=a.run_chunk, show_progress=not a.quiet,
+                       shape=parse_shape(a.shape))
     else:
         from .ingest import ingest_local
         from .parallel import parallel_preparer
@@ -82,7 +93,7 @@ def cmd_ingest(a: argparse.Namespace) -> int:
             s = ingest_local(a.source, a.store, glob=a.glob, max_files=a.max_files,
                              max_runs=a.max_runs, skip_bad=a.skip_bad,
                              run_chunk=a.run_chunk, show_progress=not a.quiet,
-                             preparer=preparer)
+                             preparer=preparer, shape=parse_shape(a.shape))
     print(s.line())
     if s.errors:
         for e in s.errors:
@@ -314,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-runs", type=int)
     s.add_argument("--skip-bad", action="store_true",
                    help="record bad files as rejected and go on (still exits non-zero)")
+    s.add_argument("--shape", metavar="N_TESTxN_TRAINxCLASSES",
+                   help="every file must have this shape (e.g. 10000x50000x10)")
     s.add_argument("--run-chunk", type=int, help="runs per store chunk (new stores only)")
     s.add_argument("--revision", help="hf://: branch, tag or commit (default: main)")
     s.add_argument("--download-workers", type=int, default=4, metavar="N",

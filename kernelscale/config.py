@@ -45,6 +45,8 @@ class IngestTable:
     max_files: int | None = None
     max_runs: int | None = None
     run_chunk: int | None = None
+    #: "N_TESTxN_TRAINxCLASSES" every file must have; lets `submit` plan before the store exists
+    shape: str | None = None
     workers: int | None = None  #: dask worker processes validating files (1: no dask)
     scheduler: str | None = None  #: address of a running dask scheduler to use instead
     revision: str | None = None  #: hf:// sources: branch, tag or commit (default main)

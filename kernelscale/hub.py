@@ -553,7 +553,8 @@ def ingest_hub(spec: str | HubSpec, store_path: str | os.PathLike, *,
                cache_dir: str | os.PathLike | None = None, workers: int = 4,
                retries: int = 5, retry_wait: float = 1.0, keep_downloads: bool = False,
                skip_bad: bool = False, run_chunk: int | None = None,
-               show_progress: bool = True) -> IngestSummary:
+               show_progress: bool = True,
+               shape: tuple[int, int, int] | None = None) -> IngestSummary:
     """Ingest the files of a Hub spec matching ``glob`` (sorted by path) into a store.
 
     ``max_files`` keeps the first N matching files (ingested or not); ``max_runs`` stops
@@ -588,7 +589,7 @@ def ingest_hub(spec: str | HubSpec, store_path: str | os.PathLike, *,
     t0 = time.monotonic()
     kw = dict(skip_bad=skip_bad, run_chunk=run_chunk, max_runs=max_runs,
               source_record=hub.source_record(glob), show_progress=show_progress,
-              on_committed=hub.on_committed, entry_extra=hub.entry_extra)
+              on_committed=hub.on_committed, entry_extra=hub.entry_extra, shape=shape)
     streams = []
 
     def preparer(todo: list[SourceFile], expect: dict | None

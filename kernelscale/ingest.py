@@ -111,10 +111,12 @@ def ingest_files(files: Iterable[SourceFile], store_path: str | Path, *,
                  max_runs: int | None = None, source_record: dict | None = None,
                  preparer: Preparer | None = None, show_progress: bool = True,
                  on_committed: Callable[[PreparedFile], None] | None = None,
-                 entry_extra: Callable[[SourceFile], dict] | None = None) -> IngestSummary:
+                 entry_extra: Callable[[SourceFile], dict] | None = None,
+                 shape: tuple[int, int, int] | None = None) -> IngestSummary:
     """Ingest ``files`` (in the given order) into the store at ``store_path``.
 
-    The store is created from the first valid file when it does not exist yet. Files whose
+    ``shape``: (n_test, n_train, classes) every file must have (optional; a store that
+    exists must have it too). The store is created from the first valid file when it does not exist yet. Files whose
     manifest name is already present are skipped silently; files whose sha256 is already
     present are skipped with a :class:`DuplicateFileWarning`. A bad file raises
     :class:`BadInputError` (files committed before it stay) unless ``skip_bad``, which
@@ -125,6 +127,14 @@ def ingest_files(files: Iterable[SourceFile], store_path: str | Path, *,
     store_path = Path(store_path)
     summary = IngestSummary()
     store = Store.open(store_path, mode="a") if Store.exists(store_path) else None
+    expect = _expect(store)
+    if shape is not None:
+        want = dict(zip(("n_test", "n_train", "classes"), shape, strict=True))
+        if expect is not None and any(expect[k] != v for k, v in want.items()):
+            raise BadInputError(f"{store_path}: holds (n_test, n_train, classes) = "
+                                f"{(expect['n_test'], expect['n_train'], expect['classes'])}, "
+                                f"not the expected {tuple(shape)}")
+        expect = expect or {**want, "holder": "the declared shape has"}
     files = list(files)
     known = store.known_names() if store else set()
     todo = [f for f in files if f.name not in known]
@@ -135,7 +145,7 @@ def ingest_files(files: Iterable[SourceFile], store_path: str | Path, *,
     try:
         # Without a store yet, nothing is expected of the files: the first good one fixes
         # the shape and the rest are checked against it below.
-        stream: Iterator[PreparedFile | BadFile] = preparer(todo, _expect(store))
+        stream: Iterator[PreparedFile | BadFile] = preparer(todo, expect)
         early_bad: list[BadFile] = []
         for item in stream:
             bar.update(item.source.size)

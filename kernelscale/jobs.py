@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .atomic import atomic_write_json
-from .cli import parse_bytes
+from .cli import parse_bytes, parse_shape
 from .config import JobConfig, load_job
 
 
@@ -63,7 +63,8 @@ def _ingest(cfg: JobConfig, quiet: bool) -> int:
                              cache_dir=cfg.resolve(i.cache_dir) if i.cache_dir else None,
                              workers=i.download_workers, retries=i.retries,
                              keep_downloads=i.keep_downloads, skip_bad=i.skip_bad,
-                             run_chunk=i.run_chunk, show_progress=not quiet)
+                             run_chunk=i.run_chunk, show_progress=not quiet,
+                             shape=parse_shape(i.shape))
         print(summary.line())
         return 1 if summary.errors else 0
     from .parallel import parallel_preparer
@@ -72,7 +73,8 @@ def _ingest(cfg: JobConfig, quiet: bool) -> int:
         summary = ingest_local(cfg.resolve(i.source), cfg.resolve(i.store), glob=i.glob,
                                max_files=i.max_files, max_runs=i.max_runs,
                                skip_bad=i.skip_bad, run_chunk=i.run_chunk,
-                               show_progress=not quiet, preparer=preparer)
+                               show_progress=not quiet, preparer=preparer,
+                               shape=parse_shape(i.shape))
     print(summary.line())
     return 1 if summary.errors else 0
 

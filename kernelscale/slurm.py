@@ -180,10 +180,20 @@ def _geometry(cfg: JobConfig, store_path: Path, need_ingest: bool) -> Geometry:
         rc = (ing.run_chunk if ing.run_chunk
               else auto_run_chunk(max(sm.n_test, sm.n_train), sm.classes, 2))
         return Geometry(sm.n_test, sm.n_train, sm.classes, 2, rc, sm.runs, "simulate")
+    if ing is not None and ing.shape:
+        from .cli import parse_shape
+
+        n_test, n_train, classes = parse_shape(ing.shape)
+        rc = ing.run_chunk or auto_run_chunk(max(n_test, n_train), classes, 2)
+        # runs unknown until the ingest: plan for at least one full run-chunk; each task
+        # plans its own run-chunks again from the store it then reads
+        return Geometry(n_test, n_train, classes, 2, rc, max(ing.max_runs or 0, rc),
+                        "[ingest] shape")
     if ing is None or "://" in ing.source:
-        raise ConfigError(f"{cfg.path}: the store {store_path} does not exist yet and its "
-                          "shape cannot be learnt from a local source; run the ingest "
-                          "first (e.g. `kernelscale run` with only [ingest]) and submit again")
+        raise ConfigError(f"{cfg.path}: the store {store_path} does not exist yet and the "
+                          "shape of a remote source is not known before it is read; set "
+                          "[ingest] shape = \"N_TESTxN_TRAINxCLASSES\" (e.g. "
+                          "\"10000x50000x10\"), or run the ingest first and submit again")
     files = _source_files(cfg)
     if not files:
         raise ConfigError(f"{cfg.path}: no files match {ing.glob!r} under "
@@ -489,7 +499,8 @@ def _ingest_args(cfg: JobConfig) -> str:
     pairs = [("--store", _abs(cfg, i.store)),
              ("--glob", i.glob if i.glob != "**/log.pt" else None),
              ("--max-files", i.max_files), ("--max-runs", i.max_runs),
-             ("--run-chunk", i.run_chunk), ("--skip-bad", i.skip_bad)]
+             ("--run-chunk", i.run_chunk), ("--skip-bad", i.skip_bad),
+             ("--shape", i.shape)]
     remote = "://" in i.source
     if remote:
         pairs += [("--revision", i.revision), ("--download-workers", i.download_workers),

@@ -144,7 +144,8 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
             if want is not None and got != want:
                 what = {"n_test": "test examples", "n_train": "train examples",
                         "classes": "classes"}[key]
-                raise BadInputError(f"{label}: {got} {what}, but the store holds {want}")
+                holder = expect.get("holder", "the store holds")
+                raise BadInputError(f"{label}: {got} {what}, but {holder} {want}")
         if expect.get("dtype") and str(test.dtype) != expect["dtype"]:
             raise BadInputError(f"{label}: dtype {test.dtype}, but the store holds "
                                 f"{expect['dtype']}")

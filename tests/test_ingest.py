@@ -256,3 +256,15 @@ def test_ingest_killed_then_rerun_equals_uninterrupted(tmp_path):
         warnings.simplefilter("error")
         ingest_local(tmp_path / "src", store, show_progress=False)
     assert_same_store(tmp_path / "clean", store)
+
+
+def test_declared_shape_is_checked_for_every_file(tmp_path, small_source):
+    src, *_ = small_source
+    with pytest.raises(BadInputError, match=r"file000/log.pt: 40 test examples, but the declared "
+                                            r"shape has 41"):
+        ingest_local(src, tmp_path / "store", shape=(41, 96, 5), show_progress=False)
+    assert not Store.exists(tmp_path / "store")
+    s = ingest_local(src, tmp_path / "store", shape=(40, 96, 5), show_progress=False)
+    assert s.files_ingested == 3
+    with pytest.raises(BadInputError, match=r"not the expected \(40, 96, 6\)"):
+        ingest_local(src, tmp_path / "store", shape=(40, 96, 6), show_progress=False)

@@ -175,6 +175,33 @@ def test_dry_run_prints_the_saved_scripts(tmp_path):
         subprocess.run(["bash", "-n"], input=got[name], text=True, check=True)
 
 
+def test_remote_source_plans_from_declared_shape(tmp_path):
+    """An hf:// store is not readable before its ingest: [ingest] shape lets submit plan."""
+    body = """
+[job]
+name = "hub"
+[ingest]
+source = "hf://datasets/kjj0/cifar10-multirun-logits/logs_saveoutputs_main"
+store = "store"
+{shape}
+[kernel]
+out = "kernel"
+chunks = "1024x4096"
+[slurm]
+tasks = 4
+"""
+    job = _write_job(tmp_path / "job.toml", body.format(shape=""))
+    wd = ["--workdir", str(tmp_path / "run")]
+    p = run_cli("submit", str(job), "--dry-run", *wd, check=False)
+    assert p.returncode == 2 and "[ingest] shape" in p.stderr
+    job = _write_job(tmp_path / "job.toml", body.format(shape='shape = "10000x50000x10"'))
+    p = run_cli("submit", str(job), "--dry-run", *wd)
+    assert "kernel: test-train 10000x50000 float32" in p.stdout
+    assert "(shape from the [ingest] shape)" in p.stdout
+    assert "--shape 10000x50000x10" in p.stdout  # the ingest job checks every file
+    assert "#SBATCH --array=0-3" in p.stdout
+
+
 def test_command_line_overrides_and_bad_settings(tmp_path):
     job = _write_job(tmp_path / "job.toml", DRY_JOB)
     wd = ["--workdir", str(tmp_path / "run")]
