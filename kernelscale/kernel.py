@@ -368,7 +368,16 @@ def stop_on_signals(sigs: tuple[int, ...] = STOP_SIGNALS) -> Iterator[StopFlag]:
     def handler(signum, frame):  # noqa: ANN001, ARG001
         flag.signum = signum
 
+    def interrupt(signum, frame):  # noqa: ANN001, ARG001
+        # Ctrl-C saves a checkpoint like SIGTERM; a second Ctrl-C stops at once.
+        if flag.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.signum = signum
+        print("kernel: interrupted; saving a checkpoint at the next run-chunk (Ctrl-C again "
+              "to stop without it)", file=sys.stderr)
+
     old = {s: signal.signal(s, handler) for s in sigs}
+    old[signal.SIGINT] = signal.signal(signal.SIGINT, interrupt)
     try:
         yield flag
     finally:
