@@ -28,14 +28,19 @@ def run_job(path: str, *, workdir: str | None = None, quiet: bool = False,
             return rc
     if cfg.kernel:
         _kernel(cfg, quiet, device)
+    run_after_kernel(cfg, quiet, device)
+    print(f"job {cfg.job.name}: done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return rc
+
+
+def run_after_kernel(cfg: JobConfig, quiet: bool, device: str | None) -> None:
+    """The stages that read a finished kernel: evaluate, curve, report (those the job has)."""
     if cfg.evaluate:
         _evaluate(cfg)
     if cfg.curve:
         _curve(cfg, quiet, device)
     if cfg.report:
         _report(cfg, quiet, device)
-    print(f"job {cfg.job.name}: done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    return rc
 
 
 def _simulate(cfg: JobConfig, quiet: bool) -> int:

@@ -866,14 +866,9 @@ def gather(job: str | Path, *, workdir: str | None = None, evaluate: bool = True
     print(f"gather: {kpath} complete: {len(kp.tiles)} tile(s) in {len(kp.regions)} "
           "region(s) verified")
     if evaluate:
-        from .jobs import _curve, _evaluate, _report
+        from .jobs import run_after_kernel
 
-        if cfg.evaluate:
-            _evaluate(cfg)
-        if cfg.curve:
-            _curve(cfg, True, None)
-        if cfg.report:
-            _report(cfg, True, None)
+        run_after_kernel(cfg, True, None)
     return 0
 
 
