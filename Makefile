@@ -1,21 +1,25 @@
 # Both targets are self-sufficient: they create .venv and install the project if needed.
+# constraints.txt pins the exact versions installed (pyproject.toml only declares ranges).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
 
 .PHONY: demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade -c $(CONSTRAINTS) pip setuptools
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+# setuptools too: the wheel test builds without build isolation, with the venv's own
+# setuptools (>=77 for the SPDX license string).
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) setuptools -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kernelscale run jobs/demo.toml
+	$(BIN)/kernelscale run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

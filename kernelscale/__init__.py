@@ -1,18 +1,54 @@
 """kernelscale: the ensemble-correlation kernel of large ensembles, from logits to k-NN.
 
-Stages, one module per role:
+The Python API (:mod:`kernelscale.api`, loaded on first use: ``import kernelscale``
+imports neither torch nor zarr)::
 
-* :mod:`kernelscale.sources`   -- local ``log.pt`` folders, safe loading and validation, labels
-* :mod:`kernelscale.simulate`  -- synthetic ensembles in the Hub's file layout
-* :mod:`kernelscale.store`     -- the Zarr store: logits, manifest, running statistics
-* :mod:`kernelscale.plan`      -- the pure tile planner
-* :mod:`kernelscale.kernel`    -- the streaming accumulator with checkpoints
-* :mod:`kernelscale.evaluate`  -- baselines, weighted k-NN, honest selection, ablations
-* :mod:`kernelscale.curve`     -- accuracy against the number of runs
-* :mod:`kernelscale.interpret` -- most similar pairs, failure modes, random examples
-* :mod:`kernelscale.report`    -- the self-contained HTML report
-* :mod:`kernelscale.config`    -- validated job configuration
-* :mod:`kernelscale.cli`       -- the ``kernelscale`` command
+    open_store(path)                          -> Store
+    ingest(source, store, **options)          -> IngestSummary
+    compute_kernel(store, out, **options)     -> KernelSummary    (options: KernelConfig)
+    open_kernel(path)                         -> KernelView  .numpy() .torch() .dask() .xarray()
+    neighbours(kernel, k)                     -> Neighbours  values float32, index int64 (n, k)
+    evaluate(store, kernel, labels, **opts)   -> Evaluation  accuracies in percent
+    kernel_from_arrays(test, train)           -> float32 ndarray (n_test, n_train)
+    simulate(out, runs=..., ...)              -> SimulationSummary
+    KernelscaleError, BadInputError, __version__
+
+Modules, bottom to top (each imports only from the rows above it):
+
+* foundations   -- ``errors``, ``atomic``, ``progress``, ``units``, ``signals``, ``device``,
+  ``version``, ``bundled``
+* pure logic    -- ``stats`` (running statistics), ``plan`` (tiles), ``knn``, ``normalise``
+* formats       -- ``store`` (logits Zarr store), ``output`` (kernel Zarr group), ``labels``, ``logfile``
+* sources       -- ``sources/`` (local folders, the Hugging Face Hub)
+* stages        -- ``convert``, ``parallel``, ``ingestion``, ``reader``, ``kernel``, ``evaluation``,
+  ``curve``, ``interpret``, ``figures``, ``report``, ``simulation``, ``bench``
+* orchestration -- ``config`` (job files), ``pipeline``, ``slurm/``, ``api``
+* command line  -- ``cli``
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import BadInputError, KernelscaleError
+from .version import __version__
+
+#: names loaded from :mod:`kernelscale.api` on first use
+_API = ("open_store", "ingest", "compute_kernel", "KernelConfig", "kernel_from_arrays",
+        "open_kernel", "KernelView", "neighbours", "evaluate", "simulate")
+
+__all__ = [*_API, "KernelscaleError", "BadInputError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from . import api
+
+        value = getattr(api, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

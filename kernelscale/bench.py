@@ -173,7 +173,8 @@ def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
     """Seconds to normalise + GEMM all runs already in memory, with the engine's own code."""
     import torch
 
-    from .kernel import _Normaliser, matmul_precision, resolve_device
+    from .device import matmul_precision, resolve_device
+    from .normalise import Normaliser
     from .plan import plan
     from .store import Store
 
@@ -187,8 +188,8 @@ def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
     tr = torch.from_numpy(store.read("train", 0, runs))
     if device.type == "cuda":
         te, tr = te.pin_memory(), tr.pin_memory()
-    nt = _Normaliser(store.stats("test"), (0, store.shape.n_test), None, device, True)
-    nr = _Normaliser(store.stats("train"), (0, store.shape.n_train), None, device, True)
+    nt = Normaliser(store.stats("test"), (0, store.shape.n_test), None, device, True)
+    nr = Normaliser(store.stats("train"), (0, store.shape.n_train), None, device, True)
     acc = torch.zeros((store.shape.n_test, store.shape.n_train), dtype=torch.float64,
                       device=device)
     best = float("inf")
@@ -247,12 +248,12 @@ def run_bench(workdir: Path, *, n_test: int, n_train: int, runs: int, classes: i
             d.update({k: float(v) for k, v in st.groupdict().items()})
         return d
 
-    from .ingest import ingest_local
+    from .ingestion import IngestConfig, ingest
 
     main = None
     for r in all_runs:
         n_files = -(-r // 500)
-        ingest_local(src, store, max_files=n_files, show_progress=False)
+        ingest(IngestConfig(src, store, max_files=n_files, show_progress=False))
         d = ours(r)
         results["scaling"].append(d)
         print(f"bench: kernelscale {r:6d} runs  {d['seconds']:7.2f} s  peak RSS above baseline "

@@ -1,27 +1,55 @@
-"""Job files: one validated configuration object per job; unknown keys are an error.
+"""Job configuration: one table per stage, values parsed on load, one adapter to stages.
 
-A job file is TOML with one table per stage it runs (``simulate``, ``ingest``, ``kernel``,
-``evaluate``, ``curve``, ``report``), a ``[job]`` table and, for ``kernelscale submit``, a ``[slurm]`` table.
-Relative paths inside are relative to the job's
-``workdir`` (itself relative to the current directory unless absolute), except a
-``source``/``labels`` that names a scheme (``hf://``, ``cifar10:``).
+A job file is TOML with a ``[job]`` table, one table per stage it runs (``simulate``,
+``ingest``, ``kernel``, ``evaluate``, ``curve``, ``report``) and, for ``kernelscale
+submit``, a ``[slurm]`` table. Unknown tables or keys are an error naming the file and
+the key. Text values that stand for numbers (``max_memory = "40G"``, ``tile =
+"2048x8192"``, ``shape = "10000x50000x10"``, Slurm times) are parsed by
+:mod:`kernelscale.units` when the job is loaded, so a typo fails before anything runs.
+
+The command line builds the same tables from its options (:func:`table_from_options`),
+so a stage is configured by one schema whether it comes from a job file or from flags,
+and :class:`JobConfig`'s ``*_config`` methods are the one adapter from tables to the
+stages' configs. Relative paths are relative to the job's ``workdir`` (the current
+directory for the command line), except specs that name a scheme (``hf://``,
+``cifar10:``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError
+from .labels import is_labels_spec
+from .sources.base import FetchOptions, is_local_spec
+from .units import (
+    parse_bytes,
+    parse_int_list,
+    parse_pair,
+    parse_range,
+    parse_run_counts,
+    parse_shape,
+    parse_slurm_time,
+)
+
+#: Slurm's default MaxArraySize is 1001: array indices 0..1000.
+MAX_ARRAY_TASKS = 1000
+
+
+def _parsed(parse: Callable[[Any, str], Any], default: Any = None, doc: str = "") -> Any:
+    """A field whose text value is parsed on load by ``parse(value, where)``."""
+    return field(default=default, metadata={"parse": parse, "doc": doc})
 
 
 @dataclass
 class JobTable:
     name: str = "job"
-    workdir: str = ""
+    workdir: str = ""  #: default out/<name>, relative to the current directory
     description: str = ""
 
 
@@ -46,8 +74,8 @@ class IngestTable:
     max_runs: int | None = None
     run_chunk: int | None = None
     #: "N_TESTxN_TRAINxCLASSES" every file must have; lets `submit` plan before the store exists
-    shape: str | None = None
-    workers: int | None = None  #: dask worker processes validating files (1: no dask)
+    shape: tuple[int, int, int] | None = _parsed(parse_shape)
+    workers: int | None = None  #: dask worker processes converting files (1: no dask)
     scheduler: str | None = None  #: address of a running dask scheduler to use instead
     revision: str | None = None  #: hf:// sources: branch, tag or commit (default main)
     download_workers: int = 4  #: hf:// sources: parallel downloads
@@ -59,22 +87,34 @@ class IngestTable:
 @dataclass
 class KernelTable:
     out: str = "kernel"
+    store: str | None = None  #: default: the [ingest] store
     runs: int | None = None
     pairs: str = "test-train"
     device: str = "auto"
     precision: str = "fp32"
-    max_memory: str | None = None
+    max_memory: int | None = _parsed(parse_bytes)  #: device bytes, e.g. "40G"
     checkpoint_every: float = 600.0
-    tile: str | None = None  #: "ROWSxCOLS", multiples of the chunks
-    chunks: str | None = None  #: "ROWSxCOLS" output chunk shape (new kernels only)
+    tile: tuple[int, int] | None = _parsed(parse_pair)  #: "ROWSxCOLS", multiples of chunks
+    chunks: tuple[int, int] | None = _parsed(parse_pair)  #: output chunk shape (new kernels)
+    rows: tuple[int, int] | None = _parsed(parse_range)  #: "START:STOP" of the output
+    cols: tuple[int, int] | None = _parsed(parse_range)  #: "START:STOP" of the output
     run_chunk: int | None = None  #: runs folded per step (default: from the store's chunks)
+    log_softmax: bool = True  #: false: correlate raw logits (an ablation)
     log_softmax_fp32: bool = False  #: float32 log-softmax, as the published code
+    classes: tuple[int, ...] | None = _parsed(parse_int_list)  #: only these classes
+    overwrite: bool = False
+    restart: bool = False
 
 
 @dataclass
 class EvaluateTable:
     labels: str = "simulated/labels.npz"
     k: int = 3
+    weighting: str = "none"
+    power: float | None = None
+    temperature: float | None = None
+    select: bool = False
+    seed: int = 0
     json: str | None = "results.json"
 
 
@@ -83,7 +123,8 @@ class CurveTable:
     """Accuracy against the number of runs (``kernelscale curve``)."""
 
     labels: str | None = None  #: default: the [evaluate] labels
-    runs: list = field(default_factory=lambda: [10, 20, 50, 100, 200, "all"])  #: run counts
+    #: run counts, e.g. [10, 20, 50, "all"] or "10,20,50,all"
+    runs: tuple = _parsed(parse_run_counts, (10, 20, 50, 100, 200, "all"))
     out: str = "curve"  #: directory of curve.json (and of the per-point kernels)
     k: int = 3
     keep_kernels: bool = False
@@ -108,13 +149,18 @@ class ReportTable:
     seed: int = 0
 
 
+def _slurm_time(value: Any, where: str) -> str:
+    parse_slurm_time(value, where)
+    return str(value)
+
+
 @dataclass
 class SlurmTable:
     """How ``kernelscale submit`` turns the job into Slurm jobs (see README)."""
 
     partition: str | None = None  #: every job
     account: str | None = None  #: every job
-    time: str = "04:00:00"  #: each kernel array task
+    time: str = _parsed(_slurm_time, "04:00:00")  #: each kernel array task
     mem: str | None = None  #: each kernel array task, e.g. "64G"
     gres: str = "gpu:1"  #: each kernel array task ("" for none)
     cpus_per_task: int = 4  #: each kernel array task
@@ -122,10 +168,10 @@ class SlurmTable:
     max_parallel: int | None = None  #: array tasks running at once (the %M of --array)
     signal_lead: int = 120  #: seconds before the time limit that SIGUSR1 arrives
     max_requeues: int = 3  #: self-requeues per array task after that signal
-    ingest_time: str = "04:00:00"
+    ingest_time: str = _parsed(_slurm_time, "04:00:00")
     ingest_mem: str | None = None
     ingest_cpus: int = 8  #: also the number of dask workers unless [ingest] workers
-    gather_time: str = "01:00:00"
+    gather_time: str = _parsed(_slurm_time, "01:00:00")
     gather_mem: str | None = None
     gather_cpus: int = 2
     gather_gres: str = ""  #: e.g. "gpu:1" when [curve]/[report] compute kernels in the gather
@@ -133,41 +179,41 @@ class SlurmTable:
     setup: str = ""  #: shell lines run first in every job (module load, venv activation)
     command: str | None = None  #: how nodes run kernelscale (default: this interpreter)
     log_dir: str = "slurm"  #: scripts, plan and logs (relative to the workdir)
-    templates: str | None = None  #: directory of *.sbatch.in templates (default: slurm/)
+    templates: str | None = None  #: directory of *.sbatch.in templates (default: bundled)
 
-
-@dataclass
-class JobConfig:
-    path: Path
-    job: JobTable = field(default_factory=JobTable)
-    simulate: SimulateTable | None = None
-    ingest: IngestTable | None = None
-    kernel: KernelTable | None = None
-    evaluate: EvaluateTable | None = None
-    curve: CurveTable | None = None
-    report: ReportTable | None = None
-    slurm: SlurmTable = field(default_factory=SlurmTable)
-
-    @property
-    def workdir(self) -> Path:
-        return Path(self.job.workdir or Path("out") / self.job.name)
-
-    def resolve(self, p: str) -> str:
-        """A path of the job relative to its workdir; scheme-qualified specs pass through."""
-        if "://" in p or p.startswith("cifar10:"):
-            return p
-        q = Path(p)
-        return str(q if q.is_absolute() else self.workdir / q)
+    def validate(self, where: str) -> None:
+        limit = parse_slurm_time(self.time, f"{where} time")
+        if not 1 <= self.signal_lead <= 65535:
+            raise ConfigError(f"{where}: signal_lead must be 1..65535 seconds, not "
+                              f"{self.signal_lead}")
+        if limit is not None and self.signal_lead >= limit:
+            raise ConfigError(f"{where}: signal_lead {self.signal_lead} s is not shorter "
+                              f"than the task time limit {self.time}")
+        for key in ("cpus_per_task", "ingest_cpus", "gather_cpus"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}: {key} must be >= 1")
+        if self.tasks is not None and not 1 <= self.tasks <= MAX_ARRAY_TASKS:
+            raise ConfigError(f"{where}: tasks must be 1..{MAX_ARRAY_TASKS} (Slurm's "
+                              f"default MaxArraySize), not {self.tasks}")
+        if self.max_parallel is not None and self.max_parallel < 1:
+            raise ConfigError(f"{where}: max_parallel must be >= 1")
+        if self.max_requeues < 0:
+            raise ConfigError(f"{where}: max_requeues must be >= 0")
+        for e in self.extra or []:
+            if not isinstance(e, str) or not e.startswith("-") or "\n" in e:
+                raise ConfigError(f"{where}: extra must list sbatch options such as "
+                                  f"\"--qos=high\", not {e!r}")
 
 
 TABLES = {"job": JobTable, "simulate": SimulateTable, "ingest": IngestTable,
           "kernel": KernelTable, "evaluate": EvaluateTable,
           "curve": CurveTable, "report": ReportTable, "slurm": SlurmTable}
+STAGES = ("simulate", "ingest", "kernel", "evaluate", "curve", "report")
 
 
 def _check_type(where: str, key: str, value: Any, hint: Any) -> Any:
     allowed = getattr(hint, "__args__", None) or (hint,)
-    allowed = tuple(a for a in allowed if a is not type(None))
+    allowed = tuple(getattr(a, "__origin__", a) for a in allowed if a is not type(None))
     if value is None:
         return value
     for a in allowed:
@@ -182,17 +228,147 @@ def _check_type(where: str, key: str, value: Any, hint: Any) -> Any:
                       f"{value!r}")
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
+def table_from_options(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """Build table ``cls`` from a mapping (a TOML table, or command-line options).
+
+    Unknown keys are an error; parsed fields (sizes, shapes, ranges, times) are parsed
+    here, every other value is type-checked against the field's annotation.
+    """
+    if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: must be a table")
     hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
+    by_name = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(by_name))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: "
-                          f"{', '.join(sorted(names))})")
-    kwargs = {k: _check_type(where, k, v, hints[k]) for k, v in data.items()}
+                          f"{', '.join(sorted(by_name))})")
+    kwargs = {}
+    for key, value in data.items():
+        parse = by_name[key].metadata.get("parse")
+        if parse is not None and value is not None:
+            kwargs[key] = parse(value, f"{where} {key}")
+        else:
+            kwargs[key] = _check_type(where, key, value, hints[key])
     return cls(**kwargs)
+
+
+@dataclass
+class JobConfig:
+    """A loaded job: its tables (None where the job has no such stage)."""
+
+    path: Path | None
+    job: JobTable = field(default_factory=JobTable)
+    simulate: SimulateTable | None = None
+    ingest: IngestTable | None = None
+    kernel: KernelTable | None = None
+    evaluate: EvaluateTable | None = None
+    curve: CurveTable | None = None
+    report: ReportTable | None = None
+    slurm: SlurmTable = field(default_factory=SlurmTable)
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.job.workdir or Path("out") / self.job.name)
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path is not None else "command line"
+
+    def path_of(self, p: str) -> str:
+        """A path of the job relative to its workdir; scheme-qualified specs pass through."""
+        if not is_local_spec(p) or is_labels_spec(p):
+            return p
+        q = Path(p)
+        return str(q if q.is_absolute() else self.workdir / q)
+
+    # --------------------------------------------------------- the one adapter
+    @property
+    def store_path(self) -> Path:
+        """The store the stages read: [kernel] store, else [ingest] store, else 'store'."""
+        k, i = self.kernel, self.ingest
+        return Path(self.path_of((k.store if k and k.store else None)
+                                 or (i.store if i else "store")))
+
+    @property
+    def kernel_path(self) -> Path:
+        return Path(self.path_of(self.kernel.out if self.kernel else "kernel"))
+
+    def labels_spec(self, own: str | None = None) -> str:
+        """``own`` labels, else the [evaluate] labels, resolved against the workdir."""
+        spec = own or (self.evaluate.labels if self.evaluate else None)
+        if not spec:
+            raise ConfigError(f"{self.where}: no labels: set 'labels' in [curve]/[report] "
+                              "or [evaluate]")
+        return self.path_of(spec)
+
+    def ingest_config(self, show_progress: bool = True):
+        """The :class:`~kernelscale.ingestion.IngestConfig` of the [ingest] table."""
+        from .ingestion import IngestConfig
+
+        i = self._need("ingest")
+        return IngestConfig(
+            source=self.path_of(i.source), store=self.path_of(i.store), glob=i.glob,
+            max_files=i.max_files, max_runs=i.max_runs, skip_bad=i.skip_bad,
+            run_chunk=i.run_chunk, shape=i.shape, workers=i.workers, scheduler=i.scheduler,
+            fetch=FetchOptions(revision=i.revision, download_workers=i.download_workers,
+                               retries=i.retries, keep_downloads=i.keep_downloads,
+                               cache_dir=self.path_of(i.cache_dir) if i.cache_dir else None),
+            show_progress=show_progress)
+
+    def kernel_config(self, device: str | None = None, show_progress: bool = True,
+                      **changes: Any):
+        """The :class:`~kernelscale.kernel.KernelConfig` of the [kernel] table; ``changes``
+        replace fields of the result (e.g. ``pairs`` for a train x train kernel)."""
+        from .kernel import KernelConfig
+
+        k = self.kernel or KernelTable()
+        cfg = KernelConfig(
+            store=self.store_path, out=self.kernel_path, runs=k.runs, pairs=k.pairs,
+            device=device or k.device, precision=k.precision, max_memory=k.max_memory,
+            tile=k.tile, chunks=k.chunks, rows=k.rows, cols=k.cols,
+            checkpoint_every=k.checkpoint_every, log_softmax=k.log_softmax,
+            log_softmax_fp32=k.log_softmax_fp32, classes=k.classes, overwrite=k.overwrite,
+            restart=k.restart, show_progress=show_progress, run_chunk=k.run_chunk)
+        return dataclasses.replace(cfg, **changes) if changes else cfg
+
+    def curve_config(self, device: str | None = None, show_progress: bool = True):
+        from .curve import CurveConfig
+
+        c = self._need("curve")
+        k = self.kernel or KernelTable()
+        return CurveConfig(
+            store=self.store_path, labels=self.labels_spec(c.labels), runs=c.runs,
+            out=Path(self.path_of(c.out)), k=c.k, device=device or k.device,
+            precision=k.precision, max_memory=k.max_memory, keep_kernels=c.keep_kernels,
+            seed=c.seed, show_progress=show_progress)
+
+    def report_config(self, device: str | None = None, show_progress: bool = True):
+        from .report import ReportConfig
+
+        r = self._need("report")
+        k = self.kernel or KernelTable()
+        return ReportConfig(
+            store=self.store_path, kernel=self.kernel_path,
+            labels=self.labels_spec(r.labels), out=Path(self.path_of(r.out)),
+            train_kernel=Path(self.path_of(r.train_kernel)) if r.train_kernel else None,
+            curve=Path(self.path_of(self.curve.out)) / "curve.json" if self.curve else None,
+            ablations=Path(self.path_of(r.ablations)) if r.ablations else None,
+            images=self.path_of(r.images) if r.images else None, k=r.k,
+            weighting=r.weighting, power=r.power, temperature=r.temperature,
+            threshold=r.threshold, examples=r.examples, seed=r.seed,
+            device=device or k.device, show_progress=show_progress)
+
+    def evaluate_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~kernelscale.evaluation.evaluate` from [evaluate]."""
+        e = self._need("evaluate")
+        return {"k": e.k, "weighting": e.weighting, "power": e.power,
+                "temperature": e.temperature, "select": e.select, "seed": e.seed}
+
+    def _need(self, stage: str) -> Any:
+        t = getattr(self, stage)
+        if t is None:
+            raise ConfigError(f"{self.where}: has no [{stage}] table")
+        return t
 
 
 def load_job(path: str | Path, workdir: str | None = None) -> JobConfig:
@@ -202,6 +378,8 @@ def load_job(path: str | Path, workdir: str | None = None) -> JobConfig:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such job file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a job file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     unknown = sorted(set(raw) - set(TABLES))
@@ -211,10 +389,21 @@ def load_job(path: str | Path, workdir: str | None = None) -> JobConfig:
     cfg = JobConfig(path=path)
     for name, cls in TABLES.items():
         if name in raw:
-            setattr(cfg, name, _build(cls, raw[name], f"{path} [{name}]"))
+            setattr(cfg, name, table_from_options(cls, raw[name], f"{path} [{name}]"))
+    cfg.slurm.validate(f"{path} [slurm]")
     if workdir is not None:
         cfg.job = dataclasses.replace(cfg.job, workdir=workdir)
-    if not any((cfg.simulate, cfg.ingest, cfg.kernel, cfg.evaluate, cfg.curve, cfg.report)):
-        raise ConfigError(f"{path}: names no stage (simulate, ingest, kernel, evaluate, curve, "
-                          "report)")
+    if not any(getattr(cfg, s) for s in STAGES):
+        raise ConfigError(f"{path}: names no stage ({', '.join(STAGES)})")
     return cfg
+
+
+def slurm_settings(cfg: JobConfig, overrides: Mapping[str, Any] | None = None) -> SlurmTable:
+    """The job's ``[slurm]`` table with command-line overrides, parsed and validated."""
+    if not overrides:
+        return cfg.slurm
+    where = f"{cfg.where} [slurm]"
+    current = {f.name: getattr(cfg.slurm, f.name) for f in fields(SlurmTable)}
+    t = table_from_options(SlurmTable, {**current, **overrides}, where)
+    t.validate(where)
+    return t

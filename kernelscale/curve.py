@@ -11,6 +11,11 @@ be kept.
 The crossover is the first ``n`` from which the k-NN accuracy (majority vote at ``k``)
 exceeds the ensemble's at that ``n`` and at every larger ``n`` measured; ``None`` when the
 kernel is not ahead at the largest ``n``.
+
+Each point is :func:`kernelscale.evaluation.evaluate_inputs` of that point's kernel, the
+same evaluation as ``kernelscale evaluate --select``. :func:`compute_curve` returns a
+:class:`Curve` of :class:`CurvePoint`; ``curve.json`` is its ``as_json()``: floats
+rounded, with the provenance of the last call.
 """
 
 from __future__ import annotations
@@ -18,70 +23,128 @@ from __future__ import annotations
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_json, read_json
 from .errors import ConfigError
-from .evaluate import (
-    Grid,
-    Setting,
-    accuracy,
-    baselines,
-    candidates,
-    crossfit,
-    oracle,
-    predict,
-    prepare,
-    top_neighbours,
-)
-from .sources import Labels, load_labels
+from .evaluation import Provenance, evaluate_inputs, make_provenance, open_inputs
+from .knn import Choice, Grid, Selection, Setting
+from .labels import Labels, load_labels
 from .store import Store
+from .units import parse_run_counts, round_floats
 
 CURVE_SCHEMA = "kernelscale-curve"
 CURVE_SCHEMA_VERSION = 1
 
 
-def parse_runs(text: str | Sequence[int], store_runs: int) -> list[int]:
-    """``"10,20,50,all"`` (or a list of ints) -> sorted distinct run counts in [2, store]."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+def run_counts(counts: str | Sequence[int | str], store_runs: int) -> list[int]:
+    """``"10,20,50,all"`` (or a parsed sequence) -> sorted distinct run counts in
+    [2, store_runs]; ``all`` is the store's run count."""
     out = set()
-    for item in items:
-        s = str(item).strip()
-        if not s:
-            continue
-        if s == "all":
-            n = store_runs
-        else:
-            try:
-                n = int(s)
-            except ValueError:
-                raise ConfigError(f"--runs: {s!r} is not a number of runs") from None
+    for item in parse_run_counts(counts, "--runs"):
+        n = store_runs if item == "all" else int(item)
         if not 2 <= n <= store_runs:
             raise ConfigError(f"--runs: {n} is outside [2, {store_runs}] (the store holds "
                               f"{store_runs} runs)")
         out.add(n)
-    if not out:
-        raise ConfigError("--runs: no run counts given")
     return sorted(out)
 
 
-def crossover(points: Sequence[dict]) -> int | None:
+@dataclass(frozen=True)
+class CurvePoint:
+    """Accuracies (percent) of the first ``runs`` runs: the baselines, the kernel k-NN
+    (majority vote at the curve's ``k``), the setting selected by cross-fitting and the
+    oracle; ``kernel_seconds``: the time the point's kernel took; ``device``: where it
+    was computed (from its done-markers)."""
+
+    runs: int
+    single_model_accuracy: float
+    ensemble_accuracy: float
+    knn_accuracy: float
+    selected: Selection
+    oracle: Choice
+    kernel_seconds: float | None = None
+    device: str | None = None
+
+    def as_json(self) -> dict:
+        return {"runs": self.runs, "single_model_accuracy": self.single_model_accuracy,
+                "ensemble_accuracy": self.ensemble_accuracy,
+                "knn_accuracy": self.knn_accuracy, "selected": self.selected.as_json(),
+                "oracle": self.oracle.as_json(), "kernel_seconds": self.kernel_seconds,
+                "device": self.device}
+
+    @classmethod
+    def from_json(cls, d: dict) -> CurvePoint:
+        return cls(int(d["runs"]), float(d["single_model_accuracy"]),
+                   float(d["ensemble_accuracy"]), float(d["knn_accuracy"]),
+                   Selection.from_json(d["selected"]), Choice.from_json(d["oracle"]),
+                   d.get("kernel_seconds"), d.get("device"))
+
+
+def crossover(points: Sequence[CurvePoint]) -> int | None:
     """First ``runs`` from which ``knn_accuracy > ensemble_accuracy`` at every later point."""
     best = None
-    for p in sorted(points, key=lambda p: p["runs"], reverse=True):
-        if p["knn_accuracy"] > p["ensemble_accuracy"]:
-            best = p["runs"]
+    for p in sorted(points, key=lambda p: p.runs, reverse=True):
+        if p.knn_accuracy > p.ensemble_accuracy:
+            best = p.runs
         else:
             break
     return best
+
+
+@dataclass(kw_only=True)
+class Curve:
+    """Accuracy against the number of runs of one store, labels and options.
+
+    ``store_fingerprint``, ``labels``, ``k``, ``precision`` and ``seed`` are the key a
+    resumed curve must match; ``points`` sorted by runs; ``crossover``: see the module
+    docstring; ``path``: where it was read or written (not serialised).
+    """
+
+    schema: str = CURVE_SCHEMA
+    schema_version: int = CURVE_SCHEMA_VERSION
+    store: str
+    store_fingerprint: str
+    labels: str
+    k: int
+    precision: str
+    seed: int
+    points: list[CurvePoint] = field(default_factory=list)
+    crossover: int | None = None
+    provenance: Provenance | None = None
+    path: Path | None = field(default=None, compare=False)
+
+    def key(self) -> dict:
+        return {"store_fingerprint": self.store_fingerprint, "labels": self.labels,
+                "k": self.k, "precision": self.precision, "seed": self.seed}
+
+    def as_json(self) -> dict:
+        """The ``curve.json`` document, floats rounded (``path`` is not part of it)."""
+        return round_floats({
+            "schema": self.schema, "schema_version": self.schema_version,
+            "store": self.store, **self.key(), "points": [p.as_json() for p in self.points],
+            "crossover": self.crossover,
+            "provenance": None if self.provenance is None else self.provenance.as_json()})
+
+    @classmethod
+    def from_json(cls, d: dict, path: str | Path | None = None) -> Curve:
+        prov = d.get("provenance")
+        return cls(schema=d["schema"], schema_version=int(d.get("schema_version", 1)),
+                   store=d["store"], store_fingerprint=d["store_fingerprint"],
+                   labels=d["labels"], k=int(d["k"]), precision=d["precision"],
+                   seed=int(d["seed"]),
+                   points=[CurvePoint.from_json(p) for p in d.get("points", [])],
+                   crossover=d.get("crossover"),
+                   provenance=Provenance.from_json(prov) if prov else None,
+                   path=Path(path) if path is not None else None)
 
 
 @dataclass
 class CurveConfig:
     store: Path
     labels: str
-    runs: str | Sequence[int]
+    runs: str | Sequence[int | str]
     out: Path
     k: int = 3
     device: str = "auto"
@@ -94,44 +157,57 @@ class CurveConfig:
 
 
 def _point(store: Store, kernel: Path, labels: Labels, n: int, k: int, grid: Grid,
-           seed: int, workers: int | None, show_progress: bool) -> dict:
-    inputs = prepare(store.root, kernel, labels)
-    nb = top_neighbours(inputs.kernel.array, max(k, max(grid.ks)), workers=workers,
-                        show_progress=show_progress)
-    base = baselines(store, labels.test, n)
-    table = candidates(nb, labels.train, labels.test, grid, store.shape.classes)
-    return {"runs": n, "single_model_accuracy": base.single_model_accuracy,
-            "ensemble_accuracy": base.ensemble_accuracy,
-            "knn_accuracy": accuracy(predict(nb, labels.train, Setting(k), inputs.classes),
-                                     labels.test),
-            "selected": crossfit(table, seed), "oracle": oracle(table)}
+           seed: int, workers: int | None, show_progress: bool,
+           kernel_seconds: float | None) -> CurvePoint:
+    ev = evaluate_inputs(open_inputs(store.root, kernel, labels), Setting(k), select=True,
+                         grid=grid, seed=seed, workers=workers, show_progress=show_progress)
+    return CurvePoint(n, ev.single_model_accuracy, ev.ensemble_accuracy, ev.knn_accuracy,
+                      ev.selection, ev.oracle, kernel_seconds,
+                      ev.provenance.device if ev.provenance else None)
 
 
-def compute_curve(cfg: CurveConfig) -> dict:
-    """Compute (or resume) the curve ``cfg`` describes; returns the JSON document."""
+def _earlier_points(path: Path, curve: Curve, store_runs: int) -> list[CurvePoint]:
+    """The points of an earlier curve at ``path`` with ``curve``'s key; none if it has
+    another key or cannot be read."""
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):
+        return []
+    if not (isinstance(old, dict) and old.get("schema") == CURVE_SCHEMA
+            and all(old.get(a) == b for a, b in curve.key().items())):
+        return []
+    try:
+        points = [CurvePoint.from_json(p) for p in old.get("points", [])]
+    except (KeyError, TypeError, ValueError, ConfigError):
+        return []
+    return [p for p in points if p.runs <= store_runs]
+
+
+def _provenance(store: Store, labels: Labels, points: Sequence[CurvePoint]) -> Provenance:
+    devices = sorted({d for p in points if p.device for d in p.device.split(",")})
+    return make_provenance(store, labels, device=",".join(devices) or None)
+
+
+def compute_curve(cfg: CurveConfig) -> Curve:
+    """Compute (or resume) the curve ``cfg`` describes; ``curve.json`` is written after
+    every point."""
     from .kernel import KernelConfig, compute_kernel
 
     if cfg.k < 1:
         raise ConfigError(f"--k must be >= 1, not {cfg.k}")
     store = Store.open(cfg.store)
-    runs = parse_runs(cfg.runs, store.runs)
+    runs = run_counts(cfg.runs, store.runs)
     s = store.shape
     labels = load_labels(cfg.labels, n_train=s.n_train, n_test=s.n_test, classes=s.classes)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "curve.json"
-    key = {"store_fingerprint": store.fingerprint(), "labels": cfg.labels, "k": cfg.k,
-           "precision": cfg.precision, "seed": cfg.seed}
-    doc = {"schema": CURVE_SCHEMA, "schema_version": CURVE_SCHEMA_VERSION,
-           "store": str(Path(cfg.store).resolve()), **key, "points": []}
+    curve = Curve(store=str(Path(cfg.store).resolve()), store_fingerprint=store.fingerprint(),
+                  labels=cfg.labels, k=cfg.k, precision=cfg.precision, seed=cfg.seed,
+                  path=path)
     if path.exists():
-        try:
-            old = read_json(path)
-        except (OSError, ValueError):
-            old = {}
-        if old.get("schema") == CURVE_SCHEMA and all(old.get(a) == b for a, b in key.items()):
-            doc["points"] = [p for p in old.get("points", []) if p["runs"] <= store.runs]
-    done = {p["runs"] for p in doc["points"]}
+        curve.points = _earlier_points(path, curve, store.runs)
+    done = {p.runs for p in curve.points}
     grid = Grid()
     for n in runs:
         if n in done:
@@ -142,38 +218,38 @@ def compute_curve(cfg: CurveConfig) -> dict:
             precision=cfg.precision, max_memory=cfg.max_memory, overwrite=True,
             show_progress=cfg.show_progress))
         point = _point(store, kpath, labels, n, cfg.k, grid, cfg.seed, cfg.workers,
-                       cfg.show_progress)
-        point["kernel_seconds"] = summary.seconds
-        doc["points"] = sorted([*doc["points"], point], key=lambda p: p["runs"])
-        doc["crossover"] = crossover(doc["points"])
-        atomic_write_json(path, doc)
+                       cfg.show_progress, summary.seconds)
+        curve.points = sorted([*curve.points, point], key=lambda p: p.runs)
+        curve.crossover = crossover(curve.points)
+        curve.provenance = _provenance(store, labels, curve.points)
+        atomic_write_json(path, curve.as_json())
         if not cfg.keep_kernels:
             shutil.rmtree(kpath, ignore_errors=True)
         if cfg.show_progress:
-            print(f"curve: runs {n}: ensemble {point['ensemble_accuracy']:.2f} k-NN "
-                  f"{point['knn_accuracy']:.2f}", file=sys.stderr)
-    doc["crossover"] = crossover(doc["points"])
-    doc["path"] = str(path)
-    atomic_write_json(path, {k: v for k, v in doc.items() if k != "path"})
-    return doc
+            print(f"curve: runs {n}: ensemble {point.ensemble_accuracy:.2f} k-NN "
+                  f"{point.knn_accuracy:.2f}", file=sys.stderr)
+    curve.crossover = crossover(curve.points)
+    curve.provenance = _provenance(store, labels, curve.points)
+    atomic_write_json(path, curve.as_json())
+    return curve
 
 
-def curve_table(doc: dict) -> str:
-    k = doc["k"]
+def curve_table(curve: Curve) -> str:
+    k = curve.k
     head = (f"{'runs':>6}  {'single':>7}  {'ensemble':>8}  {f'{k}-NN':>7}  "
             f"{'selected':>8}  {'oracle':>7}")
     lines = [head]
-    for p in doc["points"]:
-        lines.append(f"{p['runs']:>6}  {p['single_model_accuracy']:7.2f}  "
-                     f"{p['ensemble_accuracy']:8.2f}  {p['knn_accuracy']:7.2f}  "
-                     f"{p['selected']['accuracy']:8.2f}  {p['oracle']['accuracy']:7.2f}")
-    c = doc.get("crossover")
+    for p in curve.points:
+        lines.append(f"{p.runs:>6}  {p.single_model_accuracy:7.2f}  "
+                     f"{p.ensemble_accuracy:8.2f}  {p.knn_accuracy:7.2f}  "
+                     f"{p.selected.accuracy:8.2f}  {p.oracle.accuracy:7.2f}")
+    c = curve.crossover
     lines.append(f"crossover: {k}-NN ahead of the ensemble from {c} runs on" if c is not None
                  else f"crossover: {k}-NN is not ahead of the ensemble at the largest run count")
     return "\n".join(lines)
 
 
-def load_curve(path: str | Path) -> dict:
+def load_curve(path: str | Path) -> Curve:
     """Read a curve written by :func:`compute_curve`; raises ConfigError if it is not one."""
     try:
         doc = read_json(path)
@@ -181,4 +257,8 @@ def load_curve(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not a readable curve ({e})") from None
     if not isinstance(doc, dict) or doc.get("schema") != CURVE_SCHEMA:
         raise ConfigError(f"{path}: not a kernelscale curve (written by `kernelscale curve`)")
-    return doc
+    try:
+        return Curve.from_json(doc, path)
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise ConfigError(f"{path}: a malformed kernelscale curve ({type(e).__name__}: "
+                          f"{e})") from None

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .evaluate import Neighbours
+from .knn import Neighbours
+from .labels import is_labels_spec
 
 #: thresholds of the "most similar train example" table.
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)
@@ -101,7 +102,7 @@ def load_images(spec: str | None) -> tuple[Images | None, str]:
     Returns ``(images, note)``; ``images`` is None (and ``note`` says why) when the spec
     is not an image data set or its files are not there.
     """
-    if not spec or not spec.startswith("cifar10:"):
+    if not spec or not is_labels_spec(spec):
         return None, "the labels name no image data set (cifar10:ROOT); views are tables"
     root = spec.split(":", 1)[1] or "."
     try:

@@ -1,8 +1,9 @@
-"""CPU-parallel ingest on dask.distributed: many files validated at once, one writer.
+"""CPU-parallel ingest on dask.distributed: many files converted at once, one writer.
 
-:func:`dask_preparer` plugs into :func:`kernelscale.ingest.ingest_files` as its
-``preparer``: the pure per-file work (:func:`~kernelscale.ingest.prepare_or_bad`: safe
-load, full validation, the file's own float64 statistics) runs on dask workers, while the
+A *preparer* maps the fetched files of a source, in order, to ``(fetched, result)``
+pairs. :func:`serial_preparer` converts in the calling process; :func:`dask_preparer`
+runs the pure per-file work (:func:`~kernelscale.convert.convert_or_bad`: safe load, full
+validation, the file's own float64 statistics) on dask workers, while the
 caller still commits the results one file at a time in source order. The store written
 is therefore the same as a serial ingest's, bit for bit.
 
@@ -17,15 +18,23 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from .convert import BadFile, PreparedFile, convert_or_bad
 from .errors import ConfigError
-from .ingest import BadFile, PreparedFile, Preparer, prepare_or_bad
-from .sources import SourceFile
+from .sources.base import Fetched
+
+Prepared = tuple[Fetched, PreparedFile | BadFile]
+Preparer = Callable[[Iterator[Fetched], dict | None], Iterator[Prepared]]
 
 
-def dask_preparer(client, window: int) -> Preparer:  # noqa: ANN001
-    """A preparer that runs ``prepare_or_bad`` on ``client``'s workers.
+def serial_preparer(fetched: Iterator[Fetched], expect: dict | None) -> Iterator[Prepared]:
+    for f in fetched:
+        yield f, convert_or_bad(f.path, f.file, expect)
+
+
+def dask_preparer(client, window: int) -> Preparer:
+    """A preparer that runs ``convert_or_bad`` on ``client``'s workers.
 
     At most ``window`` files are submitted ahead of the one the writer waits for; results
     are yielded in the order of ``files`` whatever order the workers finish in.
@@ -33,8 +42,8 @@ def dask_preparer(client, window: int) -> Preparer:  # noqa: ANN001
     if window < 1:
         raise ConfigError(f"dask window must be >= 1, not {window}")
 
-    def prepare(files: list[SourceFile], expect: dict | None) -> Iterator[PreparedFile | BadFile]:
-        todo = iter(files)
+    def prepare(fetched: Iterator[Fetched], expect: dict | None) -> Iterator[Prepared]:
+        todo = iter(fetched)
         inflight: deque = deque()
 
         def top_up() -> None:
@@ -43,19 +52,20 @@ def dask_preparer(client, window: int) -> Preparer:  # noqa: ANN001
                 if f is None:
                     return
                 # pure=False: two files with equal arguments must still both be prepared
-                inflight.append(client.submit(prepare_or_bad, f, expect, pure=False))
+                inflight.append((f, client.submit(convert_or_bad, f.path, f.file, expect,
+                                                  pure=False)))
 
         try:
             top_up()
             while inflight:
-                fut = inflight.popleft()
+                f, fut = inflight.popleft()
                 result = fut.result()
                 fut.release()  # the worker may drop its copy now
                 top_up()
-                yield result
+                yield f, result
         finally:
             # the writer stopped early (bad file, --max-runs): drop work nobody will use
-            for fut in inflight:
+            for _, fut in inflight:
                 fut.cancel()
 
     return prepare
@@ -99,8 +109,8 @@ def dask_client(workers: int | None, scheduler: str | None) -> Iterator:
 
 @contextlib.contextmanager
 def parallel_preparer(workers: int | None, scheduler: str | None = None,
-                      window: int | None = None) -> Iterator[Preparer | None]:
-    """The preparer for ``--workers``/``--scheduler``; ``None`` (serial) for 1 worker.
+                      window: int | None = None) -> Iterator[Preparer]:
+    """The preparer for ``--workers``/``--scheduler``; serial for 1 worker.
 
     ``window`` defaults to the workers' thread count plus two, so every worker has a file
     queued while the writer commits.
@@ -108,7 +118,7 @@ def parallel_preparer(workers: int | None, scheduler: str | None = None,
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be >= 1, not {workers}")
     if not scheduler and (workers is None or workers == 1):
-        yield None
+        yield serial_preparer
         return
     with dask_client(workers, scheduler) as client:
         threads = sum(client.nthreads().values()) or 1

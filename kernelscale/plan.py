@@ -16,6 +16,9 @@ classes (bytes)::
   + (r + c)*C*16        float64 mean and 1/std of its rows and columns
 
 Nothing here does I/O; the local loop and the Slurm submitter both call :func:`plan`.
+:class:`ArrayPlan` groups a plan's tiles into rectangular *regions* of whole tiles
+(:func:`group_regions`), one per Slurm array task: each task computes its region with
+the plan's tile shape, so its tiles are exactly the tiles of a single-process run.
 """
 
 from __future__ import annotations
@@ -206,3 +209,90 @@ def _best_tile(region: Tile, cr: int, cc: int, classes: int, in_itemsize: int, b
         if cand > best:
             best = cand
     return best[2], best[3]
+
+
+# ------------------------------------------------------------------ regions
+
+@dataclass
+class ArrayPlan:
+    """The tiles of the whole output and their grouping into regions, one per array task
+    (or any other worker): no two regions share an output chunk."""
+
+    shape: tuple[int, int]
+    chunks: tuple[int, int]
+    tile: tuple[int, int]
+    budget: int
+    tiles: list[Tile]
+    regions: list[Tile]  #: region i is computed by array index i
+    geometry_from: str  #: where the output shape was learnt (store, simulate, source)
+
+    def tiles_in(self, r: Tile) -> list[Tile]:
+        return [t for t in self.tiles
+                if r.r0 <= t.r0 and t.r1 <= r.r1 and r.c0 <= t.c0 and t.c1 <= r.c1]
+
+    def as_json(self) -> dict:
+        return {"shape": list(self.shape), "chunks": list(self.chunks),
+                "tile": list(self.tile), "budget": self.budget,
+                "tiles": [[t.r0, t.r1, t.c0, t.c1] for t in self.tiles],
+                "regions": [[t.r0, t.r1, t.c0, t.c1] for t in self.regions],
+                "geometry_from": self.geometry_from}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ArrayPlan:
+        return cls(tuple(d["shape"]), tuple(d["chunks"]), tuple(d["tile"]), int(d["budget"]),
+                   [Tile(*t) for t in d["tiles"]], [Tile(*t) for t in d["regions"]],
+                   d.get("geometry_from", ""))
+
+
+def split_tile(rows: int, cols: int, chunks: tuple[int, int], tile: tuple[int, int],
+               tasks: int) -> tuple[int, int]:
+    """A tile no larger than ``tile``, on the chunk grid, giving >= ``tasks`` tiles if it can.
+
+    Among the tiles that do: the one giving the fewest tiles, then the smallest (tiles at
+    the edges are cut short, so for a given count the smallest tile spreads the work most
+    evenly), then the squarest (a task reads ``rows + cols`` examples of every run, so for
+    a given area a square tile reads least).
+    """
+    cr, cc = chunks
+    best = None
+    for tr in range(cr, min(tile[0], round_up(rows, cr)) + 1, cr):
+        for tc in range(cc, min(tile[1], round_up(cols, cc)) + 1, cc):
+            n = math.ceil(rows / tr) * math.ceil(cols / tc)
+            key = (n < tasks, n if n >= tasks else -n, tr * tc, tr + tc)
+            if best is None or key < best[0]:
+                best = (key, (tr, tc))
+    return best[1] if best is not None else tile
+
+
+def round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def group_regions(tiles: list[Tile], tasks: int) -> list[Tile]:
+    """Group the tile grid into at most ``tasks`` rectangles of whole tiles (row-major).
+
+    Of the groupings with at most ``tasks`` groups, the one with the most groups, then
+    with the smallest largest group perimeter (what one task reads).
+    """
+    rows = sorted({(t.r0, t.r1) for t in tiles})
+    cols = sorted({(t.c0, t.c1) for t in tiles})
+    nr, nc = len(rows), len(cols)
+    if nr * nc <= tasks:
+        return sorted(tiles)
+    best = None
+    for gr in range(1, nr + 1):
+        for gc in range(1, nc + 1):
+            n = math.ceil(nr / gr) * math.ceil(nc / gc)
+            if n > tasks:
+                continue
+            key = (-n, gr + gc)
+            if best is None or key < best[0]:
+                best = (key, gr, gc)
+    _, gr, gc = best
+    out = []
+    for i in range(0, nr, gr):
+        for j in range(0, nc, gc):
+            r = rows[i:i + gr]
+            c = cols[j:j + gc]
+            out.append(Tile(r[0][0], r[-1][1], c[0][0], c[-1][1]))
+    return out

@@ -1,7 +1,10 @@
 """Progress reporting: a tqdm bar on a terminal, plain timestamped lines otherwise.
 
 Batch logs (Slurm, CI) should not fill with carriage returns, so when stderr is not a
-terminal the bar becomes a line every ``interval`` seconds plus one at the end.
+terminal the bar becomes a line every ``interval`` seconds plus one at the end, each
+with the wall-clock time, the count, the rate and the time left::
+
+    2026-11-26T12:00:03 [ingest] 1.17 GiB/2.34 GiB  50.0%  41.2s  29.1 MiB/s  ETA 41.2s
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import time
 from typing import Any
 
 from tqdm import tqdm
+
+from .units import format_bytes, format_duration
 
 
 class PlainProgress:
@@ -27,6 +32,8 @@ class PlainProgress:
         self.postfix = ""
 
     def _fmt(self, v: float) -> str:
+        if self.unit == "B":
+            return format_bytes(v)
         if self.unit_scale:
             for prefix in ("", "k", "M", "G", "T"):
                 if abs(v) < 1000:
@@ -37,11 +44,18 @@ class PlainProgress:
 
     def _line(self) -> None:
         el = time.monotonic() - self._start
+        unit = "" if self.unit == "B" else f" {self.unit}s" if self.n != 1 else f" {self.unit}"
         tot = f"/{self._fmt(self.total)}" if self.total else ""
-        pct = f" {100 * self.n / self.total:5.1f}%" if self.total else ""
-        post = f" {self.postfix}" if self.postfix else ""
-        print(f"[{self.desc}] {self._fmt(self.n)}{tot} {self.unit}{pct} {el:.1f}s{post}",
-              file=sys.stderr, flush=True)
+        pct = f"  {100 * self.n / self.total:5.1f}%" if self.total else ""
+        rate = self.n / el if el > 0 else 0.0
+        rate_s = (f"{format_bytes(rate)}/s" if self.unit == "B"
+                  else f"{rate:.3g} {self.unit}s/s")
+        eta = (f"  ETA {format_duration((self.total - self.n) / rate)}"
+               if self.total and rate > 0 and self.n < self.total else "")
+        post = f"  {self.postfix}" if self.postfix else ""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        print(f"{stamp} [{self.desc}] {self._fmt(self.n)}{tot}{unit}{pct}  "
+              f"{format_duration(el)}  {rate_s}{eta}{post}", file=sys.stderr, flush=True)
 
     def update(self, n: float = 1) -> None:
         self.n += n

@@ -81,8 +81,9 @@ def log_softmax64(block: np.ndarray) -> np.ndarray:
     Why float64: for a confident prediction the top class's log-softmax is ``-sum exp(-d)``
     with margins ``d`` of 15-20, i.e. 1e-7..1e-9. float32 rounds it to 0 or a few ulps, and
     standardising by its tiny std across runs turns that rounding into O(1) z-scores:
-    measured on simulated data, a float32 log-softmax moves the kernel by 3e-3 against the
-    float64 evaluation of the same formula. The logits themselves (float16) convert exactly.
+    measured on simulated confident logits (2000 runs, 1000 x 5000), a float32 log-softmax
+    moves the kernel by 6.1e-3 against the float64 evaluation of the same formula (top-3
+    neighbour sets 99.3% equal). The logits themselves (float16) convert exactly.
     """
     import torch
 

@@ -10,6 +10,10 @@ Layout of ``STORE/`` (a Zarr v3 group)::
     manifest.json             the commit record (see below)
     .lock                     held by the single writer
 
+The Zarr dimension names are ``run``, ``test``/``train`` and ``class`` for the logits and
+``<split>``, ``class`` for the statistics, so ``xarray.open_zarr(STORE, group="logits")``
+gives labelled arrays.
+
 ``manifest.json`` is the only source of truth for what the store holds: the number of
 committed runs, the files (name, sha256, size, runs, run range, source), the rejected
 files, and which statistics generation ``g<k>`` belongs to those runs. Ingesting a file
@@ -58,7 +62,7 @@ class DurableLocalStore(LocalStore):
     does not fsync; the manifest may only point at data that survives a power loss.
     """
 
-    async def _set(self, key: str, value, exclusive: bool = False) -> None:  # noqa: ANN001
+    async def _set(self, key: str, value, exclusive: bool = False) -> None:
         import asyncio
 
         if not self._is_open:
@@ -151,7 +155,7 @@ class Store:
         for split, n in (("test", n_test), ("train", n_train)):
             lg.create_array(split, shape=(0, n, classes), chunks=(run_chunk, n, classes),
                             dtype=dtype, compressors=None, fill_value=0,
-                            dimension_names=("run", "example", "class"))
+                            dimension_names=("run", split, "class"))
         g.create_group("stats")
         # The manifest is written last: its presence is what makes the directory a store.
         atomic_write_json(root / "manifest.json", _empty_manifest())
@@ -213,7 +217,7 @@ class Store:
         return self._raw[split]
 
     def read_into(self, split: str, start: int, stop: int, out: np.ndarray,
-                  pool=None) -> None:  # noqa: ANN001
+                  pool=None) -> None:
         """Read runs ``[start, stop)`` of ``split`` into ``out`` (stop-start, examples, C).
 
         ``out`` must be C-contiguous of the store dtype (e.g. the numpy view of a pinned
@@ -326,7 +330,7 @@ class Store:
             merged = self.stats(split).merge(file_stats[split])
             for name, val in (("mean", merged.mean), ("m2", merged.m2)):
                 sg.create_array(f"{split}_{name}", data=val, chunks=val.shape,
-                                compressors=None)
+                                compressors=None, dimension_names=(split, "class"))
                 digest.update(val.tobytes())
         m = json.loads(json.dumps(self.manifest))
         rec = dict(entry, runs=runs, run_start=start, run_stop=stop,

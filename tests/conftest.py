@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT))
 from tests.reference import random_source  # noqa: E402
 
 
-def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001
+def pytest_collection_modifyitems(config, items):
     import torch
 
     if torch.cuda.is_available():
@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):  # noqa: ANN001, ARG001
 
 
 @pytest.fixture
-def small_source(tmp_path):  # noqa: ANN001, ANN201
+def small_source(tmp_path):
     """Three files of 7, 8, 9 runs; returns (dir, test, train) with float16 arrays."""
     src = tmp_path / "src"
     test, train = random_source(src, [7, 8, 9])
@@ -32,16 +32,21 @@ def small_source(tmp_path):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture
-def small_store(tmp_path, small_source):  # noqa: ANN001, ANN201
-    from kernelscale.ingest import ingest_local
-
+def small_store(tmp_path, small_source):
     src, test, train = small_source
     store = tmp_path / "store"
-    ingest_local(src, store, run_chunk=4, show_progress=False)
+    ingest_dir(src, store, run_chunk=4, show_progress=False)
     return store, test, train
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 300):  # noqa: ANN201
+def ingest_dir(src, store, preparer=None, **kw):
+    """Ingest the folder ``src`` into ``store`` (``kw``: fields of IngestConfig)."""
+    from kernelscale.ingestion import IngestConfig, ingest
+
+    return ingest(IngestConfig(src, store, **kw), preparer=preparer)
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 300):
     """Run ``python -m kernelscale ARGS`` in a subprocess; return CompletedProcess."""
     import subprocess
 

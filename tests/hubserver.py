@@ -112,7 +112,7 @@ class HubServer:
         repo.refs[branch] = sha
         return sha
 
-    def fault(self, path: str, kind: str, **kw) -> None:  # noqa: ANN003
+    def fault(self, path: str, kind: str, **kw) -> None:
         self.faults.setdefault(path, []).append(Fault(kind, **kw))
 
     def requests(self, method: str | None = None, path: str | None = None) -> list[dict]:
@@ -147,7 +147,7 @@ class HubServer:
     def __enter__(self) -> HubServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:  # noqa: ANN002
+    def __exit__(self, *exc) -> None:
         self.stop()
 
 
@@ -155,7 +155,7 @@ class _Handler(BaseHTTPRequestHandler):
     hub: HubServer
     protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
 
-    def log_message(self, *args) -> None:  # noqa: ANN002
+    def log_message(self, *args) -> None:
         pass
 
     # ---------------------------------------------------------------------- answers
@@ -168,7 +168,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _json(self, obj, headers: dict | None = None) -> None:  # noqa: ANN001
+    def _json(self, obj, headers: dict | None = None) -> None:
         self._reply(200, json.dumps(obj).encode(),
                     {"Content-Type": "application/json", **(headers or {})})
 

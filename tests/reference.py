@@ -40,7 +40,7 @@ def reference_kernel(a_logits: np.ndarray, b_logits: np.ndarray, *, log_softmax:
 
 
 def write_log(path: str | os.PathLike, test: np.ndarray, train: np.ndarray,
-              code: str = "synthetic", dtype=torch.float16) -> Path:  # noqa: ANN001
+              code: str = "synthetic", dtype=torch.float16) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"logits": torch.from_numpy(np.asarray(test)).to(dtype),
@@ -82,3 +82,9 @@ def labels_file(path: str | os.PathLike, n_train: int, n_test: int, classes: int
 def top_sets(K: np.ndarray, k: int = 3) -> list[frozenset]:
     idx = np.argsort(-K, axis=1, kind="stable")[:, :k]
     return [frozenset(r) for r in idx]
+
+
+def knn_predict(nbr_idx: np.ndarray, labels_train: np.ndarray) -> np.ndarray:
+    """The published code's vote: ``torch.mode`` of the neighbours' labels (int64 (n,))."""
+    nbr_labels = torch.from_numpy(labels_train[nbr_idx])
+    return nbr_labels.mode(1).values.numpy()

@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import kernelscale.hub as hubmod
+import kernelscale.sources.hub as hubmod
 from kernelscale.errors import BadInputError, ConfigError
-from kernelscale.hub import HubError, glob_regex, ingest_hub, parse_hub_spec
-from kernelscale.ingest import ingest_local
+from kernelscale.ingestion import IngestConfig
+from kernelscale.ingestion import ingest as run_ingest
+from kernelscale.sources import FetchOptions
+from kernelscale.sources.hub import HubError, glob_regex, parse_hub_spec
 from kernelscale.store import Store
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, ingest_dir, run_cli
 from tests.hubserver import HubServer
 from tests.reference import write_log
 
@@ -35,7 +37,7 @@ class _SleepGuard:
     def __init__(self, limit: float = 3.0) -> None:
         self.limit, self.total = limit, 0.0
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
@@ -92,7 +94,17 @@ def write_files(root: Path, runs: dict[str, int], seed: int = 0, n_test: int = 3
 FILES_A = {f"logs_saveoutputs_main/run{i:02d}/log.pt": r for i, r in enumerate([4, 6, 3, 5, 7])}
 
 
-def ingest(hub_server, store, tmp_path, **kw):  # noqa: ANN001, ANN003, ANN201
+FETCH = ("revision", "retries", "keep_downloads", "cache_dir")
+
+
+def ingest_hub(spec, store, *, endpoint=None, retry_wait=1.0, workers=4, **kw):
+    """Ingest ``spec`` into ``store``: ``kw`` holds IngestConfig and FetchOptions fields."""
+    fetch = FetchOptions(download_workers=workers, **{k: kw.pop(k) for k in FETCH if k in kw})
+    return run_ingest(IngestConfig(spec, store, fetch=fetch, **kw), endpoint=endpoint,
+                      retry_wait=retry_wait)
+
+
+def ingest(hub_server, store, tmp_path, **kw):
     kw = {"endpoint": hub_server.url, "cache_dir": tmp_path / "cache", "workers": 2,
           "retry_wait": 0.01, "show_progress": False, **kw}
     spec = kw.pop("spec", SPEC)
@@ -100,7 +112,8 @@ def ingest(hub_server, store, tmp_path, **kw):  # noqa: ANN001, ANN003, ANN201
 
 
 def kernel_of(store: Path, out: Path) -> np.ndarray:
-    from kernelscale.kernel import KernelConfig, compute_kernel, load_kernel
+    from kernelscale.kernel import KernelConfig, compute_kernel
+    from kernelscale.output import load_kernel
 
     compute_kernel(KernelConfig(store=store, out=out, device="cpu", show_progress=False))
     return load_kernel(out).array[...]
@@ -177,7 +190,7 @@ def test_hub_ingest_equals_local_ingest(hub, tmp_path):
     commit = hub.add_commit(REPO, src)
     s = ingest(hub, tmp_path / "hub-store", tmp_path, workers=3)
     assert s.files_ingested == 5 and s.runs_total == 25
-    ingest_local(src, tmp_path / "local-store", show_progress=False)
+    ingest_dir(src, tmp_path / "local-store", show_progress=False)
     a, b = snapshot(tmp_path / "hub-store"), snapshot(tmp_path / "local-store")
     assert a["names"] == b["names"] == sorted(FILES_A)
     assert a["sha256"] == b["sha256"]
@@ -250,7 +263,7 @@ def test_extend_from_revision_a_to_b(hub, tmp_path):
     write_files(tmp_path / "all", dict(list(FILES_A.items())[:3]), seed=1)
     write_files(tmp_path / "all", {"logs_saveoutputs_main/run10/log.pt": 4,
                                    "logs_saveoutputs_main/run11/log.pt": 2}, seed=2)
-    ingest_local(tmp_path / "all", tmp_path / "ref", show_progress=False)
+    ingest_dir(tmp_path / "all", tmp_path / "ref", show_progress=False)
     x, y = snapshot(store), snapshot(tmp_path / "ref")
     assert x["sha256"] == y["sha256"]
     np.testing.assert_array_equal(x["train"], y["train"])
@@ -277,7 +290,7 @@ def test_500_then_success_is_retried(hub, tmp_path, nth):
     seen = [r["method"] for r in hub.requests() if r["path"].endswith(bad)]
     # HEAD 500: the library asks again; GET 500: our retry starts over with HEAD
     assert seen == (["HEAD", "HEAD", "GET"] if nth == 1 else ["HEAD", "GET", "HEAD", "GET"])
-    ingest_local(src, tmp_path / "ref", show_progress=False)
+    ingest_dir(src, tmp_path / "ref", show_progress=False)
     np.testing.assert_array_equal(snapshot(tmp_path / "store")["test"],
                                   snapshot(tmp_path / "ref")["test"])
 
@@ -344,7 +357,7 @@ def test_corrupt_byte_is_rejected(hub, tmp_path, where):
     good = [n for n in names if n != bad]
     assert [f["name"] for f in st.manifest["files"]] == good
     assert [r["name"] for r in st.manifest["rejected"]] == [bad]
-    ingest_local(src, tmp_path / "ref", show_progress=False)
+    ingest_dir(src, tmp_path / "ref", show_progress=False)
     ref = Store.open(tmp_path / "ref")
     want = np.concatenate([ref.read("test", f["run_start"], f["run_stop"])
                            for f in ref.manifest["files"] if f["name"] != bad])
@@ -423,7 +436,7 @@ def test_download_disk_stays_bounded(hub, tmp_path, monkeypatch):
     hub.on_send.append(sample)
     real = hubmod.hf_hub_download
 
-    def download_and_sample(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+    def download_and_sample(*a, **kw):
         p = real(*a, **kw)
         sample()
         return p
@@ -534,7 +547,7 @@ def test_real_data_jobs_load_without_network():
                                                 "logs_saveoutputs_main")
         assert cfg.ingest.glob == glob and glob_regex(glob).match(ref)
         assert cfg.kernel and cfg.evaluate and cfg.evaluate.labels.startswith("cifar10:")
-        assert cfg.resolve(cfg.ingest.source) == cfg.ingest.source
+        assert cfg.path_of(cfg.ingest.source) == cfg.ingest.source
 
 
 def test_cifar10_labels_offline_is_one_clear_line(monkeypatch, tmp_path):
@@ -542,9 +555,9 @@ def test_cifar10_labels_offline_is_one_clear_line(monkeypatch, tmp_path):
 
     import torchvision
 
-    from kernelscale.sources import load_labels
+    from kernelscale.labels import load_labels
 
-    def offline(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+    def offline(*a, **kw):
         raise urllib.error.URLError("[Errno -3] Temporary failure\nin name resolution")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)

@@ -9,8 +9,8 @@ from kernelscale.errors import (
     ConfigError,
     KernelOutputError,
 )
-from kernelscale.ingest import ingest_local
 from kernelscale.kernel import KernelConfig, compute_kernel
+from tests.conftest import ingest_dir
 from tests.reference import random_source, reference_kernel, top_sets, write_log
 
 
@@ -117,7 +117,7 @@ def test_zero_variance_entries_give_zero_not_nan(tmp_path):
     tr = rng.normal(size=(6, 12, 4)).astype(np.float16)
     te[:, 3, :] = te[0, 3, :]  # example 3 identical in every run
     write_log(tmp_path / "src" / "a" / "log.pt", te, tr)
-    ingest_local(tmp_path / "src", tmp_path / "store", show_progress=False)
+    ingest_dir(tmp_path / "src", tmp_path / "store", show_progress=False)
     K = run(tmp_path / "store", tmp_path / "k")
     assert np.isfinite(K).all()
     assert (K[3] == 0).all()
@@ -130,7 +130,7 @@ def test_large_random_case_error_bound(tmp_path):
     """A larger case (more runs, wider reduction) still within 1e-5 of float64."""
     test, train = random_source(tmp_path / "src", [150, 150], n_test=200, n_train=600,
                                 classes=10, seed=7)
-    ingest_local(tmp_path / "src", tmp_path / "store", show_progress=False)
+    ingest_dir(tmp_path / "src", tmp_path / "store", show_progress=False)
     K = run(tmp_path / "store", tmp_path / "k", chunks=(64, 128), max_memory=2 << 20)
     ref = reference_kernel(test, train)
     err = np.abs(K - ref).max()
@@ -154,7 +154,7 @@ def test_partial_kernel_of_changed_store_needs_restart(small_store, tmp_path):
     rng = np.random.default_rng(9)
     write_log(tmp_path / "src" / "logs_saveoutputs_main" / "zzz" / "log.pt",
               rng.normal(size=(3, 40, 5)), rng.normal(size=(3, 96, 5)))
-    ingest_local(tmp_path / "src", store, show_progress=False)
+    ingest_dir(tmp_path / "src", store, show_progress=False)
     with pytest.raises(CheckpointMismatchError, match="--restart"):
         run(store, tmp_path / "k", chunks=(16, 32))
     run(store, tmp_path / "k", chunks=(16, 32), restart=True)
@@ -171,7 +171,7 @@ def test_bf16_is_not_offered(small_store, tmp_path):
 def test_cuda_against_float64(tmp_path, precision, tol):
     test, train = random_source(tmp_path / "src", [200, 300], n_test=300, n_train=1000,
                                 classes=10, seed=2)
-    ingest_local(tmp_path / "src", tmp_path / "store", show_progress=False)
+    ingest_dir(tmp_path / "src", tmp_path / "store", show_progress=False)
     K = run(tmp_path / "store", tmp_path / "k", device="cuda", precision=precision)
     ref = reference_kernel(test, train)
     assert np.abs(K - ref).max() <= tol
@@ -233,11 +233,11 @@ def _published_kernel(te, tr):
 
 def test_log_softmax_fp32_reproduces_the_published_method(tmp_path):
     """Confident logits: the default follows float64, the fp32 mode the published code."""
-    from kernelscale.simulate import simulate
+    from kernelscale.simulation import simulate
 
     simulate(tmp_path / "sim", runs=60, files=2, n_train=600, n_test=150, seed=1,
              progress=False)
-    ingest_local(tmp_path / "sim", tmp_path / "store", show_progress=False)
+    ingest_dir(tmp_path / "sim", tmp_path / "store", show_progress=False)
     import glob
 
     import torch

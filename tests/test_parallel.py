@@ -4,12 +4,11 @@ import numpy as np
 import pytest
 
 from kernelscale.errors import BadInputError
-from kernelscale.ingest import ingest_local
 from kernelscale.parallel import dask_client, dask_preparer, parallel_preparer
 from kernelscale.store import Store
-from tests.conftest import run_cli
+from tests.conftest import ingest_dir, run_cli
 from tests.reference import random_source, write_log
-from tests.test_ingest import assert_same_store
+from tests.test_ingestion import assert_same_store
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +17,7 @@ def mixed_source(tmp_path_factory):
     d = tmp_path_factory.mktemp("par")
     runs = [40, 30, 2, 1, 3, 1, 2]
     random_source(d / "src", runs, n_test=200, n_train=900, classes=10, seed=21)
-    ingest_local(d / "src", d / "serial", show_progress=False)
+    ingest_dir(d / "src", d / "serial", show_progress=False)
     return d
 
 
@@ -32,7 +31,7 @@ def test_two_dask_workers_give_the_serial_store(mixed_source, tmp_path):
     d = mixed_source
     with parallel_preparer(2) as prep:
         assert prep is not None
-        summary = ingest_local(d / "src", tmp_path / "dask", show_progress=False,
+        summary = ingest_dir(d / "src", tmp_path / "dask", show_progress=False,
                                preparer=prep)
     assert summary.files_ingested == 7 and summary.runs_total == 79
     assert_same_store(d / "serial", tmp_path / "dask")
@@ -51,7 +50,7 @@ def test_dask_ingest_extends_a_store_and_stops_at_a_bad_file_in_order(mixed_sour
     # the first three files make the store; then a bad file sorts between the rest
     for f in files[3:]:
         f.rename(f.with_suffix(".later"))
-    ingest_local(src, store, show_progress=False)
+    ingest_dir(src, store, show_progress=False)
     for f in files[3:]:
         f.with_suffix(".later").rename(f)
     bad = src / "logs_saveoutputs_main" / "file004a" / "log.pt"
@@ -59,11 +58,11 @@ def test_dask_ingest_extends_a_store_and_stops_at_a_bad_file_in_order(mixed_sour
     bad.write_text("junk")
     prep = dask_preparer(client, 3)
     with pytest.raises(BadInputError, match="file004a"):
-        ingest_local(src, store, show_progress=False, preparer=prep)
+        ingest_dir(src, store, show_progress=False, preparer=prep)
     names = [f["name"] for f in Store.open(store).manifest["files"]]
     assert names == [f"logs_saveoutputs_main/file{i:03d}/log.pt" for i in range(5)]
     # with --skip-bad the rest follows and the bad one is recorded
-    summary = ingest_local(src, store, show_progress=False, preparer=prep, skip_bad=True)
+    summary = ingest_dir(src, store, show_progress=False, preparer=prep, skip_bad=True)
     assert summary.files_rejected == 1 and "file004a" in summary.errors[0]
     s = Store.open(store)
     assert [r["name"] for r in s.manifest["rejected"]] == [

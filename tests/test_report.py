@@ -134,6 +134,22 @@ def test_demo_job_writes_a_complete_report(tmp_path):
     assert [a["name"] for a in ev["ablations"]] == [f"class-{i}" for i in range(10)] + [
         "no-log-softmax"]
     assert body.count(" only") >= 10 and "no log-softmax (raw logits)" in body
+    # report.json: one provenance for the whole report, rounded, no per-run arrays
+    from kernelscale import __version__
+    from kernelscale.store import Store
+    from tests.test_evaluation import assert_rounded
+
+    assert_rounded(data)
+    prov = data["provenance"]
+    assert prov["store_fingerprint"] == Store.open(wd / "store").fingerprint()
+    assert prov["kernel"] == str((wd / "kernel").resolve())
+    assert prov["kernel_identity"]["runs"] == 60 and prov["device"] == "cpu"
+    assert prov["kernelscale_version"] == __version__ and prov["torch_version"]
+    assert "provenance" not in ev and "per_run_accuracy" not in ev
+    assert not {"store", "kernel", "labels"} & set(data)  # they are in the provenance
+    assert ev["crossfit"]["method"] == "cross-fit"  # beside leave-one-out: its own section
+    assert data["curve"]["provenance"]["store_fingerprint"] == prov["store_fingerprint"]
+    assert prov["store_fingerprint"] in body and f"kernelscale {__version__}" in body
     # interpretability tables without images, with the counts of the views
     assert "views are tables" in body
     assert f"{data['most_similar']['count_above']} of 150 test examples" in body
@@ -146,13 +162,13 @@ def test_demo_job_writes_a_complete_report(tmp_path):
 
 @pytest.fixture
 def small_kernel(tmp_path_factory):
-    from kernelscale.ingest import ingest_local
     from kernelscale.kernel import KernelConfig, compute_kernel
-    from kernelscale.simulate import simulate
+    from kernelscale.simulation import simulate
+    from tests.conftest import ingest_dir
 
     d = tmp_path_factory.mktemp("rk")
     simulate(d / "sim", runs=30, files=1, n_train=300, n_test=80, seed=2, progress=False)
-    ingest_local(d / "sim", d / "store", show_progress=False)
+    ingest_dir(d / "sim", d / "store", show_progress=False)
     compute_kernel(KernelConfig(store=d / "store", out=d / "kernel", device="cpu",
                                 show_progress=False))
     return d
@@ -251,7 +267,7 @@ def test_load_images_reads_torchvision_cifar10_files(tmp_path, monkeypatch):
     import torchvision.datasets.cifar
 
     from kernelscale.interpret import load_images
-    from kernelscale.sources import load_labels
+    from kernelscale.labels import load_labels
 
     xtr, ytr, xte, yte, names = write_fake_cifar(tmp_path / "c10", 4, 6)
     # the fake files lack the real md5 sums torchvision checks; everything else is real

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import zarr
 
-from kernelscale.ingest import ingest_local
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, ingest_dir, run_cli
 from tests.reference import random_source, reference_kernel
 
-ARGS = ["--chunks", "64x256", "--tile", "64x256", "--max-memory", "600K", "--run-chunk", "2",
+ARGS = ["--chunks", "64x256", "--tile", "64x256", "--max-memory", "600K", "--runs-per-step", "2",
         "--checkpoint-every", "0.001", "--device", "cpu"]
 
 
@@ -23,7 +22,7 @@ def resume_store(tmp_path_factory):
     d = tmp_path_factory.mktemp("resume")
     test, train = random_source(d / "src", [40, 40], n_test=128, n_train=1024, classes=10,
                                 seed=11)
-    ingest_local(d / "src", d / "store", show_progress=False)
+    ingest_dir(d / "src", d / "store", show_progress=False)
     out = d / "clean"
     run_cli("kernel", "--store", str(d / "store"), "--out", str(out), *ARGS)
     return d, zarr.open_group(str(out), mode="r")["kernel"][...], test, train

@@ -20,25 +20,17 @@ import torch
 import zarr
 
 from kernelscale.atomic import atomic_write_json
-from kernelscale.config import load_job
+from kernelscale.config import load_job, slurm_settings
 from kernelscale.errors import ConfigError
-from kernelscale.plan import Tile, plan
-from kernelscale.slurm import (
-    SlurmError,
-    array_spec,
-    gather,
-    group_regions,
-    plan_kernel,
-    record_dir,
-    slurm_seconds,
-    slurm_settings,
-    split_tile,
-    status,
-    submit,
-)
+from kernelscale.plan import Tile, group_regions, plan, split_tile
+from kernelscale.slurm import gather, status, submit
+from kernelscale.slurm.geometry import plan_array
+from kernelscale.slurm.queue import SlurmError, SlurmPaths
+from kernelscale.slurm.scripts import array_spec
+from kernelscale.units import parse_pair, parse_slurm_time
 from tests.conftest import ROOT, run_cli
 from tests.reference import random_source, reference_kernel
-from tests.test_ingest import assert_same_store
+from tests.test_ingestion import assert_same_store
 
 DATA = ROOT / "tests" / "data" / "slurm"
 REGENERATE = os.environ.get("KERNELSCALE_REGENERATE_SLURM") == "1"
@@ -50,15 +42,15 @@ ENV = {"OMP_NUM_THREADS": "1"}
 # --------------------------------------------------------------------- no Slurm needed
 
 def test_slurm_time_formats():
-    assert slurm_seconds("10") == 600
-    assert slurm_seconds("10:30") == 630
-    assert slurm_seconds("04:00:00") == 4 * 3600
-    assert slurm_seconds("1-12") == 36 * 3600
-    assert slurm_seconds("2-03:04") == (51 * 60 + 4) * 60
-    assert slurm_seconds("1-00:00:05") == 86405
-    assert slurm_seconds("UNLIMITED") is None
+    assert parse_slurm_time("10") == 600
+    assert parse_slurm_time("10:30") == 630
+    assert parse_slurm_time("04:00:00") == 4 * 3600
+    assert parse_slurm_time("1-12") == 36 * 3600
+    assert parse_slurm_time("2-03:04") == (51 * 60 + 4) * 60
+    assert parse_slurm_time("1-00:00:05") == 86405
+    assert parse_slurm_time("UNLIMITED") is None
     with pytest.raises(ConfigError, match="expected a Slurm time"):
-        slurm_seconds("4h")
+        parse_slurm_time("4h")
 
 
 def test_array_spec():
@@ -240,19 +232,18 @@ checkpoint_every = 0.2
 @pytest.fixture(scope="module")
 def slow_store(tmp_path_factory):
     """(dir, store, single-process kernel, test logits, train logits)."""
-    from kernelscale.ingest import ingest_local
+    from tests.conftest import ingest_dir
 
     d = tmp_path_factory.mktemp("slow")
     test, train = random_source(d / "src", [300, 300], n_test=64, n_train=512, classes=10,
                                 seed=5)
-    ingest_local(d / "src", d / "store", run_chunk=1, show_progress=False)
+    ingest_dir(d / "src", d / "store", run_chunk=1, show_progress=False)
     K = _single_process(d / "store", d / "single", "64x256", "64x256", run_chunk=1)
     return d, d / "store", K, test, train
 
 
 def _single_process(store: Path, out: Path, chunks: str, tile: str, **kw) -> np.ndarray:
     """The kernel of one process with one BLAS thread, as the array tasks run."""
-    from kernelscale.cli import parse_pair
     from kernelscale.kernel import KernelConfig, compute_kernel
 
     threads = torch.get_num_threads()
@@ -277,7 +268,6 @@ def _slow_job(tmp_path: Path, d: Path, **slurm) -> Path:
 
 
 def test_gather_checks_every_planned_tile(tmp_path, small_store):
-    from kernelscale.jobs import kernel_config
     from kernelscale.kernel import compute_kernel
 
     store, test, train = small_store
@@ -298,11 +288,11 @@ tasks = 2
 """)
     cfg = load_job(job)
     t = slurm_settings(cfg)
-    kp = plan_kernel(cfg, t, need_ingest=False)
+    kp = plan_array(cfg, t, need_ingest=False)
     assert len(kp.tiles) == 15
     assert [(r.r0, r.r1, r.c0, r.c1) for r in kp.regions] == [(0, 24, 0, 96), (24, 40, 0, 96)]
-    atomic_write_json(record_dir(cfg, t) / "plan.json", kp.as_json())
-    kc = kernel_config(cfg, quiet=True)
+    atomic_write_json(SlurmPaths.of(cfg, t).plan, kp.as_json())
+    kc = cfg.kernel_config(show_progress=False)
     r = kp.regions[0]
     s = compute_kernel(dataclasses.replace(kc, rows=(r.r0, r.r1), cols=(r.c0, r.c1)))
     assert s.tiles == 9 and not s.complete
@@ -322,7 +312,6 @@ def test_gather_runs_evaluate_and_report_stages(tmp_path, small_store):
     """The gather job ends the job: evaluate, then [report] when the job file has one."""
     from html.parser import HTMLParser
 
-    from kernelscale.jobs import kernel_config
     from kernelscale.kernel import compute_kernel
     from tests.reference import labels_file
 
@@ -348,9 +337,9 @@ tasks = 1
 """)
     cfg = load_job(job)
     t = slurm_settings(cfg)
-    kp = plan_kernel(cfg, t, need_ingest=False)
-    atomic_write_json(record_dir(cfg, t) / "plan.json", kp.as_json())
-    compute_kernel(dataclasses.replace(kernel_config(cfg, quiet=True), chunks=kp.chunks,
+    kp = plan_array(cfg, t, need_ingest=False)
+    atomic_write_json(SlurmPaths.of(cfg, t).plan, kp.as_json())
+    compute_kernel(dataclasses.replace(cfg.kernel_config(show_progress=False), chunks=kp.chunks,
                                        tile=kp.tile))
     assert gather(job) == 0
     assert (tmp_path / "w" / "results.json").is_file()
@@ -402,7 +391,7 @@ def _queue(job_id: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _wait(what: str, cond, timeout: float = 180.0, interval: float = 0.1):  # noqa: ANN001
+def _wait(what: str, cond, timeout: float = 180.0, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = cond()
@@ -487,9 +476,9 @@ time = "10:00"
     assert {s for s, _ in _queue(jobs["kernel"]["id"]).values()} == {"COMPLETED"}
 
     # the dask-ingested store is the serial ingest's
-    from kernelscale.ingest import ingest_local
+    from tests.conftest import ingest_dir
 
-    ingest_local(w / "simulated", tmp_path / "serial", show_progress=False)
+    ingest_dir(w / "simulated", tmp_path / "serial", show_progress=False)
     assert_same_store(tmp_path / "serial", w / "store")
     # the kernel is the single-process run's, bit for bit, and close to the float64 truth
     single = _single_process(w / "store", tmp_path / "single", "64x128", "64x128")

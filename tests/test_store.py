@@ -4,8 +4,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kernelscale.errors import StoreError
-from kernelscale.ingest import ingest_local
 from kernelscale.store import Store
+from tests.conftest import ingest_dir
 from tests.reference import write_log
 
 
@@ -31,7 +31,7 @@ def test_read_into_unwritten_chunk_reads_zeros(tmp_path):
     tr = rng.normal(size=(8, 9, 3))
     te[4:8] = 0.0  # the second run-chunk of the test split is all fill value
     write_log(tmp_path / "src" / "a" / "log.pt", te, tr)
-    ingest_local(tmp_path / "src", tmp_path / "store", run_chunk=4, show_progress=False)
+    ingest_dir(tmp_path / "src", tmp_path / "store", run_chunk=4, show_progress=False)
     s = Store.open(tmp_path / "store")
     out = np.ones((8, 6, 3), dtype=np.float16)
     s.read_into("test", 0, 8, out)

@@ -1,10 +1,10 @@
-"""Where logits come from: local folders of ``log.pt`` files, and labels.
+"""The ``log.pt`` file format: safe loading and complete validation.
 
 A source file is a ``torch.save``d dict with
 
 * ``logits``       -- float16 tensor (runs, n_test, classes)
 * ``logits_train`` -- float16 tensor (runs, n_train, classes)
-* ``code``         -- str, the training script (optional here; kept for provenance)
+* ``code``         -- str, the training script (optional; not stored by ingest)
 
 Files are untrusted: they are loaded with ``torch.load(..., weights_only=True)``, which
 refuses any pickle that is not plain tensors and containers, and then checked completely
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +26,6 @@ from .errors import BadInputError
 #: dtypes a store can hold; logits keep their on-disk precision (the reference casts to
 #: float32 only for the computation, so widening here would only cost disk).
 ALLOWED_DTYPES = ("float16", "float32")
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One file of a source: where it is and how it is named in the manifest."""
-
-    path: Path  #: local path to read
-    name: str  #: stable name recorded in the manifest (path relative to the source root)
-    size: int
 
 
 @dataclass
@@ -51,20 +41,10 @@ class LoadedLog:
     size: int
     test: np.ndarray
     train: np.ndarray
-    code: str
 
     @property
     def runs(self) -> int:
         return int(self.test.shape[0])
-
-
-def list_local(root: str | os.PathLike, glob: str = "**/log.pt") -> list[SourceFile]:
-    """Every file matching ``glob`` under ``root``, in sorted path order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise BadInputError(f"{root}: source is not a directory")
-    files = sorted(p for p in root.glob(glob) if p.is_file())
-    return [SourceFile(p, p.relative_to(root).as_posix(), p.stat().st_size) for p in files]
 
 
 def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
@@ -156,72 +136,4 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
             r, i, c = (int(v[0]) for v in np.nonzero(~finite))
             raise BadInputError(f"{label}: {key!r} has {bad} non-finite value(s), first at "
                                 f"[run {r}, example {i}, class {c}]")
-    code = obj.get("code", "")
-    if not isinstance(code, str):
-        code = ""
-    return LoadedLog(label, digest, len(data), test, train, code)
-
-
-# ----------------------------------------------------------------------------- labels
-
-@dataclass(frozen=True)
-class Labels:
-    """int64 label vectors ``train`` (n_train,) and ``test`` (n_test,), and class names."""
-
-    train: np.ndarray
-    test: np.ndarray
-    class_names: tuple[str, ...] | None = None
-    source: str = ""
-
-
-def load_labels(spec: str, *, n_train: int | None = None, n_test: int | None = None,
-                classes: int | None = None, download: bool = True) -> Labels:
-    """Load labels from ``path.npz`` (arrays ``train``, ``test``) or ``cifar10:ROOT``.
-
-    The lengths must match the store's split sizes and every label must lie in
-    ``[0, classes)``; otherwise :class:`BadInputError` names the file and the problem.
-    """
-    names = None
-    if spec.startswith("cifar10:"):
-        root = spec.split(":", 1)[1] or "."
-        try:
-            import torchvision
-            tr = torchvision.datasets.CIFAR10(root, train=True, download=download)
-            te = torchvision.datasets.CIFAR10(root, train=False, download=download)
-        except Exception as e:
-            text = " ".join(str(e).split())[:160]
-            if isinstance(e, urllib.error.URLError | TimeoutError | ConnectionError):
-                raise BadInputError(
-                    f"{spec}: CIFAR-10 is not under {root} and downloading it failed "
-                    f"({type(e).__name__}: {text}); run once with network access, or "
-                    "pass --labels FILE.npz") from None
-            raise BadInputError(f"{spec}: cannot load CIFAR-10 ({type(e).__name__}: "
-                                f"{text})") from None
-        train = np.asarray(tr.targets, dtype=np.int64)
-        test = np.asarray(te.targets, dtype=np.int64)
-        names = tuple(tr.classes)
-    else:
-        try:
-            with np.load(spec, allow_pickle=False) as z:
-                missing = [k for k in ("train", "test") if k not in z.files]
-                if missing:
-                    raise BadInputError(f"{spec}: labels file lacks array(s) {missing}")
-                train, test = z["train"], z["test"]
-                if "class_names" in z.files:
-                    names = tuple(str(s) for s in z["class_names"])
-        except BadInputError:
-            raise
-        except Exception as e:
-            raise BadInputError(f"{spec}: not a readable labels .npz ({type(e).__name__}: "
-                                f"{str(e)[:160]})") from None
-    for split, arr, n in (("train", train, n_train), ("test", test, n_test)):
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise BadInputError(f"{spec}: {split} labels must be a 1-D integer array, got "
-                                f"{arr.dtype} {arr.shape}")
-        if n is not None and arr.shape[0] != n:
-            raise BadInputError(f"{spec}: {arr.shape[0]} {split} labels, but the store has "
-                                f"{n} {split} examples")
-        if classes is not None and arr.size and (arr.min() < 0 or arr.max() >= classes):
-            raise BadInputError(f"{spec}: {split} labels out of range [0, {classes}) "
-                                f"(min {arr.min()}, max {arr.max()})")
-    return Labels(train.astype(np.int64), test.astype(np.int64), names, spec)
+    return LoadedLog(label, digest, len(data), test, train)

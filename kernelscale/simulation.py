@@ -172,7 +172,7 @@ def _runs(seed: int, start: int, stop: int, data) -> tuple[np.ndarray, np.ndarra
 
 def _code(seed: int, runs: int, n_train: int, n_test: int, classes: int, start: int,
           stop: int) -> str:
-    return (f"kernelscale.simulate latent-feature model v{MODEL_VERSION}: seed={seed} "
+    return (f"kernelscale.simulation latent-feature model v{MODEL_VERSION}: seed={seed} "
             f"runs={runs} n_train={n_train} n_test={n_test} classes={classes} "
             f"file_runs=[{start},{stop}) D={_D} S={_S} sigma_w={_SIGMA_W} beta={_BETA} "
             f"tau={_TAU} sigma_n={_SIGMA_N} memorise={_MEMORISE} dup={_DUP_FRACTION} "

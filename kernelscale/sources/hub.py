@@ -7,9 +7,9 @@ to ``huggingface_hub``: the endpoint comes from its ``HF_ENDPOINT`` setting (or 
 ``endpoint`` argument), the token from its usual places (``HF_TOKEN``, the token file).
 A token is never printed, logged or recorded.
 
-Files are downloaded by ``workers`` threads into the library's cache (``cache_dir``) and
-handed to the single-writer commit path of :func:`kernelscale.ingest.ingest_files` in
-sorted path order. At most ``workers`` downloaded files wait for their commit at any time
+Files are downloaded by ``download_workers`` threads into the library's cache
+(``cache_dir``) and handed to the consumer (the single writer of the ingest) in sorted
+path order. At most ``workers`` downloaded files wait for their commit at any time
 and each is deleted once its runs are in the store (unless ``keep_downloads``), so local
 disk for downloads stays below ``(workers + 1) x`` the largest file. A file whose bytes
 do not match the listing's LFS sha256 is rejected and its blob removed from the cache.
@@ -29,9 +29,8 @@ import re
 import sys
 import threading
 import time
-import warnings
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +39,9 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.hf_api import RepoFile
 
-from .errors import ConfigError, KernelscaleError
-from .ingest import BadFile, IngestSummary, PreparedFile, ingest_files, prepare_or_bad
-from .sources import SourceFile, sha256_file
-from .store import Store
+from ..errors import ConfigError, KernelscaleError
+from ..logfile import sha256_file
+from .base import Fetched, FetchOptions, Source, SourceFile
 
 SCHEME = "hf://"
 DEFAULT_REVISION = "main"
@@ -63,10 +61,6 @@ STALE_PARTIAL_SECONDS = 600.0
 
 class HubError(KernelscaleError):
     """The Hub refused a request, or it kept failing after the allowed retries."""
-
-
-class ChangedUpstreamWarning(UserWarning):
-    """A file already in the store has other content at the revision being ingested."""
 
 
 class _Cancelled(Exception):
@@ -256,21 +250,24 @@ class HubFile:
 
 
 @dataclass
-class _Download:
-    name: str
-    path: Path  #: the snapshot path hf_hub_download returned
-    blob: Path  #: the file holding the bytes (the path itself when not a symlink)
-    released: bool = False
+class _Download(Fetched):
+    """``path``: the snapshot path hf_hub_download returned; ``blob``: the file holding
+    the bytes (the path itself when not a symlink)."""
+
+    blob: Path | None = None
 
 
-class HubSource:
-    """The files of one Hub spec at one resolved commit, and their downloads."""
+class HubSource(Source):
+    """The files of one Hub spec at one pinned commit, and their downloads."""
 
-    def __init__(self, spec: HubSpec | str, *, revision: str | None = None,
+    kind = "hub"
+
+    def __init__(self, spec: HubSpec | str, options: FetchOptions | None = None, *,
                  endpoint: str | None = None, token: str | bool | None = None,
-                 cache_dir: str | os.PathLike | None = None, workers: int = 4,
-                 retries: int = 5, retry_wait: float = 1.0,
-                 keep_downloads: bool = False) -> None:
+                 retry_wait: float = 1.0) -> None:
+        o = options or FetchOptions()
+        revision, cache_dir, workers = o.revision, o.cache_dir, o.download_workers
+        retries, keep_downloads = o.retries, o.keep_downloads
         self.spec = parse_hub_spec(spec) if isinstance(spec, str) else spec
         if revision and self.spec.revision and revision != self.spec.revision:
             raise ConfigError(f"{self.spec}: --revision {revision} contradicts the "
@@ -291,7 +288,6 @@ class HubSource:
         self.commit: str | None = None
         self.files: dict[str, HubFile] = {}
         self.bytes_downloaded = 0
-        self.current: _Download | None = None  #: the download last handed to the writer
         self._lock = threading.Lock()
         self._blobs: Counter[Path] = Counter()  # downloads not yet released, per blob
         self._cancel = threading.Event()
@@ -299,7 +295,7 @@ class HubSource:
                         if "tqdm_class" in inspect.signature(hf_hub_download).parameters else {})
 
     # ---------------------------------------------------------------- retry wrapper
-    def _attempts(self, label: str, fn):  # noqa: ANN001, ANN202
+    def _attempts(self, label: str, fn):
         """Call ``fn()``; retry transient failures with exponential backoff."""
         attempt = 0
         while True:
@@ -328,9 +324,16 @@ class HubSource:
     def _note(self, msg: str) -> None:
         print(f"hub: {msg}", file=sys.stderr, flush=True)
 
-    # ------------------------------------------------------------- resolve, list
-    def resolve(self) -> str:
-        """Resolve the revision to a commit sha (once)."""
+    def __str__(self) -> str:
+        return str(self.spec)
+
+    @classmethod
+    def can_open(cls, spec: str) -> bool:
+        return is_hub_spec(spec)
+
+    # ---------------------------------------------------------------- pin, list
+    def pin(self) -> str:
+        """Pin the revision to a commit sha (once): every listing and download uses it."""
         if self.commit is None:
             info = self._attempts(str(self.spec), lambda: self.api.repo_info(
                 self.spec.repo_id, repo_type="dataset", revision=self.revision,
@@ -370,13 +373,15 @@ class HubSource:
             self._note(f"removed {freed / 1e6:.1f} MB of abandoned partial downloads")
         return freed
 
-    def list(self, glob: str = "**/log.pt") -> list[HubFile]:
-        """Files under the prefix matching ``glob``, at the resolved commit, sorted by path.
+    def list(self, glob: str = "**/log.pt") -> list[SourceFile]:
+        """Files under the prefix matching ``glob``, at the pinned commit, sorted by path.
 
         ``glob`` is matched against the path inside the repo, or against the path
-        relative to the spec's prefix.
+        relative to the spec's prefix. The manifest name of a file is its path in the repo.
+        Abandoned partial downloads of earlier runs are swept first.
         """
-        commit = self.resolve()
+        commit = self.pin()
+        self.sweep_stale_partials()
         prefix = self.spec.prefix
         rx = glob_regex(glob)
         # A glob naming folders literally (one file of 20,000) lists only those folders.
@@ -404,12 +409,17 @@ class HubSource:
                 raise
         files.sort(key=lambda f: f.path)
         self.files = {f.path: f for f in files}
-        return files
+        if not files:
+            raise HubError(f"{self.spec}: no files match {glob!r} at commit {commit}")
+        self._note(f"{self.spec} revision {self.revision} = commit {commit}: {len(files)} "
+                   f"file(s) match {glob!r}; {self.workers} download worker(s), cache "
+                   f"{self.cache_dir}")
+        return [SourceFile(f.path, f.size, f.sha256) for f in files]
 
     # ------------------------------------------------------------------- download
     def download(self, f: HubFile) -> _Download:
         """Download one file at the resolved commit (retrying); return where it lies."""
-        commit = self.resolve()
+        commit = self.pin()
         # Same cache_dir on every attempt and run: the library resumes partial downloads
         # there (within the call in 2.x; from `<blob>.incomplete` on the next call before).
         p = self._attempts(self.spec.label(f.path), lambda: hf_hub_download(
@@ -420,12 +430,15 @@ class HubSource:
         blob = Path(os.path.realpath(path))
         with self._lock:
             self._blobs[blob] += 1
-        return _Download(f.path, path, blob)
+        return _Download(SourceFile(f.path, f.size, f.sha256), path, blob=blob)
 
-    def release(self, d: _Download, corrupt: bool = False) -> None:
-        """Forget a download; delete its file unless kept (a corrupt one always goes)."""
-        if d.released:
+    def release(self, d: Fetched, bad: bool = False) -> None:
+        """Forget a download; delete its file unless kept. A rejected file whose bytes do
+        not match the listing's sha256 always goes: the cache would serve it again."""
+        if d.released or not isinstance(d, _Download):
             return
+        corrupt = (bad and d.file.sha256 is not None and d.blob.exists()
+                   and sha256_file(d.blob) != d.file.sha256)
         d.released = True
         with self._lock:
             self._blobs[d.blob] -= 1
@@ -447,34 +460,29 @@ class HubSource:
             parent = parent.parent
 
     # ------------------------------------------------------------------- pipeline
-    def stream(self, files: list[SourceFile], expect: dict | None
-               ) -> Iterator[PreparedFile | BadFile]:
-        """Download ``files`` ahead with the workers; yield each prepared, in order.
+    def fetch(self, files: Iterable[SourceFile]) -> Iterator[Fetched]:
+        """Download ``files`` ahead with the workers; yield each, in order.
 
         At most ``workers`` files are downloading, waiting or being committed at once:
         the next download starts only when the caller comes back for the next item,
-        after the previous one is committed and released (deleted unless kept). So the
-        download folder holds at most ``workers`` files, within the promised
-        ``(workers + 1) x`` the largest file.
+        after it released the previous one (deleted unless kept). So the download folder
+        holds at most ``workers`` files, within the promised ``(workers + 1) x`` the
+        largest file.
         """
-        pending: deque[tuple[SourceFile, Future]] = deque()
+        pending: deque[Future] = deque()
         todo = iter(files)
         current: _Download | None = None
         self._cancel.clear()
+        self._t0 = time.monotonic()
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hub-download")
         try:
             while True:
                 while len(pending) < self.workers and (f := next(todo, None)) is not None:
-                    pending.append((f, pool.submit(self.download, self.files[f.name])))
+                    pending.append(pool.submit(self.download, self.files[f.name]))
                 if not pending:
                     return
-                f, fut = pending.popleft()
-                current = fut.result()
-                item = self.prepare(current, f, expect)
-                if expect is None and isinstance(item, PreparedFile):
-                    expect = _expect_of(item)
-                self.current = current
-                yield item
+                current = pending.popleft().result()
+                yield current
                 self.release(current)
                 current = None
         finally:
@@ -482,44 +490,35 @@ class HubSource:
             pool.shutdown(wait=True, cancel_futures=True)
             if current is not None:
                 self.release(current)
-            for _, fut in pending:
+            for fut in pending:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     self.release(fut.result())
 
-    def prepare(self, d: _Download, f: SourceFile, expect: dict | None
-                ) -> PreparedFile | BadFile:
-        """Validate a downloaded file against its LFS sha256 and the store's shape."""
-        hf = self.files[f.name]
-        item = prepare_or_bad(SourceFile(d.path, f.name, f.size), expect, sha256=hf.sha256)
-        if isinstance(item, BadFile) and hf.sha256 and d.blob.exists() \
-                and sha256_file(d.blob) != hf.sha256:
-            # A corrupt blob in the cache would be served again by every later call.
-            self.release(d, corrupt=True)
-        return item
+    def close(self) -> None:
+        self._cancel.set()
+        if self.bytes_downloaded:
+            dt = time.monotonic() - getattr(self, "_t0", time.monotonic())
+            self._note(f"downloaded {self.bytes_downloaded / 1e6:.1f} MB in {dt:.1f} s")
 
-    def on_committed(self, item: PreparedFile) -> None:
-        if self.current is not None and self.current.name == item.source.name:
-            self.release(self.current)
-
-    def entry_extra(self, src: SourceFile) -> dict:
-        hf = self.files[src.name]
+    def entry(self, file: SourceFile) -> dict:
+        hf = self.files[file.name]
         extra = {"commit": self.commit, "hub_path": hf.path}
         if hf.sha256:
             extra["lfs_sha256"] = hf.sha256
         return extra
 
-    def source_record(self, glob: str) -> dict:
-        return {"kind": "hub", "repo": f"datasets/{self.spec.repo_id}",
+    def record(self, glob: str) -> dict:
+        return {"kind": self.kind, "repo": f"datasets/{self.spec.repo_id}",
                 "revision": self.revision, "commit": self.commit,
                 "path": self.spec.prefix, "glob": glob,
                 "endpoint": _safe_endpoint(self.endpoint)}
 
 
-def _silent_bar(cancel: threading.Event, count) -> type:  # noqa: ANN001
+def _silent_bar(cancel: threading.Event, count) -> type:
     """A tqdm stand-in for hf_hub_download: counts bytes, stops a cancelled transfer."""
 
     class _Bar:
-        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        def __init__(self, *args, **kwargs) -> None:
             pass
 
         def update(self, n: float = 1) -> None:
@@ -530,80 +529,10 @@ def _silent_bar(cancel: threading.Event, count) -> type:  # noqa: ANN001
         def __enter__(self) -> _Bar:
             return self
 
-        def __exit__(self, *exc) -> bool:  # noqa: ANN002
+        def __exit__(self, *exc) -> bool:
             return False
 
-        def __getattr__(self, name: str):  # noqa: ANN204
+        def __getattr__(self, name: str):
             return lambda *a, **k: None
 
     return _Bar
-
-
-def _expect_of(item: PreparedFile) -> dict:
-    return {"n_test": item.test.shape[1], "n_train": item.train.shape[1],
-            "classes": item.test.shape[2], "dtype": str(item.test.dtype)}
-
-
-# --------------------------------------------------------------------------- ingest
-
-def ingest_hub(spec: str | HubSpec, store_path: str | os.PathLike, *,
-               glob: str = "**/log.pt", max_files: int | None = None,
-               max_runs: int | None = None, revision: str | None = None,
-               endpoint: str | None = None, token: str | bool | None = None,
-               cache_dir: str | os.PathLike | None = None, workers: int = 4,
-               retries: int = 5, retry_wait: float = 1.0, keep_downloads: bool = False,
-               skip_bad: bool = False, run_chunk: int | None = None,
-               show_progress: bool = True,
-               shape: tuple[int, int, int] | None = None) -> IngestSummary:
-    """Ingest the files of a Hub spec matching ``glob`` (sorted by path) into a store.
-
-    ``max_files`` keeps the first N matching files (ingested or not); ``max_runs`` stops
-    before the file that would take the store past N runs. Files whose path is already
-    in the store are neither downloaded nor ingested again. See the module docstring for
-    pinning, verification, disk bound and provenance.
-    """
-    hub = HubSource(spec, revision=revision, endpoint=endpoint, token=token,
-                    cache_dir=cache_dir, workers=workers, retries=retries,
-                    retry_wait=retry_wait, keep_downloads=keep_downloads)
-    commit = hub.resolve()
-    hub.sweep_stale_partials()
-    listing = hub.list(glob)
-    if not listing:
-        raise HubError(f"{hub.spec}: no files match {glob!r} at commit {commit}")
-    if max_files is not None:
-        listing = listing[:max_files]
-    store_path = Path(store_path)
-    store = Store.open(store_path) if Store.exists(store_path) else None
-    ingested = {f["name"]: f for f in store.manifest["files"]} if store else {}
-    for f in listing:
-        old = ingested.get(f.path)
-        if old and f.sha256 and old.get("sha256") != f.sha256:
-            warnings.warn(f"{hub.spec.label(f.path)}: changed upstream since it was "
-                          f"ingested at commit {old.get('commit')}; kept the ingested "
-                          "version", ChangedUpstreamWarning, stacklevel=2)
-    files = [SourceFile(hub.cache_dir / f.path, f.path, f.size) for f in listing]
-    new = [f for f in files if f.name not in ingested]
-    hub._note(f"{hub.spec} revision {hub.revision} = commit {commit}: {len(listing)} "
-              f"file(s) match {glob!r}, {len(new)} new; {hub.workers} download worker(s), "
-              f"cache {hub.cache_dir}")
-    t0 = time.monotonic()
-    kw = dict(skip_bad=skip_bad, run_chunk=run_chunk, max_runs=max_runs,
-              source_record=hub.source_record(glob), show_progress=show_progress,
-              on_committed=hub.on_committed, entry_extra=hub.entry_extra, shape=shape)
-    streams = []
-
-    def preparer(todo: list[SourceFile], expect: dict | None
-                 ) -> Iterator[PreparedFile | BadFile]:
-        streams.append(hub.stream(todo, expect))
-        return streams[-1]
-
-    try:
-        summary = ingest_files(files, store_path, preparer=preparer, **kw)
-    finally:
-        # Stop downloads ahead and delete them now, not when the generator is collected.
-        for g in streams:
-            g.close()
-    if hub.bytes_downloaded:
-        dt = time.monotonic() - t0
-        hub._note(f"downloaded {hub.bytes_downloaded / 1e6:.1f} MB in {dt:.1f} s")
-    return summary

@@ -2,24 +2,25 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-from kernelscale import evaluate as ev_mod
-from kernelscale.evaluate import (
+from kernelscale import knn as ev_mod
+from kernelscale.knn import (
     Candidates,
     Grid,
     Setting,
     crossfit,
-    knn_predict,
     leave_one_out,
     predict,
     predictions_by_k,
     top_neighbours,
 )
 from tests.conftest import run_cli
+from tests.reference import knn_predict
 
 # ----------------------------------------------------------------- brute-force reference
 # Written from the definitions in the evaluate module's docstring, one row at a time, with
@@ -149,9 +150,11 @@ def test_leave_one_out_never_sees_the_example_itself():
         pred = [int(np.argmax(r)) for r in scores]  # exact ties: the smallest label
         ref.append(np.mean(np.asarray(pred) == y) * 100)
     best = int(np.argmax(ref))
-    assert sel["setting"] == settings[best].as_json()
-    assert sel["selection_accuracy"] == pytest.approx(ref[best])
-    assert sel["accuracy"] == pytest.approx(best / 10 * 100)
+    assert sel.method == "leave-one-out"
+    assert sel.setting == settings[best]
+    assert sel.selection_accuracy == pytest.approx(ref[best])
+    assert sel.selection_rows == n
+    assert sel.accuracy == pytest.approx(best / 10 * 100)
     assert max(ref) < 100.0  # including itself, 1-NN would be perfect
 
 
@@ -180,13 +183,15 @@ def test_crossfit_never_scores_on_the_half_it_chose_on(monkeypatch):
     adv[1, sorted(b1)] = True
     calls.clear()
     res = crossfit(Candidates(settings[:2], adv), seed=7)
-    assert res["accuracy"] == 0.0
-    assert [f["setting"]["k"] for f in res["folds"]] == [1, 3]
-    assert all(f["accuracy_where_chosen"] == 100.0 for f in res["folds"])
+    assert res.method == "cross-fit" and res.seed == 7 and res.setting is None
+    assert res.accuracy == 0.0
+    assert [f.setting.k for f in res.folds] == [1, 3]
+    assert all(f.accuracy_where_chosen == 100.0 for f in res.folds)
+    assert [f.chosen_on_rows + f.scored_on_rows for f in res.folds] == [n, n]
 
 
 def test_evaluate_cli_weighted_and_selected_against_reference(tmp_path, small_store):
-    from kernelscale.kernel import load_kernel
+    from kernelscale.output import load_kernel
     from tests.reference import labels_file
 
     store, *_ = small_store
@@ -205,6 +210,7 @@ def test_evaluate_cli_weighted_and_selected_against_reference(tmp_path, small_st
         assert d[key] == pytest.approx(ref)
     assert d["selection"]["method"] == "cross-fit"
     assert len(d["selection"]["folds"]) == 2
+    assert "crossfit" not in d  # the selection is the cross-fit: not written twice
     assert d["oracle"]["accuracy"] >= max(d["knn_accuracy"], d["weighted_accuracy"])
     text = run_cli("evaluate", "--store", str(store), "--kernel", str(tmp_path / "k"),
                    "--labels", str(lab), "--select").stdout
@@ -225,6 +231,7 @@ def test_evaluate_with_train_kernel_and_mismatch(tmp_path, small_store):
                            "--json").stdout)
     assert d["selection"]["method"] == "leave-one-out"
     assert d["selection"]["selection_rows"] == 96
+    assert d["selection"]["train_kernel"] == str(tmp_path / "tt")
     assert d["crossfit"]["method"] == "cross-fit"
     run_cli("kernel", "--store", str(store), "--out", str(tmp_path / "tt12"),
             "--pairs", "train-train", "--runs", "12")
@@ -238,17 +245,36 @@ def test_evaluate_with_train_kernel_and_mismatch(tmp_path, small_store):
     assert p.returncode == 2 and "needs a train-train kernel" in p.stderr
 
 
+def test_a_kernel_of_another_store_names_that_store(tmp_path, small_store):
+    from tests.conftest import ingest_dir
+    from tests.reference import labels_file
+
+    store, *_ = small_store
+    other = tmp_path / "other"
+    ingest_dir(tmp_path / "src", other, max_files=2, show_progress=False)
+    lab = labels_file(tmp_path / "labels.npz", 96, 40, 5)
+    run_cli("kernel", "--store", str(other), "--out", str(tmp_path / "k"))
+    p = run_cli("evaluate", "--store", str(store), "--kernel", str(tmp_path / "k"),
+                "--labels", str(lab), check=False)
+    assert p.returncode == 2
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith(f"kernelscale: error: {tmp_path / 'k'}: was computed from the "
+                           f"store {other.resolve()}, not {store} ")
+    assert f"kernelscale kernel --store {store} --out {tmp_path / 'k'} --overwrite" in line
+
+
 def test_ablation_kernels_are_the_class_and_raw_logit_kernels(tmp_path, small_store):
-    from kernelscale.evaluate import ablation_kernels, evaluate, prepare
-    from kernelscale.kernel import KernelConfig, compute_kernel, load_kernel
-    from kernelscale.sources import load_labels
+    from kernelscale.evaluation import ablation_kernels, evaluate, open_inputs
+    from kernelscale.kernel import KernelConfig, compute_kernel
+    from kernelscale.labels import load_labels
+    from kernelscale.output import load_kernel
     from tests.reference import labels_file, reference_kernel
 
     store, test, train = small_store
     compute_kernel(KernelConfig(store=store, out=tmp_path / "k", device="cpu",
                                 show_progress=False))
     labels = load_labels(str(labels_file(tmp_path / "labels.npz", 96, 40, 5)))
-    made = ablation_kernels(prepare(store, tmp_path / "k", labels), tmp_path / "abl",
+    made = ablation_kernels(open_inputs(store, tmp_path / "k", labels), tmp_path / "abl",
                             device="cpu")
     assert [n for n, _ in made] == [f"class-{c}" for c in range(5)] + ["no-log-softmax"]
     for name, path in made:
@@ -259,22 +285,128 @@ def test_ablation_kernels_are_the_class_and_raw_logit_kernels(tmp_path, small_st
             ref = reference_kernel(test, train, classes=[int(name.split("-")[1])])
         assert np.abs(K - ref).max() <= 1e-5, name
     res = evaluate(str(store), str(tmp_path / "k"), labels, ablations_dir=tmp_path / "abl")
-    assert [a["name"] for a in res.ablations] == [n for n, _ in made]
+    assert [a.name for a in res.ablations] == [n for n, _ in made]
     y = np.load(tmp_path / "labels.npz")
     for a in res.ablations:
-        K = load_kernel(a["path"]).array[...]
+        assert a.class_index == (int(a.name.split("-")[1]) if a.name.startswith("class-")
+                                 else None)
+        K = load_kernel(a.path).array[...]
         scores = ref_scores(K, y["train"], 3, "none", None, 5)
         ref = np.mean(np.asarray([int(np.argmax(s)) for s in scores]) == y["test"]) * 100
-        assert a["accuracy"] == pytest.approx(ref)
+        assert a.accuracy == pytest.approx(ref)
+    assert [a["name"] for a in res.as_json()["ablations"]] == [n for n, _ in made]
+
+
+# --------------------------------------------------------------- JSON and provenance
+
+def all_floats(obj):
+    if isinstance(obj, float):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from all_floats(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from all_floats(v)
+
+
+def significant_digits(x: float) -> int:
+    """Significant digits of the shortest text of ``x``: 85.39999999999999 has 16."""
+    mantissa = repr(abs(x)).split("e")[0].replace(".", "")
+    return len(mantissa.strip("0")) or 1
+
+
+def assert_rounded(doc):
+    """Every float of a JSON document has at most 7 significant digits."""
+    floats = [x for x in all_floats(doc) if math.isfinite(x)]
+    assert floats
+    bad = [x for x in floats if significant_digits(x) > 7]
+    assert not bad, bad[:5]
+
+
+def test_evaluation_json_is_rounded_typed_and_not_duplicated():
+    from kernelscale.evaluation import Evaluation
+    from kernelscale.knn import Choice, Selection, oracle
+
+    rng = np.random.default_rng(8)
+    table = Candidates([Setting(1), Setting(3), Setting(5, "power", 2.0)],
+                       rng.random((3, 7)) < 0.5)  # accuracies in sevenths: long decimals
+    cf = crossfit(table, seed=1)
+    orc = oracle(table)
+    assert isinstance(cf, Selection) and isinstance(orc, Choice)
+    # the typed results survive a JSON round trip
+    assert Selection.from_json(json.loads(json.dumps(cf.as_json()))) == cf
+    assert Choice.from_json(json.loads(json.dumps(orc.as_json()))) == orc
+    ev = Evaluation(2, 3, 85.39999999999999, 100 / 3, 200 / 3, {}, setting=Setting(3),
+                    weighted_accuracy=200 / 3, selection=cf, crossfit=cf, oracle=orc,
+                    per_run_accuracy=[100 / 3, 137.39999999999999 - 52])
+    d = ev.as_json()
+    assert d["single_model_accuracy"] == 85.4 and d["ensemble_accuracy"] == 33.3333
+    assert "per_run_accuracy" not in d  # every run's accuracy only when asked
+    assert "crossfit" not in d and d["selection"]["method"] == "cross-fit"
+    assert d["selection"]["folds"][0]["setting"] == cf.folds[0].setting.as_json()
+    assert_rounded(d)
+    full = ev.as_json(per_run=True)
+    assert full["per_run_accuracy"] == [33.3333, 85.4]
+    assert_rounded(full)
+    # beside another selection the cross-fit is its own section
+    ev.selection = Selection("leave-one-out", Setting(1), 50.0, selection_accuracy=100 / 7,
+                             selection_rows=7)
+    d = ev.as_json()
+    assert d["selection"]["method"] == "leave-one-out"
+    assert d["crossfit"]["method"] == "cross-fit"
+    assert d["selection"]["selection_accuracy"] == 14.2857
+    assert "neighbours" not in d and "folds" not in d["selection"]
+
+
+def test_results_json_rounded_without_runs_with_provenance(tmp_path, small_store):
+    import torch
+
+    from kernelscale import __version__
+    from kernelscale.output import load_kernel
+    from kernelscale.store import Store
+    from tests.reference import labels_file
+
+    store, *_ = small_store
+    run_cli("kernel", "--store", str(store), "--out", str(tmp_path / "k"), "--device", "cpu")
+    lab = labels_file(tmp_path / "labels.npz", 96, 40, 5)
+    args = ("evaluate", "--store", str(store), "--kernel", str(tmp_path / "k"), "--labels",
+            str(lab), "--select", "--json")
+    d = json.loads(run_cli(*args).stdout)
+    assert "per_run_accuracy" not in d and "crossfit" not in d
+    assert_rounded(d)
+    prov = d["provenance"]
+    assert prov["store"] == str(store.resolve())
+    assert prov["store_fingerprint"] == Store.open(store).fingerprint()
+    assert prov["kernel"] == str((tmp_path / "k").resolve())
+    assert prov["kernel_identity"] == load_kernel(tmp_path / "k").attrs["identity"]
+    assert prov["kernel_identity"]["store_fingerprint"] == prov["store_fingerprint"]
+    assert Path(prov["labels"]).resolve() == lab.resolve()
+    assert prov["kernelscale_version"] == __version__
+    assert prov["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert prov["numpy_version"] == np.__version__
+    assert prov["device"] == "cpu"  # from the kernel's done-markers
+    assert prov["command"].startswith("kernelscale -q evaluate --store ")
+    assert "--select" in prov["command"]
+    assert prov["created_at"].endswith("Z")
+    full = json.loads(run_cli(*args, "--per-run").stdout)
+    assert len(full["per_run_accuracy"]) == 24
+    assert_rounded(full)
+    assert np.mean(full["per_run_accuracy"]) == pytest.approx(full["single_model_accuracy"],
+                                                              abs=1e-3)
+    assert {k: v for k, v in full.items() if k not in ("per_run_accuracy", "provenance")} \
+        == {k: v for k, v in d.items() if k != "provenance"}
 
 
 # ------------------------------------------------------------------------------ the curve
 
 def test_crossover_rule():
-    from kernelscale.curve import crossover
+    from kernelscale.curve import CurvePoint, crossover
+    from kernelscale.knn import Choice, Selection
 
     def pts(*pairs):
-        return [{"runs": n, "ensemble_accuracy": e, "knn_accuracy": k}
+        sel, orc = Selection("cross-fit", None, 0.0), Choice(Setting(1), 0.0)
+        return [CurvePoint(n, 0.0, e, k, sel, orc)
                 for n, (e, k) in zip((5, 10, 20, 50, 100), pairs, strict=False)]
 
     assert crossover(pts((80, 70), (80, 81), (80, 79), (80, 82), (80, 85))) == 50
@@ -284,32 +416,34 @@ def test_crossover_rule():
 
 
 def test_parse_runs_errors():
-    from kernelscale.curve import parse_runs
+    from kernelscale.curve import run_counts
     from kernelscale.errors import ConfigError
 
-    assert parse_runs("50, 10,all,10", 60) == [10, 50, 60]
-    assert parse_runs([5, "all"], 8) == [5, 8]
-    for bad, msg in (("1", r"outside \[2, 60\]"), ("70", "outside"), ("x", "not a number"),
+    assert run_counts("50, 10,all,10", 60) == [10, 50, 60]
+    assert run_counts([5, "all"], 8) == [5, 8]
+    for bad, msg in (("1", "at least 2"), ("70", r"outside \[2, 60\]"), ("x", "not a number"),
                      ("", "no run counts")):
         with pytest.raises(ConfigError, match=msg):
-            parse_runs(bad, 60)
+            run_counts(bad, 60)
 
 
 def test_curve_ensemble_ahead_at_few_runs_kernel_ahead_at_many(tmp_path):
-    from kernelscale.curve import load_curve
+    from kernelscale.curve import Curve, load_curve
 
-    run_cli("simulate", str(tmp_path / "sim"), "--runs", "160", "--files", "2", "--n-train",
+    run_cli("simulate", "--out", str(tmp_path / "sim"), "--runs", "160", "--files", "2", "--n-train",
             "1000", "--n-test", "300", "--seed", "1")
     run_cli("ingest", str(tmp_path / "sim"), "--store", str(tmp_path / "store"))
     p = run_cli("curve", "--store", str(tmp_path / "store"), "--labels",
                 str(tmp_path / "sim" / "labels.npz"), "--runs", "4,20,all", "--out",
                 str(tmp_path / "curve"), "--device", "cpu")
     doc = load_curve(tmp_path / "curve" / "curve.json")
-    pts = {p["runs"]: p for p in doc["points"]}
+    pts = {p.runs: p for p in doc.points}
     assert sorted(pts) == [4, 20, 160]
-    assert pts[4]["ensemble_accuracy"] > pts[4]["knn_accuracy"] + 5
-    assert pts[160]["knn_accuracy"] > pts[160]["ensemble_accuracy"] + 1
-    assert doc["crossover"] == 160
+    assert pts[4].ensemble_accuracy > pts[4].knn_accuracy + 5
+    assert pts[160].knn_accuracy > pts[160].ensemble_accuracy + 1
+    assert doc.crossover == 160
+    assert all(p.selected.method == "cross-fit" and len(p.selected.folds) == 2
+               for p in doc.points)
     assert "crossover: 3-NN ahead of the ensemble from 160 runs on" in p.stdout
     assert not list((tmp_path / "curve").glob("kernel-runs-*"))  # not kept by default
     # the ensemble accuracy of a prefix is the one of those runs' mean logits
@@ -319,9 +453,19 @@ def test_curve_ensemble_ahead_at_few_runs_kernel_ahead_at_many(tmp_path):
     y = torch.from_numpy(np.load(tmp_path / "sim" / "labels.npz")["test"])
     for n in (4, 20, 160):
         ens = (te[:n].mean(0).argmax(1) == y).float().mean().item() * 100
-        assert pts[n]["ensemble_accuracy"] == pytest.approx(ens, abs=1e-4)
+        assert pts[n].ensemble_accuracy == pytest.approx(ens, abs=1e-4)
     # a second call resumes: nothing recomputed (the measured kernel times are the same)
     run_cli("curve", "--store", str(tmp_path / "store"), "--labels",
             str(tmp_path / "sim" / "labels.npz"), "--runs", "4,20,all", "--out",
             str(tmp_path / "curve"), "--device", "cpu")
-    assert load_curve(tmp_path / "curve" / "curve.json")["points"] == doc["points"]
+    again = load_curve(tmp_path / "curve" / "curve.json")
+    assert again.points == doc.points
+    # curve.json: rounded, one provenance, no per-run arrays
+    raw = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    assert_rounded(raw)
+    assert Curve.from_json(raw) == again and again.as_json() == raw
+    prov = raw["provenance"]
+    assert prov["store_fingerprint"] == doc.store_fingerprint == raw["store_fingerprint"]
+    assert prov["kernel"] is None and prov["device"] == "cpu"
+    assert prov["command"].startswith("kernelscale -q curve --store ")
+    assert not any(isinstance(v, list) for p in raw["points"] for v in p.values())

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernelscale import simulate as sim
-from kernelscale.simulate import SUBDIR, SimulationError, SimulationSummary, simulate
+from kernelscale import simulation as sim
+from kernelscale.simulation import SUBDIR, SimulationError, SimulationSummary, simulate
 
 SMALL = dict(runs=7, files=3, n_train=40, n_test=20, classes=4, seed=3, progress=False)
 

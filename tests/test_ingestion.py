@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from kernelscale.errors import BadInputError
-from kernelscale.ingest import DuplicateFileWarning, ingest_local
+from kernelscale.ingestion import DuplicateFileWarning
 from kernelscale.store import Store
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, ingest_dir, run_cli
 from tests.reference import log_softmax64, random_source, write_log
 
 
@@ -64,10 +64,10 @@ def test_store_holds_all_runs_and_statistics(small_store):
 def test_merged_statistics_do_not_depend_on_file_split(tmp_path):
     """Same runs, cut into files differently: statistics agree to float64 rounding."""
     test, train = random_source(tmp_path / "a", [24], seed=5)
-    ingest_local(tmp_path / "a", tmp_path / "sa", show_progress=False)
+    ingest_dir(tmp_path / "a", tmp_path / "sa", show_progress=False)
     for i, (s, e) in enumerate(((0, 5), (5, 6), (6, 24))):
         write_log(tmp_path / "b" / f"f{i}" / "log.pt", test[s:e], train[s:e])
-    ingest_local(tmp_path / "b", tmp_path / "sb", show_progress=False)
+    ingest_dir(tmp_path / "b", tmp_path / "sb", show_progress=False)
     a, b = Store.open(tmp_path / "sa"), Store.open(tmp_path / "sb")
     for split in ("test", "train"):
         np.testing.assert_allclose(a.stats(split).mean, b.stats(split).mean, rtol=0, atol=1e-13)
@@ -77,25 +77,25 @@ def test_merged_statistics_do_not_depend_on_file_split(tmp_path):
 def test_rerun_is_idempotent_and_extends(small_source, tmp_path):
     src, test, train = small_source
     store = tmp_path / "store"
-    s1 = ingest_local(src, store, show_progress=False)
-    s2 = ingest_local(src, store, show_progress=False)
+    s1 = ingest_dir(src, store, show_progress=False)
+    s2 = ingest_dir(src, store, show_progress=False)
     assert (s1.files_ingested, s2.files_ingested, s2.files_skipped) == (3, 0, 3)
     rng = np.random.default_rng(1)
     write_log(src / "logs_saveoutputs_main" / "zzz" / "log.pt",
               rng.normal(size=(2, 40, 5)), rng.normal(size=(2, 96, 5)))
-    s3 = ingest_local(src, store, show_progress=False)
+    s3 = ingest_dir(src, store, show_progress=False)
     assert s3.files_ingested == 1 and Store.open(store).runs == 26
 
 
 def test_duplicate_content_is_skipped_with_warning(small_source, tmp_path):
     src, *_ = small_source
     store = tmp_path / "store"
-    ingest_local(src, store, show_progress=False)
+    ingest_dir(src, store, show_progress=False)
     dup = src / "logs_saveoutputs_main" / "zcopy" / "log.pt"
     dup.parent.mkdir()
     shutil.copy(src / "logs_saveoutputs_main" / "file000" / "log.pt", dup)
     with pytest.warns(DuplicateFileWarning, match="same sha256"):
-        s = ingest_local(src, store, show_progress=False)
+        s = ingest_dir(src, store, show_progress=False)
     assert s.files_ingested == 0 and Store.open(store).runs == 24
 
 
@@ -188,7 +188,7 @@ def test_bad_first_file_creates_no_store(tmp_path):
     (tmp_path / "src" / "a").mkdir(parents=True)
     (tmp_path / "src" / "a" / "log.pt").write_text("junk")
     with pytest.raises(BadInputError, match="a/log.pt"):
-        ingest_local(tmp_path / "src", tmp_path / "store", show_progress=False)
+        ingest_dir(tmp_path / "src", tmp_path / "store", show_progress=False)
     assert not Store.exists(tmp_path / "store")
 
 
@@ -199,7 +199,7 @@ def test_stop_at_first_bad_file_keeps_earlier_commits(tmp_path):
     (tmp_path / "src" / "b").mkdir()
     (tmp_path / "src" / "b" / "log.pt").write_text("junk")
     with pytest.raises(BadInputError, match="b/log.pt"):
-        ingest_local(tmp_path / "src", tmp_path / "store", show_progress=False)
+        ingest_dir(tmp_path / "src", tmp_path / "store", show_progress=False)
     s = Store.open(tmp_path / "store")
     assert [f["name"] for f in s.manifest["files"]] == ["a/log.pt"]
 
@@ -226,7 +226,7 @@ def test_fp32_file_into_fp16_store_is_refused(small_store, tmp_path):
     rng = np.random.default_rng(0)
     write_log(tmp_path / "bad" / "f" / "log.pt", *_good(rng), dtype=torch.float32)
     with pytest.raises(BadInputError, match="dtype float32"):
-        ingest_local(tmp_path / "bad", store, show_progress=False)
+        ingest_dir(tmp_path / "bad", store, show_progress=False)
 
 
 # ------------------------------------------------------------------------- kill -9
@@ -234,7 +234,7 @@ def test_fp32_file_into_fp16_store_is_refused(small_store, tmp_path):
 def test_ingest_killed_then_rerun_equals_uninterrupted(tmp_path):
     runs = [3] * 14
     random_source(tmp_path / "src", runs, n_test=300, n_train=2000, classes=10, seed=4)
-    ingest_local(tmp_path / "src", tmp_path / "clean", show_progress=False)
+    ingest_dir(tmp_path / "src", tmp_path / "clean", show_progress=False)
     store = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for target in (2, 6, 11):
@@ -254,7 +254,7 @@ def test_ingest_killed_then_rerun_equals_uninterrupted(tmp_path):
         proc.wait()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ingest_local(tmp_path / "src", store, show_progress=False)
+        ingest_dir(tmp_path / "src", store, show_progress=False)
     assert_same_store(tmp_path / "clean", store)
 
 
@@ -262,9 +262,9 @@ def test_declared_shape_is_checked_for_every_file(tmp_path, small_source):
     src, *_ = small_source
     with pytest.raises(BadInputError, match=r"file000/log.pt: 40 test examples, but the declared "
                                             r"shape has 41"):
-        ingest_local(src, tmp_path / "store", shape=(41, 96, 5), show_progress=False)
+        ingest_dir(src, tmp_path / "store", shape=(41, 96, 5), show_progress=False)
     assert not Store.exists(tmp_path / "store")
-    s = ingest_local(src, tmp_path / "store", shape=(40, 96, 5), show_progress=False)
+    s = ingest_dir(src, tmp_path / "store", shape=(40, 96, 5), show_progress=False)
     assert s.files_ingested == 3
     with pytest.raises(BadInputError, match=r"not the expected \(40, 96, 6\)"):
-        ingest_local(src, tmp_path / "store", shape=(40, 96, 6), show_progress=False)
+        ingest_dir(src, tmp_path / "store", shape=(40, 96, 6), show_progress=False)

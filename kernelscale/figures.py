@@ -1,0 +1,200 @@
+"""The report's figures: matplotlib (Agg, no display), one PNG per function.
+
+Each ``fig_*`` draws one figure from typed results (:class:`~kernelscale.evaluation.Evaluation`,
+:class:`~kernelscale.curve.Curve`, the views of :mod:`kernelscale.interpret`) and saves it
+to ``path``, returning the file name the HTML links to. Colours are colour-blind safe
+(Okabe-Ito).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .curve import Curve
+    from .evaluation import Evaluation
+    from .interpret import Images
+
+#: colours of the plots (colour-blind safe: Okabe-Ito).
+ORANGE, BLUE, GREEN, RED, GREY, PURPLE = ("#E69F00", "#0072B2", "#009E73", "#D55E00",
+                                          "#7f7f7f", "#CC79A7")
+
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> str:
+    fig.savefig(path, format="png", dpi=110)
+    return path.name
+
+
+def _style(ax) -> None:
+    ax.grid(True, color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _legend_above(ax, ncols: int = 2) -> None:
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncols=ncols,
+              frameon=False, borderaxespad=0.2)
+
+
+def fig_runs(curve: Curve, path: Path) -> str:
+    """Ensemble, kernel k-NN (fixed and selected) and single-model accuracy against runs."""
+    pts = curve.points
+    n = [p.runs for p in pts]
+    fig = _figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    k = curve.k
+    ax.plot(n, [p.ensemble_accuracy for p in pts], "o-", color=ORANGE,
+            label="ensemble (mean logits)")
+    ax.plot(n, [p.knn_accuracy for p in pts], "s-", color=BLUE,
+            label=f"kernel {k}-NN (majority vote)")
+    ax.plot(n, [p.selected.accuracy for p in pts], "^--", color=GREEN,
+            label="kernel k-NN, setting selected by cross-fitting")
+    ax.plot(n, [p.single_model_accuracy for p in pts], ".:", color=GREY,
+            label="average single model")
+    c = curve.crossover
+    if c is not None:
+        ax.axvline(c, color=RED, linestyle="--", linewidth=1)
+        ax.annotate(f"crossover: {c} runs", (c, 0.04), xycoords=("data", "axes fraction"),
+                    xytext=(5, 0), textcoords="offset points", color=RED, fontsize=9,
+                    backgroundcolor="white")
+    ax.set_xscale("log")
+    ax.set_xticks(n, [str(x) for x in n])
+    ax.minorticks_off()
+    ax.set_xlabel("number of runs in the ensemble (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    _style(ax)
+    _legend_above(ax)
+    return _save(fig, path)
+
+
+def fig_k(ev: Evaluation, path: Path) -> str:
+    """Test accuracy against k of each weighting; the leave-one-out choice starred."""
+    abk = ev.accuracy_by_k
+    fig = _figure(7.5, 4.2)
+    ax = fig.add_subplot()
+    colours = {"none": BLUE, "power": GREEN, "softmax": PURPLE}
+    for w, c in abk.curves.items():
+        lab = c.label + ("" if w == "none" else " (parameter chosen on test)")
+        ax.plot(abk.ks, c.accuracy, "o-", markersize=3.5, color=colours[w], label=lab)
+    ax.axhline(ev.ensemble_accuracy, color=ORANGE, linestyle="--", linewidth=1,
+               label=f"ensemble ({ev.runs} runs)")
+    sel = ev.selection
+    if sel and sel.method == "leave-one-out":
+        s = sel.setting
+        ax.plot([s.k], [sel.accuracy], "*", color=RED, markersize=13,
+                label=f"selected by leave-one-out: {s.label()}")
+    ax.set_xscale("log")
+    ax.set_xticks(abk.ks, [str(x) for x in abk.ks], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("k (neighbours, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    _style(ax)
+    _legend_above(ax)
+    return _save(fig, path)
+
+
+def fig_ablation(ev: Evaluation, names: Sequence[str], path: Path) -> str:
+    """k-NN accuracy of the summed kernel and of each ablation kernel, as bars."""
+    rows = ev.ablations or []
+    labels = ["all classes (summed kernel)"]
+    vals = [ev.weighted_accuracy]
+    for a in rows:
+        if a.class_index is not None:
+            labels.append(f"{names[a.class_index]} only")
+        else:
+            labels.append("no log-softmax (raw logits)")
+        vals.append(a.accuracy)
+    fig = _figure(7.5, 1.2 + 0.3 * len(labels))
+    ax = fig.add_subplot()
+    y = np.arange(len(labels))[::-1]
+    colours = [BLUE] + [GREY if a.class_index is not None else PURPLE for a in rows]
+    ax.barh(y, vals, color=colours, height=0.7)
+    for yi, v in zip(y, vals, strict=True):
+        ax.text(v + 0.3, yi, f"{v:.2f}", va="center", fontsize=8)
+    ax.axvline(ev.ensemble_accuracy, color=ORANGE, linestyle="--", linewidth=1,
+               label=f"ensemble {ev.ensemble_accuracy:.2f}")
+    ax.set_yticks(y, labels, fontsize=8)
+    lo = max(0.0, min(vals + [ev.ensemble_accuracy]) - 5)
+    ax.set_xlim(lo, min(100.0, max(vals + [ev.ensemble_accuracy]) + 4))
+    ax.set_xlabel(f"test accuracy (%), k-NN with {ev.setting.label()}")
+    _style(ax)
+    _legend_above(ax)
+    return _save(fig, path)
+
+
+def fig_similar(best: np.ndarray, threshold: float, path: Path) -> str:
+    """Histogram of each test example's largest kernel value, the threshold marked."""
+    fig = _figure(7.5, 3.4)
+    ax = fig.add_subplot()
+    ax.hist(best, bins=80, color=BLUE, alpha=0.85)
+    ax.axvline(threshold, color=RED, linestyle="--", linewidth=1)
+    frac = float((best > threshold).mean() * 100)
+    ax.annotate(f"{frac:.1f}% above {threshold:g}", (threshold, 0.92),
+                xycoords=("data", "axes fraction"), xytext=(5, 0), textcoords="offset points",
+                color=RED, fontsize=9)
+    ax.set_yscale("log")
+    ax.set_xlabel("kernel value of the most similar train example")
+    ax.set_ylabel("test examples")
+    _style(ax)
+    return _save(fig, path)
+
+
+def fig_per_run(ev: Evaluation, path: Path) -> str:
+    """Histogram of the single runs' accuracies beside the ensemble's and the k-NN's."""
+    fig = _figure(7.5, 3.0)
+    ax = fig.add_subplot()
+    acc = np.asarray(ev.per_run_accuracy)
+    ax.hist(acc, bins=min(40, max(5, acc.size // 5)), color=GREY, alpha=0.9,
+            label=f"single runs (mean {acc.mean():.2f})")
+    ax.axvline(ev.ensemble_accuracy, color=ORANGE, linewidth=2,
+               label=f"ensemble {ev.ensemble_accuracy:.2f}")
+    ax.axvline(ev.knn_accuracy, color=BLUE, linewidth=2,
+               label=f"kernel {ev.k}-NN {ev.knn_accuracy:.2f}")
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_ylabel("runs")
+    _style(ax)
+    ax.legend(fontsize=8, loc="best", frameon=False)
+    return _save(fig, path)
+
+
+def fig_grid(entries: Sequence[dict], images: Images, names: Sequence[str], path: Path,
+             neighbours: int) -> str:
+    """One row per test example: its image, then its nearest train images."""
+    cols = 1 + max(1, min(neighbours, max(len(e["neighbours"]) for e in entries)))
+    rows = len(entries)
+    fig = _figure(1.45 * cols, 1.6 * rows)
+    for r, e in enumerate(entries):
+        ax = fig.add_subplot(rows, cols, r * cols + 1)
+        ax.imshow(images.test[e["test"]], interpolation="nearest")
+        ax.set_title(f"test {e['test']}\n{names[e['label']]}", fontsize=8, fontweight="bold")
+        _frame(ax, "#333333", 2.5)
+        for j, nbr in enumerate(e["neighbours"][:cols - 1]):
+            ax = fig.add_subplot(rows, cols, r * cols + j + 2)
+            ax.imshow(images.train[nbr["train"]], interpolation="nearest")
+            ok = nbr["label"] == e["label"]
+            ax.set_title(f"{names[nbr['label']]}  K={nbr['value']:.3f}\ntrain {nbr['train']}",
+                         fontsize=7.5, color="#1a1a1a" if ok else RED)
+            _frame(ax, GREEN if ok else RED, 2.0)
+    return _save(fig, path)
+
+
+def _frame(ax, colour: str, width: float) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for s in ax.spines.values():
+        s.set_edgecolor(colour)
+        s.set_linewidth(width)

@@ -1,0 +1,236 @@
+"""Ingest: the files of a source -> validated, converted, folded into the store.
+
+Work per file is split in two so it can run in parallel:
+
+* :func:`~kernelscale.convert.convert` (pure, any worker): load safely, validate
+  completely, compute the file's own log-softmax statistics. Nothing touches the store.
+* :meth:`Store.commit_file` (single writer, in source order): append the runs, merge the
+  statistics (Chan), replace the manifest.
+
+Because conversion is pure and commits happen in sorted source order, a parallel ingest
+produces the same store as a serial one. The source is any :class:`~kernelscale.sources.Source`
+(:func:`~kernelscale.sources.open_source` picks it from the spec).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .convert import BadFile, PreparedFile
+from .errors import BadInputError, ConfigError, KernelscaleError
+from .parallel import Preparer, parallel_preparer
+from .progress import progress
+from .sources import FetchOptions, Source, SourceFile, open_source
+from .store import Store
+
+
+class DuplicateFileWarning(UserWarning):
+    """A file with the same sha256 as an ingested one was skipped."""
+
+
+class ChangedUpstreamWarning(UserWarning):
+    """A file already in the store has other content in the source being ingested."""
+
+
+@dataclass
+class IngestConfig:
+    """Everything one ingest needs. ``source``: a directory or an ``hf://`` spec."""
+
+    source: str | os.PathLike
+    store: str | os.PathLike
+    glob: str = "**/log.pt"  #: which files under the source
+    max_files: int | None = None  #: the first N matching files
+    max_runs: int | None = None  #: stop before a file taking the store past N runs
+    skip_bad: bool = False  #: record bad files as rejected and go on
+    run_chunk: int | None = None  #: runs per store chunk (new stores only)
+    shape: tuple[int, int, int] | None = None  #: (n_test, n_train, classes) every file has
+    workers: int | None = None  #: dask worker processes converting files (1: none)
+    scheduler: str | None = None  #: address of a running dask scheduler instead
+    fetch: FetchOptions = field(default_factory=FetchOptions)  #: remote sources
+    show_progress: bool = True
+
+    def validate(self) -> None:
+        for key in ("max_files", "max_runs", "run_chunk", "workers"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, not {v}")
+
+
+@dataclass
+class IngestSummary:
+    files_ingested: int = 0
+    files_skipped: int = 0
+    files_rejected: int = 0
+    runs_added: int = 0
+    runs_total: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        gbps = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        return (f"ingest: {self.files_ingested} file(s) ingested, {self.files_skipped} "
+                f"skipped, {self.files_rejected} rejected; runs +{self.runs_added} = "
+                f"{self.runs_total}; {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s "
+                f"({gbps:.3f} GB/s)")
+
+
+def _expect(store: Store | None) -> dict | None:
+    if store is None:
+        return None
+    s = store.shape
+    return {"n_test": s.n_test, "n_train": s.n_train, "classes": s.classes, "dtype": s.dtype}
+
+
+def ingest(cfg: IngestConfig, *, source: Source | None = None,
+           preparer: Preparer | None = None, endpoint: str | None = None,
+           token: str | bool | None = None, retry_wait: float = 1.0) -> IngestSummary:
+    """Ingest the files of ``cfg.source`` matching ``cfg.glob``, in sorted order.
+
+    ``source``: an opened source to use instead of ``cfg.source``; ``preparer``: how files
+    are converted (default: from ``cfg.workers``/``cfg.scheduler``); ``endpoint``,
+    ``token``, ``retry_wait``: for the Hub client. Files whose manifest name is already in
+    the store are neither fetched nor ingested again; see :func:`ingest_files`.
+    """
+    cfg.validate()
+    src = source or open_source(cfg.source, cfg.fetch, endpoint=endpoint, token=token,
+                                retry_wait=retry_wait)
+    try:
+        files = src.list(cfg.glob)
+        if not files:
+            raise KernelscaleError(f"{src}: no files match {cfg.glob!r}")
+        if cfg.max_files is not None:
+            files = files[:cfg.max_files]
+        _warn_changed(Path(cfg.store), files, src)
+        if preparer is not None:
+            return ingest_files(src, files, cfg, preparer)
+        with parallel_preparer(cfg.workers, cfg.scheduler) as prep:
+            return ingest_files(src, files, cfg, prep)
+    finally:
+        src.close()
+
+
+def _warn_changed(store_path: Path, files: list[SourceFile], src: Source) -> None:
+    if not Store.exists(store_path):
+        return
+    ingested = {f["name"]: f for f in Store.open(store_path).manifest["files"]}
+    for f in files:
+        old = ingested.get(f.name)
+        if old and f.sha256 and old.get("sha256") != f.sha256:
+            where = f" at commit {old['commit']}" if old.get("commit") else ""
+            warnings.warn(f"{src}: {f.name}: changed upstream since it was ingested{where}; "
+                          "kept the ingested version", ChangedUpstreamWarning, stacklevel=3)
+
+
+def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
+                 preparer: Preparer) -> IngestSummary:
+    """Ingest ``files`` of ``src`` (in the given order) into the store ``cfg.store``.
+
+    ``cfg.shape``: (n_test, n_train, classes) every file must have (optional; a store that
+    exists must have it too). The store is created from the first valid file when it does
+    not exist yet. Files whose manifest name is already present are skipped silently;
+    files whose sha256 is already present are skipped with a
+    :class:`DuplicateFileWarning`. A bad file raises :class:`BadInputError` (files
+    committed before it stay) unless ``cfg.skip_bad``, which records it in the manifest's
+    rejected list and continues; the summary then carries the errors and the caller
+    exits non-zero.
+    """
+    t0 = time.monotonic()
+    store_path = Path(cfg.store)
+    summary = IngestSummary()
+    store = Store.open(store_path, mode="a") if Store.exists(store_path) else None
+    expect = _expect(store)
+    if cfg.shape is not None:
+        want = dict(zip(("n_test", "n_train", "classes"), cfg.shape, strict=True))
+        if expect is not None and any(expect[k] != v for k, v in want.items()):
+            raise BadInputError(f"{store_path}: holds (n_test, n_train, classes) = "
+                                f"{(expect['n_test'], expect['n_train'], expect['classes'])}, "
+                                f"not the expected {tuple(cfg.shape)}")
+        expect = expect or {**want, "holder": "the declared shape has"}
+    known = store.known_names() if store else set()
+    todo = [f for f in files if f.name not in known]
+    summary.files_skipped = len(files) - len(todo)
+    bar = progress(sum(f.size for f in todo), "ingest", "B", unit_scale=True,
+                   enabled=cfg.show_progress)
+    record = src.record(cfg.glob)
+    # Without a store yet, nothing is expected of the files: the first good one fixes
+    # the shape and the rest are checked against it below.
+    fetching = src.fetch(todo)
+    stream = preparer(fetching, expect)
+    try:
+        early_bad: list[BadFile] = []
+        for fetched, item in stream:
+            bar.update(item.file.size)
+            summary.bytes_read += item.file.size
+            if store is not None and isinstance(item, PreparedFile):
+                problem = _shape_problem(store, item)
+                if problem:
+                    item = BadFile(item.file, f"{item.file.name}: {problem}", item.sha256)
+            if isinstance(item, BadFile):
+                src.release(fetched, bad=True)
+                summary.files_rejected += 1
+                summary.errors.append(item.reason)
+                if not cfg.skip_bad:
+                    raise BadInputError(item.reason)
+                if store is None:  # recorded once a good file has created the store
+                    early_bad.append(item)
+                else:
+                    with store.writer():
+                        store.record_rejected(item.file.name, item.reason, item.sha256)
+                continue
+            if (cfg.max_runs is not None
+                    and (store.runs if store else 0) + item.runs > cfg.max_runs):
+                print(f"ingest: stopping before {item.file.name}: it would take the store "
+                      f"past --max-runs {cfg.max_runs}", file=sys.stderr)
+                src.release(fetched)
+                break
+            if store is None:
+                store = Store.create(store_path, n_test=item.test.shape[1],
+                                     n_train=item.train.shape[1], classes=item.test.shape[2],
+                                     dtype=str(item.test.dtype), run_chunk=cfg.run_chunk)
+                with store.writer():
+                    for bad in early_bad:
+                        store.record_rejected(bad.file.name, bad.reason, bad.sha256)
+            with store.writer():
+                dup = store.known_sha256().get(item.sha256)
+                if dup is not None:
+                    warnings.warn(f"{item.file.name}: same sha256 as already ingested "
+                                  f"{dup}; skipped", DuplicateFileWarning, stacklevel=2)
+                    summary.files_skipped += 1
+                    src.release(fetched)
+                    continue
+                store.record_source(record)
+                entry = {"name": item.file.name, "sha256": item.sha256,
+                         "size": item.file.size, **src.entry(item.file)}
+                store.commit_file(entry, item.test, item.train, item.stats)
+                if any(r["name"] == item.file.name for r in store.manifest["rejected"]):
+                    store.manifest["rejected"] = [r for r in store.manifest["rejected"]
+                                                  if r["name"] != item.file.name]
+            src.release(fetched)
+            summary.files_ingested += 1
+            summary.runs_added += item.runs
+            bar.set_postfix_str(f"files {summary.files_ingested}/{len(todo)} runs {store.runs}")
+    finally:
+        # stop fetching ahead, and delete what was fetched for nothing, now
+        for gen in (stream, fetching):
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
+        bar.close()
+    summary.runs_total = store.runs if store else 0
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def _shape_problem(store: Store, item: PreparedFile) -> str | None:
+    s = store.shape
+    got = (item.test.shape[1], item.train.shape[1], item.test.shape[2], str(item.test.dtype))
+    want = (s.n_test, s.n_train, s.classes, s.dtype)
+    if got != want:
+        return (f"(n_test, n_train, classes, dtype) = {got}, but the store holds {want}")
+    return None

@@ -1,0 +1,236 @@
+"""The kernel output format: a Zarr v3 group with the kernel, its identity, done-markers
+and checkpoints.
+
+Layout of ``KERNEL/``::
+
+    zarr.json                  group attributes: schema, identity, complete, store, runs
+    kernel                     float32 (rows, cols), dimension names from the pairs
+                               (DIMENSION_NAMES: test-train -> test, train)
+    .done/<tile>.json          one per finished tile (atomic), written after its data
+    .checkpoints/pass-*.npz    accumulators of passes in flight (atomic, no pickle)
+
+The identity (store fingerprint, runs, pairs, precision, transform, classes, shape) is
+what a partial output, a checkpoint or a done-marker must match to be reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from .atomic import atomic_open, atomic_write_json, read_json
+from .errors import CheckpointMismatchError, KernelOutputError
+from .plan import Tile
+
+KERNEL_SCHEMA = "kernelscale-kernel"
+KERNEL_SCHEMA_VERSION = 1
+PAIRS = {"test-train": ("test", "train"), "train-train": ("train", "train"),
+         "test-test": ("test", "test")}
+DEFAULT_CHUNKS = (1024, 4096)
+#: Zarr dimension names of the kernel array, per pairs: the rows' split, then the
+#: columns'. A square kernel's columns are ``<split>_col``: xarray needs distinct names.
+DIMENSION_NAMES = {"test-train": ("test", "train"), "train-train": ("train", "train_col"),
+                   "test-test": ("test", "test_col")}
+
+
+class KernelOutput:
+    """The output Zarr group: array ``kernel``, identity attributes, done markers, checkpoints.
+
+    ``KERNEL/kernel``           float32 (n_rows, n_cols), chunks ``chunks``
+    ``KERNEL/.done/<tile>.json`` one per finished tile (atomic), written after its data
+    ``KERNEL/.checkpoints/``    accumulators of passes in flight (atomic .npz files)
+    """
+
+    def __init__(self, path: Path, group: zarr.Group):
+        self.path = path
+        self.group = group
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def array(self) -> zarr.Array:
+        return self.group["kernel"]
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        return tuple(self.array.chunks)  # type: ignore[return-value]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, mode: str = "r") -> KernelOutput:
+        path = Path(path)
+        try:
+            g = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except Exception:
+            raise KernelOutputError(f"{path}: not a kernel (no readable Zarr group)") from None
+        if g.attrs.get("schema") != KERNEL_SCHEMA or "kernel" not in g:
+            raise KernelOutputError(f"{path}: not a kernelscale kernel")
+        return cls(path, g)
+
+    @classmethod
+    def open_or_create(cls, path: Path, identity: dict, shape: tuple[int, int],
+                       chunks: tuple[int, int] | None, *, overwrite: bool,
+                       restart: bool) -> KernelOutput:
+        if path.exists() and any(path.iterdir()):
+            try:
+                existing = cls.open(path, mode="r+")
+            except KernelOutputError:
+                if overwrite:
+                    shutil.rmtree(path)
+                    return cls.open_or_create(path, identity, shape, chunks,
+                                              overwrite=False, restart=False)
+                raise KernelOutputError(f"{path}: exists and is not a kernel; choose another "
+                                        "--out or pass --overwrite") from None
+            old = existing.attrs.get("identity", {})
+            if old == identity and (chunks is None or existing.chunks == tuple(chunks)):
+                return existing
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {identity.get(k)!r}"
+                             for k in sorted(set(old) | set(identity))
+                             if old.get(k) != identity.get(k))
+            if chunks is not None and existing.chunks != tuple(chunks):
+                diff = (diff + ", " if diff else "") + f"chunks {existing.chunks} -> {chunks}"
+            if existing.attrs.get("complete"):
+                if not overwrite:
+                    raise KernelOutputError(f"{path}: holds a finished kernel of different "
+                                            f"inputs ({diff}); pass --overwrite to replace it")
+            elif not (restart or overwrite):
+                raise CheckpointMismatchError(
+                    f"{path}: holds a partial kernel of different inputs ({diff}) -- the "
+                    "store or options changed since it was started; pass --restart to "
+                    "discard it and start again")
+            shutil.rmtree(path)
+        chunks = tuple(chunks or (min(shape[0], DEFAULT_CHUNKS[0]),
+                                  min(shape[1], DEFAULT_CHUNKS[1])))
+        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        dims = DIMENSION_NAMES.get(identity.get("pairs"), ("row", "col"))
+        g.create_array("kernel", shape=shape, chunks=chunks, dtype="float32",
+                       compressors=None, fill_value=0.0, dimension_names=dims)
+        g.attrs.update({"schema": KERNEL_SCHEMA, "schema_version": KERNEL_SCHEMA_VERSION,
+                        "identity": identity, "complete": False})
+        return cls(path, g)
+
+    # done markers -------------------------------------------------------------------
+    @property
+    def done_dir(self) -> Path:
+        return self.path / ".done"
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.path / ".checkpoints"
+
+    def done_tiles(self) -> list[Tile]:
+        out = []
+        if self.done_dir.is_dir():
+            for p in sorted(self.done_dir.glob("*.json")):
+                try:
+                    d = read_json(p)
+                except (OSError, json.JSONDecodeError):
+                    continue  # a torn marker cannot exist (atomic); a foreign file is ignored
+                if d.get("identity") == self.attrs.get("identity"):
+                    out.append(Tile(*d["tile"]))
+        return out
+
+    def done_grid(self) -> np.ndarray:
+        """bool (row chunks, col chunks): chunks covered by some finished tile."""
+        (n, m), (cr, cc) = self.array.shape, self.chunks
+        grid = np.zeros((-(-n // cr), -(-m // cc)), dtype=bool)
+        for t in self.done_tiles():
+            grid[t.r0 // cr:-(-t.r1 // cr), t.c0 // cc:-(-t.c1 // cc)] = True
+        return grid
+
+    def tile_done(self, t: Tile, grid: np.ndarray) -> bool:
+        cr, cc = self.chunks
+        return bool(grid[t.r0 // cr:-(-t.r1 // cr), t.c0 // cc:-(-t.c1 // cc)].all())
+
+    def mark_done(self, t: Tile, info: dict) -> None:
+        atomic_write_json(self.done_dir / f"{t.key}.json",
+                          {"tile": [t.r0, t.r1, t.c0, t.c1],
+                           "identity": self.attrs["identity"], **info})
+
+    def check_markers(self) -> None:
+        """Every done-marker of this kernel's identity lies on the chunk grid and counts
+        the kernel's runs; raises :class:`KernelOutputError` naming the first that does
+        not (markers of an earlier kernel at this path are ignored, as by
+        :meth:`done_grid`)."""
+        ident = self.attrs.get("identity", {})
+        (n_rows, n_cols), (cr, cc) = self.array.shape, self.chunks
+        for m in sorted(self.done_dir.glob("*.json")) if self.done_dir.is_dir() else []:
+            try:
+                info = read_json(m)
+            except (OSError, json.JSONDecodeError):
+                continue
+            if info.get("identity") != ident:
+                continue
+            r0, r1, c0, c1 = info["tile"]
+            on_grid = (r0 % cr == 0 and c0 % cc == 0 and (r1 % cr == 0 or r1 == n_rows)
+                       and (c1 % cc == 0 or c1 == n_cols))
+            if not on_grid or info.get("runs") != ident.get("runs"):
+                raise KernelOutputError(f"{m}: done-marker off the chunk grid or of another "
+                                        f"run count (tile {info['tile']}, runs "
+                                        f"{info.get('runs')})")
+
+    def finish_if_complete(self) -> bool:
+        """Mark the kernel complete when every chunk is covered; drop checkpoints."""
+        if not self.done_grid().all():
+            return False
+        if not self.attrs.get("complete"):
+            self.group.attrs["complete"] = True
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        return True
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+def pass_key(tiles: list[Tile]) -> str:
+    return hashlib.sha256("|".join(t.key for t in tiles).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, meta: dict, accs: list[np.ndarray]) -> None:
+    """Write the accumulators (float64) and ``meta`` to ``path`` atomically (no pickle)."""
+    arrays = {f"acc{i}": a for i, a in enumerate(accs)}
+    arrays["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def load_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+        accs = [z[f"acc{i}"] for i in range(len(meta["tiles"]))]
+    return meta, accs
+
+
+def load_kernel(path: str | os.PathLike, require_complete: bool = True) -> KernelOutput:
+    """Open a saved kernel for reading; refuses an unfinished one by default."""
+    k = KernelOutput.open(path, mode="r")
+    if require_complete and not k.attrs.get("complete"):
+        raise KernelOutputError(f"{path}: the kernel is not complete (re-run `kernelscale "
+                                "kernel` with the same options to finish it)")
+    return k
+
+
+def describe_kernel(path: str | os.PathLike) -> str:
+    k = KernelOutput.open(path, mode="r")
+    a = k.attrs
+    ident = a.get("identity", {})
+    lines = [f"kernel {path}",
+             f"  shape {tuple(k.array.shape)} float32 chunks {k.chunks} "
+             f"complete {a.get('complete')}",
+             f"  pairs {ident.get('pairs')}  runs {ident.get('runs')}  precision "
+             f"{ident.get('precision')}  log_softmax {ident.get('log_softmax')}  classes "
+             f"{ident.get('classes') or 'all'}",
+             f"  store {a.get('store')}  fingerprint {ident.get('store_fingerprint')}"]
+    if "zero_variance" in a:
+        lines.append("  zero-variance entries: " + "  ".join(
+            f"{s} {n}" for s, n in sorted(a["zero_variance"].items())))
+    done = k.done_tiles()
+    lines.append(f"  finished tiles {len(done)}; checkpoints in flight "
+                 f"{len(list(k.ckpt_dir.glob('*.npz'))) if k.ckpt_dir.is_dir() else 0}")
+    return "\n".join(lines)

@@ -1,0 +1,96 @@
+"""``kernelscale run``: the stages a job file names, in order: simulate, ingest, kernel,
+evaluate, curve, report. Each stage's config comes from the job's one adapter
+(:class:`~kernelscale.config.JobConfig`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .atomic import atomic_write_json
+from .config import JobConfig, load_job
+
+
+def run_job(path: str | Path, *, workdir: str | None = None, quiet: bool = False,
+            device: str | None = None) -> int:
+    """Run the job at ``path``; 0 on success, 1 when the ingest rejected files."""
+    cfg = load_job(path, workdir)
+    wd = cfg.workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    print(f"job {cfg.job.name}: workdir {wd}", file=sys.stderr)
+    if cfg.simulate:
+        _simulate(cfg, quiet)
+    if cfg.ingest:
+        from .ingestion import ingest
+
+        summary = ingest(cfg.ingest_config(show_progress=not quiet))
+        print(summary.line())
+        if summary.errors:
+            return 1
+    if cfg.kernel:
+        from .kernel import compute_kernel
+
+        print(compute_kernel(cfg.kernel_config(device, not quiet)).line())
+    run_after_kernel(cfg, quiet=quiet, device=device)
+    print(f"job {cfg.job.name}: done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def run_after_kernel(cfg: JobConfig, *, quiet: bool, device: str | None = None) -> None:
+    """The stages that read a finished kernel: evaluate, curve, report (those the job has)."""
+    if cfg.evaluate:
+        _evaluate(cfg)
+    if cfg.curve:
+        from .curve import compute_curve, curve_table
+
+        doc = compute_curve(cfg.curve_config(device, not quiet))
+        print(curve_table(doc))
+        print(f"curve: {doc.path}", file=sys.stderr)
+    if cfg.report:
+        _report(cfg, quiet, device)
+
+
+def _simulate(cfg: JobConfig, quiet: bool) -> None:
+    from .simulation import simulate
+
+    s = cfg.simulate
+    out = Path(cfg.path_of(s.out))
+    if (out / "labels.npz").exists():
+        print(f"simulate: {out} exists; kept", file=sys.stderr)
+        return
+    simulate(out, runs=s.runs, files=s.files, n_train=s.n_train, n_test=s.n_test,
+             classes=s.classes, seed=s.seed, progress=not quiet)
+
+
+def _evaluate(cfg: JobConfig) -> None:
+    from .evaluation import evaluate
+    from .labels import load_labels
+    from .store import Store
+
+    e = cfg.evaluate
+    st = Store.open(cfg.store_path)
+    labels = load_labels(cfg.labels_spec(), n_train=st.shape.n_train,
+                         n_test=st.shape.n_test, classes=st.shape.classes)
+    ev = evaluate(cfg.store_path, cfg.kernel_path, labels, **cfg.evaluate_options())
+    print(ev.table())
+    if e.json:
+        out = Path(cfg.path_of(e.json))
+        atomic_write_json(out, ev.as_json())
+        print(f"results: {out}", file=sys.stderr)
+
+
+def _report(cfg: JobConfig, quiet: bool, device: str | None) -> None:
+    from .kernel import compute_kernel
+    from .report import build_report
+
+    rc = cfg.report_config(device, not quiet)
+    if rc.train_kernel is not None:
+        # the leave-one-out selection needs the train x train kernel of the same runs
+        s = compute_kernel(cfg.kernel_config(device, not quiet, out=rc.train_kernel,
+                                             pairs="train-train", tile=None, chunks=None,
+                                             rows=None, cols=None))
+        print(s.line())
+    path = build_report(rc)
+    print(f"report: {path.resolve()}")
