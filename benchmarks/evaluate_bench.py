@@ -2,7 +2,7 @@
 
 Builds (once, under ``--dir``) a store of a few simulated runs with CIFAR-10's split sizes
 and a synthetic float32 test x train kernel (10,000 x 50,000, 2 GB) in the layout
-:class:`kernelscale.kernel.KernelOutput` writes, with the store's identity; then times
+:class:`kernelscale.output.KernelOutput` writes, with the store's identity; then times
 ``evaluate`` in a fresh process per mode and reports its wall time and peak RSS.
 
     .venv/bin/python benchmarks/evaluate_bench.py [--dir /tmp/kernelscale-bench]
@@ -25,8 +25,8 @@ import numpy as np
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-from kernelscale.evaluate import evaluate
-from kernelscale.sources import load_labels
+from kernelscale.evaluation import evaluate
+from kernelscale.labels import load_labels
 d, mode = sys.argv[1], sys.argv[2]
 labels = load_labels(f"{d}/sim/labels.npz")
 kw = {"plain": {}, "softmax": {"weighting": "softmax", "temperature": 0.05},
@@ -35,22 +35,22 @@ t1 = time.perf_counter()
 ev = evaluate(f"{d}/store", f"{d}/kernel", labels, k=3, **kw)
 t2 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "evaluate_s": t2 - t1, "knn": ev.knn_accuracy,
-                  "selected": (ev.selection or {}).get("accuracy"),
+                  "selected": ev.selection.accuracy if ev.selection else None,
                   "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
 def build(d: Path, n_test: int, n_train: int, runs: int, seed: int) -> None:
-    from kernelscale.ingest import ingest_local
-    from kernelscale.kernel import KernelOutput
-    from kernelscale.simulate import simulate
+    from kernelscale.ingestion import IngestConfig, ingest
+    from kernelscale.output import KernelOutput
+    from kernelscale.simulation import simulate
     from kernelscale.store import Store
 
     if not (d / "sim" / "labels.npz").exists():
         simulate(d / "sim", runs=runs, files=1, n_train=n_train, n_test=n_test, seed=seed,
                  progress=False)
     if not Store.exists(d / "store"):
-        ingest_local(d / "sim", d / "store", show_progress=False)
+        ingest(IngestConfig(d / "sim", d / "store", show_progress=False))
     store = Store.open(d / "store")
     ident = {"store_fingerprint": store.fingerprint(), "runs": store.runs,
              "pairs": "test-train", "precision": "fp32", "log_softmax": True,

@@ -18,11 +18,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 $py -m pytest -q -m gpu tests/test_kernel.py 2>&1 | tee "$out/pytest-gpu.txt"
 
 # 2. against the reference at the full CIFAR shape, 500 runs (target <= 0.2x its time)
-$py -m kernelscale bench --workdir /tmp/ks-bench-full --n-test 10000 --n-train 50000 \
+$py -m kernelscale bench --out /tmp/ks-bench-full --n-test 10000 --n-train 50000 \
     --runs 500 --scaling '' --device cuda --precision fp32 2>&1 | tee "$out/bench-full-500.txt"
 
 # 3. throughput with more runs (reading must overlap the GEMM), fp32 and tf32
-$py -m kernelscale bench --workdir /tmp/ks-bench-4k --n-test 10000 --n-train 50000 \
+$py -m kernelscale bench --out /tmp/ks-bench-4k --n-test 10000 --n-train 50000 \
     --runs 4000 --scaling '' --device cuda --precision fp32 --skip-reference --keep \
     2>&1 | tee "$out/bench-full-4000-fp32.txt"
 $py -m kernelscale -q kernel --store /tmp/ks-bench-4k/store --out /tmp/ks-bench-4k/k-tf32 \

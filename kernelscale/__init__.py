@@ -17,11 +17,12 @@ Modules, bottom to top (each imports only from the rows above it):
 
 * foundations   -- ``errors``, ``atomic``, ``progress``, ``units``, ``signals``, ``device``,
   ``version``, ``bundled``
-* pure logic    -- ``stats`` (running statistics), ``plan`` (tiles), ``knn``, ``normalise``
+* pure logic    -- ``stats`` (running statistics), ``plan`` (tiles), ``topk``, ``knn``,
+  ``normalise``
 * formats       -- ``store`` (logits Zarr store), ``output`` (kernel Zarr group), ``labels``, ``logfile``
 * sources       -- ``sources/`` (local folders, the Hugging Face Hub)
-* stages        -- ``convert``, ``parallel``, ``ingestion``, ``reader``, ``kernel``, ``evaluation``,
-  ``curve``, ``interpret``, ``figures``, ``report``, ``simulation``, ``bench``
+* stages        -- ``convert``, ``parallel``, ``ingestion``, ``reader``, ``kernel``, ``arrays``,
+  ``evaluation``, ``curve``, ``interpret``, ``figures``, ``report``, ``simulation``, ``bench``
 * orchestration -- ``config`` (job files), ``pipeline``, ``slurm/``, ``api``
 * command line  -- ``cli``
 """

@@ -35,11 +35,11 @@ from .ingestion import IngestConfig, IngestSummary
 from .ingestion import ingest as _ingest
 from .kernel import KernelConfig, KernelSummary
 from .kernel import compute_kernel as _compute_kernel
-from .knn import Neighbours, top_neighbours
-from .labels import Labels, load_labels
+from .labels import Labels, labels_from_arrays, load_labels
 from .output import DIMENSION_NAMES, PAIRS, KernelOutput, load_kernel
 from .simulation import simulate
 from .store import Store
+from .topk import Neighbours, top_neighbours
 
 __all__ = ["open_store", "ingest", "compute_kernel", "KernelConfig", "kernel_from_arrays",
            "open_kernel", "KernelView", "neighbours", "evaluate", "simulate"]
@@ -120,19 +120,13 @@ def _labels(labels: Labels | PathLike | Mapping, *, n_train: int | None,
     if isinstance(labels, Labels):
         return labels
     if isinstance(labels, Mapping):
-        for split, n in (("train", n_train), ("test", n_test)):
-            if split not in labels:
-                raise BadInputError(f"labels mapping lacks {split!r} (it needs int arrays "
-                                    "'train' and 'test')")
-            arr = np.asarray(labels[split])
-            if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-                raise BadInputError(f"labels[{split!r}] must be a 1-D integer array, got "
-                                    f"{arr.dtype} {arr.shape}")
-            if n is not None and arr.shape[0] != n:
-                raise BadInputError(f"labels[{split!r}] has {arr.shape[0]} entries, the "
-                                    f"kernel {n} {split} examples")
-        return Labels(np.asarray(labels["train"], dtype=np.int64),
-                      np.asarray(labels["test"], dtype=np.int64), source="<arrays>")
+        missing = [s for s in ("train", "test") if s not in labels]
+        if missing:
+            raise BadInputError(f"labels mapping lacks {', '.join(map(repr, missing))} (it "
+                                "needs int arrays "
+                                "'train' and 'test')")
+        return labels_from_arrays(labels["train"], labels["test"], n_train=n_train,
+                                  n_test=n_test, classes=classes)
     if isinstance(labels, str | os.PathLike):
         return load_labels(os.fspath(labels), n_train=n_train, n_test=n_test, classes=classes)
     raise BadInputError(f"labels must be a Labels, a path or a mapping, not "

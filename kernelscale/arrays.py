@@ -73,7 +73,7 @@ def _stats(x: _Logits, runs: int, step: int, log_softmax: bool) -> RunningStats:
 
 def kernel_from_arrays(test: Any, train: Any, *, log_softmax: bool = True,
                        device: str = "cpu", precision: str = "fp32",
-                       run_chunk: int | None = None) -> np.ndarray:
+                       runs_per_step: int | None = None) -> np.ndarray:
     """The kernel of two ensembles' logits held in memory: float32 ndarray (n_test, n_train).
 
     ``test`` (runs, n_test, C) and ``train`` (runs, n_train, C): numpy arrays, torch
@@ -93,7 +93,7 @@ def kernel_from_arrays(test: Any, train: Any, *, log_softmax: bool = True,
     accumulator (8 * n_test * n_train bytes) plus one run-chunk of float64 and float32
     temporaries; the input is never copied whole. ``log_softmax=False``: raw logits.
     ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; ``precision``: ``fp32`` or
-    ``tf32`` (GPU). ``run_chunk``: runs per chunk (default: ~512 GEMM reduction length on
+    ``tf32`` (GPU). ``runs_per_step``: runs per chunk (default: ~512 GEMM reduction length on
     the CPU, ~4096 on a GPU, and at most ~64 MB of float64 per chunk).
     """
     import torch
@@ -113,21 +113,21 @@ def kernel_from_arrays(test: Any, train: Any, *, log_softmax: bool = True,
         raise BadInputError(f"the kernel needs at least 2 runs, got {runs}")
     if min(n_a, n_b, c) < 1:
         raise BadInputError(f"empty logits: test {a.shape}, train {b.shape}")
-    if run_chunk is not None and run_chunk < 1:
-        raise ConfigError(f"run_chunk must be >= 1, not {run_chunk}")
+    if runs_per_step is not None and runs_per_step < 1:
+        raise ConfigError(f"runs_per_step must be >= 1, not {runs_per_step}")
     dev = resolve_device(device)
-    if run_chunk is None:
+    if runs_per_step is None:
         target = 4096 if dev.type == "cuda" else 512
         by_memory = (64 << 20) // (8 * max(n_a, n_b) * c)
-        run_chunk = max(1, min(runs, target // c, by_memory))
+        runs_per_step = max(1, min(runs, target // c, by_memory))
     with torch.no_grad(), matmul_precision(precision):
-        st_a = _stats(a, runs, run_chunk, log_softmax)
-        st_b = st_a if same else _stats(b, runs, run_chunk, log_softmax)
+        st_a = _stats(a, runs, runs_per_step, log_softmax)
+        st_b = st_a if same else _stats(b, runs, runs_per_step, log_softmax)
         norm_a = Normaliser(st_a, (0, n_a), None, dev, log_softmax)
         norm_b = norm_a if same else Normaliser(st_b, (0, n_b), None, dev, log_softmax)
         acc = torch.zeros((n_a, n_b), dtype=torch.float64, device=dev)
-        for s in range(0, runs, run_chunk):
-            e = min(s + run_chunk, runs)
+        for s in range(0, runs, runs_per_step):
+            e = min(s + runs_per_step, runs)
             za = norm_a(a.chunk(s, e))
             zb = za if same else norm_b(b.chunk(s, e))
             # float32 GEMM per chunk, float64 sum over chunks, as in the engine

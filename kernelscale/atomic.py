@@ -70,3 +70,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, "rb") as fh:
         return json.load(fh)
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` as a Path, refusing one that exists and is not a directory (a file, or a
+    link to one) with :class:`~kernelscale.errors.BadInputError` naming it."""
+    from .errors import BadInputError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise BadInputError(f"{p}: exists and is not a directory; choose another {what}")
+    if not p.exists() and p.is_symlink():
+        raise BadInputError(f"{p}: is a broken symbolic link; choose another {what}")
+    return p

@@ -13,7 +13,7 @@ Every figure is measured in the same invocation, on the same data and machine:
   added to one store).
 
 Peak RSS is reported above a baseline: a Python process that imports the same libraries.
-Results are printed and written to ``WORKDIR/bench.json``.
+Results are printed and written to ``OUT/bench.json``.
 """
 
 from __future__ import annotations
@@ -199,8 +199,8 @@ def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            for s in range(0, runs, p.run_chunk):
-                e = min(s + p.run_chunk, runs)
+            for s in range(0, runs, p.runs_per_step):
+                e = min(s + p.runs_per_step, runs)
                 a, b = nt(te[s:e]), nr(tr[s:e])
                 acc += a @ b.T
             if device.type == "cuda":
@@ -214,13 +214,31 @@ _SUMMARY = re.compile(r"seconds read (?P<read>[\d.]+) \(waited (?P<wait>[\d.]+)\
                       r"checkpoint (?P<ckpt>[\d.]+) total (?P<total>[\d.]+)")
 
 
-def run_bench(workdir: Path, *, n_test: int, n_train: int, runs: int, classes: int,
+#: written first into a bench's --out: its src/, store/ and kernel-*/ may be replaced later
+MARKER = ".kernelscale-bench"
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` a bench folder; refuse a folder with other content (its files are
+    not kernelscale's to replace)."""
+    from .atomic import check_output_dir
+    from .errors import BadInputError
+
+    check_output_dir(out, "--out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise BadInputError(f"{out}: exists and is not a kernelscale bench folder; choose "
+                            "another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
+
+
+def run_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes: int,
               device: str, precision: str, scaling: list[int], skip_reference: bool,
               keep: bool) -> dict:
     py = sys.executable
     env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    workdir.mkdir(parents=True, exist_ok=True)
-    src, store = workdir / "src", workdir / "store"
+    _claim(out)
+    src, store = out / "src", out / "store"
     all_runs = sorted(set(scaling) | {runs})
     t0 = time.perf_counter()
     files = write_synthetic(src, max(all_runs), n_test, n_train, classes)
@@ -235,11 +253,11 @@ def run_bench(workdir: Path, *, n_test: int, n_train: int, runs: int, classes: i
     kernel_bytes = n_test * n_train * 4
 
     def ours(r: int) -> dict:
-        out = workdir / f"kernel-{r}"
-        shutil.rmtree(out, ignore_errors=True)
+        kout = out / f"kernel-{r}"
+        shutil.rmtree(kout, ignore_errors=True)
         drop_cache([store])
         m = run_measured([py, "-m", "kernelscale", "-q", "kernel", "--store", str(store),
-                           "--out", str(out), "--device", device, "--precision", precision],
+                           "--out", str(kout), "--device", device, "--precision", precision],
                           env)
         st = _SUMMARY.search(m.stdout)
         d = {"runs": r, "seconds": m.seconds, "peak_rss_above_baseline": m.peak_rss - base.peak_rss,
@@ -267,18 +285,18 @@ def run_bench(workdir: Path, *, n_test: int, n_train: int, runs: int, classes: i
                 ref_files = [str(f) for f in files[:n_files]]
                 drop_cache([src])
                 m = run_measured([py, "-c", REFERENCE, json.dumps(ref_files), device,
-                                   str(workdir / "reference.npy")], env)
+                                   str(out / "reference.npy")], env)
                 rj = json.loads(m.stdout.strip().splitlines()[0])
                 results["reference"] = {"seconds": m.seconds, **rj,
                                         "peak_rss_above_baseline": m.peak_rss - base.peak_rss}
                 import zarr
-                ours_k = zarr.open_group(str(workdir / f"kernel-{r}"), mode="r")["kernel"][...]
-                ref_k = np.load(workdir / "reference.npy")
+                ours_k = zarr.open_group(str(out / f"kernel-{r}"), mode="r")["kernel"][...]
+                ref_k = np.load(out / "reference.npy")
                 results["max_abs_diff_vs_reference"] = float(np.abs(ours_k - ref_k).max())
     assert main is not None
     results["main"] = main
     _print_report(results, kernel_bytes)
-    (workdir / "bench.json").write_text(json.dumps(results, indent=1))
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
     if not keep:
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)

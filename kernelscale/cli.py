@@ -28,8 +28,9 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         h = action.help or ""
-        if ("%(default)" in h or action.default in (None, False, argparse.SUPPRESS)
-                or not action.option_strings or "default" in h):
+        if ("%(default)" in h or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or not action.option_strings
+                or "default" in h):
             return h
         return h + " (default: %(default)s)"
 
@@ -50,18 +51,19 @@ def _table(cls: type, a: argparse.Namespace, **renamed: str) -> Any:
 
     from .config import table_from_options
 
-    data = {}
+    data, flags = {}, {}
     for f in fields(cls):
         dest = renamed.get(f.name, f.name)
         if hasattr(a, dest) and getattr(a, dest) is not None:
             data[f.name] = getattr(a, dest)
-    return table_from_options(cls, data, "command line")
+            flags[f.name] = "--" + {"cls": "class"}.get(dest, dest).replace("_", "-")
+    return table_from_options(cls, data, "command line", option=flags.__getitem__)
 
 
 def _kernel_table(a: argparse.Namespace):
     from .config import KernelTable
 
-    t = _table(KernelTable, a, run_chunk="runs_per_step", classes="cls")
+    t = _table(KernelTable, a, classes="cls")
     if getattr(a, "no_log_softmax", False):
         t.log_softmax = False
     return t
@@ -169,10 +171,13 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
+    from .errors import BadInputError
     from .output import describe_kernel
     from .store import Store
 
     p = Path(a.path)
+    if not p.exists():
+        raise BadInputError(f"{p}: no such store or kernel")
     if Store.exists(p):
         print(Store.open(p).describe())
     else:

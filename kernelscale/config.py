@@ -98,7 +98,7 @@ class KernelTable:
     chunks: tuple[int, int] | None = _parsed(parse_pair)  #: output chunk shape (new kernels)
     rows: tuple[int, int] | None = _parsed(parse_range)  #: "START:STOP" of the output
     cols: tuple[int, int] | None = _parsed(parse_range)  #: "START:STOP" of the output
-    run_chunk: int | None = None  #: runs folded per step (default: from the store's chunks)
+    runs_per_step: int | None = None  #: runs folded per GEMM step (default: planned)
     log_softmax: bool = True  #: false: correlate raw logits (an ablation)
     log_softmax_fp32: bool = False  #: float32 log-softmax, as the published code
     classes: tuple[int, ...] | None = _parsed(parse_int_list)  #: only these classes
@@ -211,7 +211,7 @@ TABLES = {"job": JobTable, "simulate": SimulateTable, "ingest": IngestTable,
 STAGES = ("simulate", "ingest", "kernel", "evaluate", "curve", "report")
 
 
-def _check_type(where: str, key: str, value: Any, hint: Any) -> Any:
+def _check_type(label: str, value: Any, hint: Any) -> Any:
     allowed = getattr(hint, "__args__", None) or (hint,)
     allowed = tuple(getattr(a, "__origin__", a) for a in allowed if a is not type(None))
     if value is None:
@@ -224,16 +224,19 @@ def _check_type(where: str, key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, a):
             return value
     names = " or ".join(a.__name__ for a in allowed)
-    raise ConfigError(f"{where}: key {key!r} must be {names}, got {type(value).__name__} "
-                      f"{value!r}")
+    raise ConfigError(f"{label} must be {names}, got {type(value).__name__} {value!r}")
 
 
-def table_from_options(cls: type, data: Mapping[str, Any], where: str) -> Any:
+def table_from_options(cls: type, data: Mapping[str, Any], where: str,
+                       option: Callable[[str], str] | None = None) -> Any:
     """Build table ``cls`` from a mapping (a TOML table, or command-line options).
 
     Unknown keys are an error; parsed fields (sizes, shapes, ranges, times) are parsed
-    here, every other value is type-checked against the field's annotation.
+    here, every other value is type-checked against the field's annotation. Messages
+    name a value as ``option(key)`` (the command line: ``--max-memory``), else as
+    ``WHERE key 'KEY'``.
     """
+    label = option or (lambda key: f"{where} {key}")
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: must be a table")
     hints = get_type_hints(cls)
@@ -246,9 +249,9 @@ def table_from_options(cls: type, data: Mapping[str, Any], where: str) -> Any:
     for key, value in data.items():
         parse = by_name[key].metadata.get("parse")
         if parse is not None and value is not None:
-            kwargs[key] = parse(value, f"{where} {key}")
+            kwargs[key] = parse(value, label(key))
         else:
-            kwargs[key] = _check_type(where, key, value, hints[key])
+            kwargs[key] = _check_type(label(key), value, hints[key])
     return cls(**kwargs)
 
 
@@ -328,7 +331,7 @@ class JobConfig:
             tile=k.tile, chunks=k.chunks, rows=k.rows, cols=k.cols,
             checkpoint_every=k.checkpoint_every, log_softmax=k.log_softmax,
             log_softmax_fp32=k.log_softmax_fp32, classes=k.classes, overwrite=k.overwrite,
-            restart=k.restart, show_progress=show_progress, run_chunk=k.run_chunk)
+            restart=k.restart, show_progress=show_progress, runs_per_step=k.runs_per_step)
         return dataclasses.replace(cfg, **changes) if changes else cfg
 
     def curve_config(self, device: str | None = None, show_progress: bool = True):

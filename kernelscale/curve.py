@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_json, read_json
+from .atomic import atomic_write_json, check_output_dir, read_json
 from .errors import ConfigError
 from .evaluation import Provenance, evaluate_inputs, make_provenance, open_inputs
 from .knn import Choice, Grid, Selection, Setting
@@ -199,7 +199,7 @@ def compute_curve(cfg: CurveConfig) -> Curve:
     runs = run_counts(cfg.runs, store.runs)
     s = store.shape
     labels = load_labels(cfg.labels, n_train=s.n_train, n_test=s.n_test, classes=s.classes)
-    out = Path(cfg.out)
+    out = check_output_dir(cfg.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "curve.json"
     curve = Curve(store=str(Path(cfg.store).resolve()), store_fingerprint=store.fingerprint(),

@@ -37,7 +37,6 @@ from .knn import (
     Choice,
     FamilyBest,
     Grid,
-    Neighbours,
     Selection,
     Setting,
     accuracy,
@@ -49,11 +48,11 @@ from .knn import (
     make_setting,
     oracle,
     predict,
-    top_neighbours,
 )
-from .labels import Labels
+from .labels import Labels, is_labels_spec
 from .output import KernelOutput, load_kernel
 from .store import Store
+from .topk import Neighbours, top_neighbours
 from .units import round_floats
 from .version import __version__
 
@@ -246,8 +245,9 @@ def score_ablations(inputs: KernelInputs, kernels: Sequence[tuple[str, Path]],
 
 @dataclass
 class Provenance:
-    """Where a result came from: the store (path, fingerprint), the kernel (path, identity;
-    None for a curve, whose kernels are its points'), the labels, the software versions,
+    """Where a result came from: the store (path, fingerprint), the kernel (path,
+    fingerprint of its identity, identity; None for a curve, whose kernels are its
+    points'), the labels (a file's absolute path, or a ``cifar10:`` spec), the versions,
     the device the kernel was computed on (from its done-markers), the command line and
     the UTC time the result was made."""
 
@@ -258,6 +258,7 @@ class Provenance:
     numpy_version: str
     torch_version: str | None
     kernel: str | None = None
+    kernel_fingerprint: str | None = None
     kernel_identity: dict | None = None
     device: str | None = None
     command: str | None = None
@@ -307,6 +308,10 @@ def _torch_version() -> str | None:
         return None
 
 
+def _labels_source(spec: str) -> str:
+    return spec if is_labels_spec(spec) or spec.startswith("<") else str(Path(spec).resolve())
+
+
 def make_provenance(store: Store, labels: Labels | str, kernel: KernelOutput | None = None,
                     *, device: str | None = None, command: str | None = None) -> Provenance:
     """The provenance of a result computed from ``store``, ``labels`` and ``kernel``.
@@ -318,10 +323,11 @@ def make_provenance(store: Store, labels: Labels | str, kernel: KernelOutput | N
         device = kernel_devices(kernel)
     return Provenance(
         store=str(Path(store.root).resolve()), store_fingerprint=store.fingerprint(),
-        labels=labels if isinstance(labels, str) else labels.source,
+        labels=_labels_source(labels if isinstance(labels, str) else labels.source),
         kernelscale_version=__version__, numpy_version=np.__version__,
         torch_version=_torch_version(),
         kernel=str(Path(kernel.path).resolve()) if kernel is not None else None,
+        kernel_fingerprint=kernel.fingerprint() if kernel is not None else None,
         kernel_identity=dict(kernel.attrs["identity"]) if kernel is not None else None,
         device=device, command=command if command is not None else command_line(),
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

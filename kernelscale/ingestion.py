@@ -25,8 +25,9 @@ from .convert import BadFile, PreparedFile
 from .errors import BadInputError, ConfigError, KernelscaleError
 from .parallel import Preparer, parallel_preparer
 from .progress import progress
-from .sources import FetchOptions, Source, SourceFile, open_source
+from .sources import FetchOptions, Source, SourceFile, is_local_spec, open_source
 from .store import Store
+from .units import format_bytes
 
 
 class DuplicateFileWarning(UserWarning):
@@ -59,6 +60,11 @@ class IngestConfig:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, not {v}")
+        if not is_local_spec(self.source) and (self.scheduler or (self.workers or 1) > 1):
+            # dask workers would hold files downloaded ahead past the documented disk
+            # bound, and a remote scheduler's workers cannot read this host's cache
+            raise ConfigError(f"{self.source}: --workers/--scheduler convert local folders "
+                              "only; a Hub source downloads with --download-workers")
 
 
 @dataclass
@@ -73,11 +79,11 @@ class IngestSummary:
     errors: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        gbps = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        rate = self.bytes_read / self.seconds if self.seconds > 0 else 0.0
         return (f"ingest: {self.files_ingested} file(s) ingested, {self.files_skipped} "
                 f"skipped, {self.files_rejected} rejected; runs +{self.runs_added} = "
-                f"{self.runs_total}; {self.bytes_read / 1e6:.1f} MB in {self.seconds:.1f} s "
-                f"({gbps:.3f} GB/s)")
+                f"{self.runs_total}; {format_bytes(self.bytes_read)} in {self.seconds:.1f} s "
+                f"({format_bytes(rate)}/s)")
 
 
 def _expect(store: Store | None) -> dict | None:

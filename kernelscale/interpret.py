@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .knn import Neighbours
 from .labels import is_labels_spec
+from .topk import Neighbours
 
 #: thresholds of the "most similar train example" table.
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)

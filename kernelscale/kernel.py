@@ -65,6 +65,7 @@ from .reader import ChunkReader
 from .signals import StopFlag, stop_on_signals
 from .stats import RunningStats
 from .store import Store
+from .units import format_bytes
 
 log = logging.getLogger("kernelscale.kernel")
 
@@ -95,7 +96,7 @@ class KernelConfig:
     overwrite: bool = False
     restart: bool = False
     show_progress: bool = True
-    run_chunk: int | None = None
+    runs_per_step: int | None = None  #: runs folded per GEMM step (default: planned)
 
     def validate(self) -> None:
         if self.pairs not in PAIRS:
@@ -142,10 +143,10 @@ class KernelSummary:
         s = max(self.seconds, 1e-9)
         return (f"kernel: {self.pairs} {self.shape[0]}x{self.shape[1]} runs {self.runs} "
                 f"tiles {self.tiles} (skipped {self.tiles_skipped}) passes {self.passes} "
-                f"read {self.bytes_read / 1e9:.3f} GB; seconds read {self.t_read:.2f} "
+                f"read {format_bytes(self.bytes_read)}; seconds read {self.t_read:.2f} "
                 f"(waited {self.t_wait:.2f}) normalise {self.t_normalise:.2f} gemm "
                 f"{self.t_gemm:.2f} write {self.t_write:.2f} checkpoint {self.t_checkpoint:.2f}"
-                f" total {self.seconds:.2f}; {self.bytes_read / s / 1e9:.3f} GB/s "
+                f" total {self.seconds:.2f}; {format_bytes(self.bytes_read / s)}/s "
                 f"{self.flops / s / 1e12:.3f} TFLOP/s on {self.device} {self.precision}")
 
 
@@ -253,7 +254,8 @@ def create_output(cfg: KernelConfig, res: KernelSetup | None = None) -> KernelOu
     """
     res = res or setup_kernel(cfg)
     out = KernelOutput.open_or_create(Path(cfg.out), res.identity, res.shape, cfg.chunks,
-                                      overwrite=cfg.overwrite, restart=cfg.restart)
+                                      overwrite=cfg.overwrite, restart=cfg.restart,
+                                      store=str(cfg.store))
     want = {"store": str(Path(cfg.store).resolve()), "runs": res.runs,
             "precision": cfg.precision, "pairs": cfg.pairs}
     attrs = out.attrs
@@ -281,7 +283,7 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     def plan_for(chunks: tuple[int, int], budget: int) -> Plan:
         return plan(shape, classes=n_cls, budget=budget, chunks=chunks,
                     store_run_chunk=store.shape.run_chunk, runs=runs, region=region,
-                    tile=cfg.tile, in_itemsize=itemsize, run_chunk=cfg.run_chunk,
+                    tile=cfg.tile, in_itemsize=itemsize, runs_per_step=cfg.runs_per_step,
                     target_reduction=4096 if device.type == "cuda" else 512)
 
     # Plan once before the output exists: a request that cannot work (a tile over the
@@ -320,14 +322,14 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
                 attempts += 1
                 if attempts > 1 or cfg.tile is not None:
                     raise KernelscaleError(f"out of memory on {device} even with a budget of "
-                                           f"{budget} B; lower --max-memory or --tile") from None
+                                           f"{format_bytes(budget)}; lower --max-memory or --tile") from None
                 budget //= 2
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 log.warning("kernel: out of memory on %s; retrying with smaller tiles "
                             "(budget %d B)", device, budget)
                 print(f"kernel: out of memory on {device}; retrying once with a budget of "
-                      f"{budget} B", file=sys.stderr)
+                      f"{format_bytes(budget)}", file=sys.stderr)
     summary.complete = out.finish_if_complete()
     summary.seconds = time.monotonic() - t_start
     return summary
@@ -365,9 +367,9 @@ def _run_plan(p: Plan, ctx: _Context) -> None:
             todo_passes.append(left)
     summary.tiles += sum(len(t) for t in todo_passes)
     summary.passes += len(todo_passes)
-    bounds = [(s, min(s + p.run_chunk, runs)) for s in range(0, runs, p.run_chunk)]
+    bounds = [(s, min(s + p.runs_per_step, runs)) for s in range(0, runs, p.runs_per_step)]
     if len(todo_passes) > 1:
-        print(f"kernel: {len(todo_passes)} passes over the store (budget {p.budget} B "
+        print(f"kernel: {len(todo_passes)} passes over the store (budget {format_bytes(p.budget)} "
               f"holds {max(len(t) for t in todo_passes)} tile(s) at once)", file=sys.stderr)
     # counted in runs folded into the kernel: each pass folds every run once
     bar = progress(len(todo_passes) * runs, "kernel", "run",
@@ -400,7 +402,7 @@ def _run_pass(tiles: list[Tile], p: Plan, ctx: _Context, bounds: list[tuple[int,
     key = pass_key(tiles)
     ckpt_path = out.ckpt_dir / f"pass-{key}.npz"
     meta = {"identity": out.attrs["identity"], "tiles": [t.key for t in tiles],
-            "run_chunk": p.run_chunk, "device": str(device.type)}
+            "run_chunk": p.runs_per_step, "device": str(device.type)}
     start_runs = 0
     accs = [torch.zeros((t.rows, t.cols), dtype=torch.float64, device=device) for t in tiles]
     if ckpt_path.exists():

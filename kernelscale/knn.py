@@ -1,11 +1,7 @@
 """k-NN over a kernel's top neighbours: voting, weightings and honest selection. Pure.
 
-Neighbours are ordered by kernel value, largest first, and equal values by train index,
-smallest first; so the top-``k`` set is well defined even with ties and the top-``k`` of
-every ``k <= kmax`` is a prefix of the top-``kmax``. :func:`top_neighbours` reads any 2-D
-array-like (a Zarr array, an ndarray) once, in row blocks on a thread pool, keeping only
-the top-``kmax`` of each row; every ``k`` and weighting is then scored from those
-``(n, kmax)`` arrays.
+Every ``k`` and weighting is scored from the test rows' top-``kmax`` neighbours
+(:mod:`kernelscale.topk`), ``(n, kmax)`` arrays read once from the kernel.
 
 * k-NN: the ``k`` train examples with the largest kernel values; majority vote, ties
   between labels to the smallest label (what ``torch.mode`` returns)
@@ -30,18 +26,14 @@ what a reader tuning on the test set would quote, an optimistic number.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import ConfigError
-from .progress import progress
+from .topk import Neighbours
 
-#: target bytes of one block of rows read at once (1024 rows of a 50,000-column kernel).
-BLOCK_BYTES = 205 << 20
 WEIGHTINGS = ("none", "power", "softmax")
 DEFAULT_KS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50)
 DEFAULT_POWERS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
@@ -50,119 +42,6 @@ DEFAULT_POWER = 8.0
 DEFAULT_TEMPERATURE = 0.02
 #: rows scored at once: bounds the (rows, kmax, classes) float64 vote tensor.
 VOTE_ROWS = 4096
-
-# ------------------------------------------------------------------------- neighbours
-
-@dataclass
-class Neighbours:
-    """Top-``kmax`` train neighbours of each row of a kernel.
-
-    ``values`` float32 (n, kmax), largest first; ``index`` int64 (n, kmax), the columns;
-    equal values are ordered by column, smallest first. ``kmax`` may be below the asked
-    number when the kernel has fewer columns.
-    """
-
-    values: np.ndarray
-    index: np.ndarray
-
-    @property
-    def kmax(self) -> int:
-        return int(self.values.shape[1])
-
-    def __len__(self) -> int:
-        return int(self.values.shape[0])
-
-    def rows(self, sel: np.ndarray | slice) -> Neighbours:
-        return Neighbours(self.values[sel], self.index[sel])
-
-
-def _topk_block(block: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``kmax`` of each row of ``block`` float32 (b, m), ties to the smaller column.
-
-    ``torch.topk`` finds the set fast but breaks ties arbitrarily; asking for one more
-    value shows which rows have a tie across the ``kmax`` boundary, and only those rows are
-    completed by a full scan. Ties inside the set are then ordered by a lexsort.
-    """
-    import torch
-
-    b, m = block.shape
-    kk = min(kmax + 1, m)
-    v, i = torch.from_numpy(block).topk(kk, dim=1)
-    v, i = v.numpy(), i.numpy()
-    tied = v[:, kmax] == v[:, kmax - 1] if kk > kmax else np.zeros(b, dtype=bool)
-    v, i = np.ascontiguousarray(v[:, :kmax]), np.ascontiguousarray(i[:, :kmax])
-    for r in np.flatnonzero(tied):
-        row, thr = block[r], v[r, kmax - 1]
-        above = np.flatnonzero(row > thr)
-        sel = np.concatenate([above, np.flatnonzero(row == thr)[:kmax - above.size]])
-        i[r], v[r] = sel, row[sel]
-    order = np.lexsort((i, -v), axis=1)
-    return (np.take_along_axis(v, order, axis=1),
-            np.take_along_axis(i, order, axis=1).astype(np.int64, copy=False))
-
-
-def default_workers() -> int:
-    """Threads reading row blocks: the cores we may use, at most 4 (the reads are I/O)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(4, n))
-
-
-def _block_rows(kernel, row_chunk: int | None) -> int:
-    if row_chunk:
-        return row_chunk
-    chunk = getattr(kernel, "chunks", None)
-    base = int(chunk[0]) if chunk else 1
-    per_row = max(1, int(kernel.shape[1]) * 4)
-    # whole storage chunks per block, so no chunk is decoded twice
-    return base * max(1, BLOCK_BYTES // (per_row * base))
-
-
-def top_neighbours(kernel, kmax: int, *, exclude_diagonal: bool = False,
-                   row_chunk: int | None = None, workers: int | None = None,
-                   show_progress: bool = False) -> Neighbours:
-    """Top-``kmax`` neighbours of every row of a 2-D array-like (a Zarr array, ndarray).
-
-    Row blocks (whole storage chunks, ~200 MB) are read and reduced on ``workers``
-    threads; memory holds at most ``workers`` blocks plus the (n, kmax) result.
-    ``exclude_diagonal``: column ``i`` is never a neighbour of row ``i`` (leave-one-out
-    on a train x train kernel).
-    """
-    n, m = (int(s) for s in kernel.shape)
-    if kmax < 1:
-        raise ConfigError(f"k must be >= 1, not {kmax}")
-    kmax = min(kmax, m - 1 if exclude_diagonal else m)
-    if kmax < 1:
-        raise ConfigError(f"the kernel has {m} column(s): no neighbour to choose")
-    rows = _block_rows(kernel, row_chunk)
-    vals = np.empty((n, kmax), dtype=np.float32)
-    idx = np.empty((n, kmax), dtype=np.int64)
-    # a bar only where reading takes a while: more than a few blocks
-    bar = progress(n, "neighbours", "row", enabled=show_progress and n > 4 * rows)
-
-    def work(s: int) -> int:
-        e = min(s + rows, n)
-        block = np.ascontiguousarray(kernel[s:e], dtype=np.float32)
-        if exclude_diagonal:
-            r = np.arange(s, min(e, m))
-            block[r - s, r] = -np.inf
-        vals[s:e], idx[s:e] = _topk_block(block, kmax)
-        return e - s
-
-    try:
-        with ThreadPoolExecutor(max_workers=workers or default_workers(),
-                                thread_name_prefix="kernelscale-topk") as ex:
-            # map() submits every block, but a block's memory exists only while a
-            # worker holds it, so at most ``workers`` blocks are alive at once.
-            for done in ex.map(work, range(0, n, rows)):
-                bar.update(done)
-    finally:
-        bar.close()
-    return Neighbours(vals, idx)
-
-
 
 # --------------------------------------------------------------------------- voting
 

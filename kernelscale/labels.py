@@ -72,14 +72,27 @@ def load_labels(spec: str, *, n_train: int | None = None, n_test: int | None = N
         except Exception as e:
             raise BadInputError(f"{spec}: not a readable labels .npz ({type(e).__name__}: "
                                 f"{str(e)[:160]})") from None
+    return labels_from_arrays(train, test, source=spec, n_train=n_train, n_test=n_test,
+                              classes=classes, class_names=names)
+
+
+def labels_from_arrays(train, test, *, source: str = "<arrays>",
+                       n_train: int | None = None, n_test: int | None = None,
+                       classes: int | None = None,
+                       class_names: tuple[str, ...] | None = None) -> Labels:
+    """:class:`Labels` of two integer label vectors, checked against the split sizes and
+    the class count when given; raises :class:`BadInputError` naming ``source``."""
+    arrays = {}
     for split, arr, n in (("train", train, n_train), ("test", test, n_test)):
+        arr = np.asarray(arr)
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise BadInputError(f"{spec}: {split} labels must be a 1-D integer array, got "
+            raise BadInputError(f"{source}: {split} labels must be a 1-D integer array, got "
                                 f"{arr.dtype} {arr.shape}")
         if n is not None and arr.shape[0] != n:
-            raise BadInputError(f"{spec}: {arr.shape[0]} {split} labels, but the store has "
+            raise BadInputError(f"{source}: {arr.shape[0]} {split} labels, but the store has "
                                 f"{n} {split} examples")
         if classes is not None and arr.size and (arr.min() < 0 or arr.max() >= classes):
-            raise BadInputError(f"{spec}: {split} labels out of range [0, {classes}) "
+            raise BadInputError(f"{source}: {split} labels out of range [0, {classes}) "
                                 f"(min {arr.min()}, max {arr.max()})")
-    return Labels(train.astype(np.int64), test.astype(np.int64), names, spec)
+        arrays[split] = arr.astype(np.int64)
+    return Labels(arrays["train"], arrays["test"], class_names, source)

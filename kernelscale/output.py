@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .atomic import atomic_open, atomic_write_json, read_json
+from .atomic import atomic_open, atomic_write_json, check_output_dir, read_json
 from .errors import CheckpointMismatchError, KernelOutputError
 from .plan import Tile
 
@@ -77,17 +77,19 @@ class KernelOutput:
     @classmethod
     def open_or_create(cls, path: Path, identity: dict, shape: tuple[int, int],
                        chunks: tuple[int, int] | None, *, overwrite: bool,
-                       restart: bool) -> KernelOutput:
+                       restart: bool, store: str | None = None) -> KernelOutput:
+        """The kernel at ``path`` if it has this ``identity`` (and ``chunks``), else a new
+        one there. A kernel of other inputs is replaced only with ``overwrite`` (a
+        finished one) or ``restart`` (a partial one); a directory that is not a
+        kernelscale kernel is never removed. ``store``: the store's path, for messages."""
+        check_output_dir(path, "--out")
         if path.exists() and any(path.iterdir()):
             try:
                 existing = cls.open(path, mode="r+")
             except KernelOutputError:
-                if overwrite:
-                    shutil.rmtree(path)
-                    return cls.open_or_create(path, identity, shape, chunks,
-                                              overwrite=False, restart=False)
-                raise KernelOutputError(f"{path}: exists and is not a kernel; choose another "
-                                        "--out or pass --overwrite") from None
+                raise KernelOutputError(f"{path}: exists and is not a kernelscale kernel; "
+                                        "choose another --out (--overwrite replaces only a "
+                                        "kernel)") from None
             old = existing.attrs.get("identity", {})
             if old == identity and (chunks is None or existing.chunks == tuple(chunks)):
                 return existing
@@ -96,6 +98,10 @@ class KernelOutput:
                              if old.get(k) != identity.get(k))
             if chunks is not None and existing.chunks != tuple(chunks):
                 diff = (diff + ", " if diff else "") + f"chunks {existing.chunks} -> {chunks}"
+            origin = existing.attrs.get("store")
+            if (old.get("store_fingerprint") != identity.get("store_fingerprint") and origin
+                    and store and Path(origin).resolve() != Path(store).resolve()):
+                diff = f"computed from the store {origin}, not {store}; " + diff
             if existing.attrs.get("complete"):
                 if not overwrite:
                     raise KernelOutputError(f"{path}: holds a finished kernel of different "
@@ -115,6 +121,12 @@ class KernelOutput:
         g.attrs.update({"schema": KERNEL_SCHEMA, "schema_version": KERNEL_SCHEMA_VERSION,
                         "identity": identity, "complete": False})
         return cls(path, g)
+
+    def fingerprint(self) -> str:
+        """sha256 of the kernel's identity: the same for every kernel of the same store
+        state, runs, pairs, precision, transform, classes and shape."""
+        ident = json.dumps(self.attrs.get("identity", {}), sort_keys=True)
+        return hashlib.sha256(ident.encode()).hexdigest()
 
     # done markers -------------------------------------------------------------------
     @property
@@ -226,7 +238,8 @@ def describe_kernel(path: str | os.PathLike) -> str:
              f"  pairs {ident.get('pairs')}  runs {ident.get('runs')}  precision "
              f"{ident.get('precision')}  log_softmax {ident.get('log_softmax')}  classes "
              f"{ident.get('classes') or 'all'}",
-             f"  store {a.get('store')}  fingerprint {ident.get('store_fingerprint')}"]
+             f"  store {a.get('store')}  fingerprint {ident.get('store_fingerprint')}",
+             f"  kernel fingerprint {k.fingerprint()}"]
     if "zero_variance" in a:
         lines.append("  zero-variance entries: " + "  ".join(
             f"{s} {n}" for s, n in sorted(a["zero_variance"].items())))

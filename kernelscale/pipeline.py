@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, check_output_dir
 from .config import JobConfig, load_job
 
 
@@ -16,7 +16,7 @@ def run_job(path: str | Path, *, workdir: str | None = None, quiet: bool = False
             device: str | None = None) -> int:
     """Run the job at ``path``; 0 on success, 1 when the ingest rejected files."""
     cfg = load_job(path, workdir)
-    wd = cfg.workdir
+    wd = check_output_dir(cfg.workdir, "workdir")
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     print(f"job {cfg.job.name}: workdir {wd}", file=sys.stderr)

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .units import format_bytes
 
 
 @dataclass(frozen=True, order=True)
@@ -60,32 +61,32 @@ class Plan:
     region: Tile  #: the part of the output this plan covers
     tiles: tuple[Tile, ...]
     passes: tuple[tuple[int, ...], ...]  #: indices into ``tiles``
-    run_chunk: int  #: runs folded per step
+    runs_per_step: int  #: runs folded per step
     budget: int  #: bytes
     classes: int
     in_itemsize: int
 
     def tile_bytes(self, t: Tile) -> int:
-        return tile_bytes(t.rows, t.cols, self.run_chunk, self.classes, self.in_itemsize)
+        return tile_bytes(t.rows, t.cols, self.runs_per_step, self.classes, self.in_itemsize)
 
     def pass_bytes(self, p: int) -> int:
-        return pass_bytes([self.tiles[i] for i in self.passes[p]], self.run_chunk,
+        return pass_bytes([self.tiles[i] for i in self.passes[p]], self.runs_per_step,
                           self.classes, self.in_itemsize)
 
 
-def tile_bytes(rows: int, cols: int, run_chunk: int, classes: int, in_itemsize: int = 2) -> int:
+def tile_bytes(rows: int, cols: int, runs_per_step: int, classes: int, in_itemsize: int = 2) -> int:
     """Device bytes one tile needs (see the module docstring)."""
-    return (rows * cols * 12 + (rows + cols) * run_chunk * classes * (16 + in_itemsize)
+    return (rows * cols * 12 + (rows + cols) * runs_per_step * classes * (16 + in_itemsize)
             + (rows + cols) * classes * 16)
 
 
-def pass_bytes(tiles: list[Tile], run_chunk: int, classes: int, in_itemsize: int = 2) -> int:
+def pass_bytes(tiles: list[Tile], runs_per_step: int, classes: int, in_itemsize: int = 2) -> int:
     """Device bytes of a pass: every tile's accumulator, and the operands of the row and
     column spans the pass normalises once for all its tiles."""
     rows = max(t.r1 for t in tiles) - min(t.r0 for t in tiles)
     cols = max(t.c1 for t in tiles) - min(t.c0 for t in tiles)
     return (sum(t.rows * t.cols * 12 for t in tiles)
-            + (rows + cols) * run_chunk * classes * (16 + in_itemsize)
+            + (rows + cols) * runs_per_step * classes * (16 + in_itemsize)
             + (rows + cols) * classes * 16)
 
 
@@ -102,7 +103,7 @@ def _cuts(lo: int, hi: int, chunk: int, size: int) -> list[tuple[int, int]]:
 def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int, int],
          store_run_chunk: int, runs: int, region: Tile | None = None,
          tile: tuple[int, int] | None = None, in_itemsize: int = 2,
-         run_chunk: int | None = None, target_reduction: int = 512) -> Plan:
+         runs_per_step: int | None = None, target_reduction: int = 512) -> Plan:
     """Plan the tiles of ``region`` (default: the whole ``shape``).
 
     ``budget``: device bytes for tiles; ``chunks``: output chunk shape; ``store_run_chunk``:
@@ -124,12 +125,12 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
             and _aligned(region.c0, region.c1, cc, n_cols)):
         raise ConfigError(f"region rows {region.r0}:{region.r1} cols {region.c0}:{region.c1} "
                           f"does not lie on the output chunk grid {cr}x{cc}")
-    if run_chunk is None:
+    if runs_per_step is None:
         # A reduction length of >= ~512 per GEMM keeps a CPU's matrix units busy; a GPU
         # wants longer reads (more store chunks in flight at once) more than longer GEMMs.
         want = max(1, math.ceil(target_reduction / classes))
-        run_chunk = store_run_chunk * max(1, math.ceil(want / store_run_chunk))
-    run_chunk = max(1, min(run_chunk, max(runs, 1)))
+        runs_per_step = store_run_chunk * max(1, math.ceil(want / store_run_chunk))
+    runs_per_step = max(1, min(runs_per_step, max(runs, 1)))
 
     def shrink(k: int) -> int:
         # stay a multiple of the store chunk while possible: each store chunk is then
@@ -147,21 +148,22 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
             raise ConfigError(f"--tile {tr}x{tc} must be positive multiples of the output "
                               f"chunks {cr}x{cc}")
         tr, tc = min(tr, region.rows), min(tc, region.cols)
-        while not fits(tr, tc, run_chunk) and run_chunk > 1:
-            run_chunk = shrink(run_chunk)
-        if not fits(tr, tc, run_chunk):
-            raise ConfigError(f"--tile {tr}x{tc} needs {tile_bytes(tr, tc, 1, classes)} B, "
-                              f"over the memory budget of {budget} B")
+        while not fits(tr, tc, runs_per_step) and runs_per_step > 1:
+            runs_per_step = shrink(runs_per_step)
+        if not fits(tr, tc, runs_per_step):
+            raise ConfigError(f"--tile {tr}x{tc} needs "
+                              f"{format_bytes(tile_bytes(tr, tc, 1, classes))}, over the "
+                              f"memory budget of {format_bytes(budget)}")
     else:
-        tr, tc = _best_tile(region, cr, cc, classes, in_itemsize, budget, run_chunk)
-        while tr == 0 and run_chunk > 1:
-            run_chunk = shrink(run_chunk)
-            tr, tc = _best_tile(region, cr, cc, classes, in_itemsize, budget, run_chunk)
+        tr, tc = _best_tile(region, cr, cc, classes, in_itemsize, budget, runs_per_step)
+        while tr == 0 and runs_per_step > 1:
+            runs_per_step = shrink(runs_per_step)
+            tr, tc = _best_tile(region, cr, cc, classes, in_itemsize, budget, runs_per_step)
         if tr == 0:
             need = tile_bytes(min(cr, region.rows), min(cc, region.cols), 1, classes,
                               in_itemsize)
-            raise ConfigError(f"one output chunk ({cr}x{cc}) needs {need} B, over the "
-                              f"memory budget of {budget} B; raise --max-memory or use "
+            raise ConfigError(f"one output chunk ({cr}x{cc}) needs {format_bytes(need)}, over "
+                              f"the memory budget of {format_bytes(budget)}; raise --max-memory or use "
                               "smaller --chunks")
     tiles = tuple(Tile(a, b, c, d)
                   for a, b in _cuts(region.r0, region.r1, cr, tr)
@@ -171,18 +173,18 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
     passes: list[tuple[int, ...]] = []
     cur: list[int] = []
     for i in range(len(tiles)):
-        if cur and pass_bytes([tiles[j] for j in (*cur, i)], run_chunk, classes,
+        if cur and pass_bytes([tiles[j] for j in (*cur, i)], runs_per_step, classes,
                               in_itemsize) > budget:
             passes.append(tuple(cur))
             cur = []
         cur.append(i)
     passes.append(tuple(cur))
-    return Plan(shape, chunks, region, tiles, tuple(passes), run_chunk, budget, classes,
+    return Plan(shape, chunks, region, tiles, tuple(passes), runs_per_step, budget, classes,
                 in_itemsize)
 
 
 def _best_tile(region: Tile, cr: int, cc: int, classes: int, in_itemsize: int, budget: int,
-               run_chunk: int) -> tuple[int, int]:
+               runs_per_step: int) -> tuple[int, int]:
     """Largest chunk-aligned tile under the budget; (0, 0) if not even one chunk fits.
 
     Among tiles of the largest area, prefer the fewest tiles; area decides the number of
@@ -197,7 +199,7 @@ def _best_tile(region: Tile, cr: int, cc: int, classes: int, in_itemsize: int, b
         while lo < hi:
             mid = (lo + hi + 1) // 2
             c = min(mid * cc, region.cols)
-            if tile_bytes(r, c, run_chunk, classes, in_itemsize) <= budget:
+            if tile_bytes(r, c, runs_per_step, classes, in_itemsize) <= budget:
                 lo = mid
             else:
                 hi = mid - 1

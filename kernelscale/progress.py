@@ -49,6 +49,7 @@ class PlainProgress:
         pct = f"  {100 * self.n / self.total:5.1f}%" if self.total else ""
         rate = self.n / el if el > 0 else 0.0
         rate_s = (f"{format_bytes(rate)}/s" if self.unit == "B"
+                  else f"{rate:,.0f} {self.unit}s/s" if rate >= 100
                   else f"{rate:.3g} {self.unit}s/s")
         eta = (f"  ETA {format_duration((self.total - self.n) / rate)}"
                if self.total and rate > 0 and self.n < self.total else "")

@@ -40,7 +40,7 @@ from .interpret import Images, failures, load_images, most_similar, random_examp
 from .knn import Grid, make_setting
 from .labels import load_labels
 from .store import Store
-from .units import round_floats
+from .units import format_bytes, round_floats
 from .version import __version__
 
 
@@ -187,7 +187,7 @@ def _provenance(store: Store, prov: Provenance, attrs: dict, images_note: str) -
     files = m.get("files") or []
     parts.append(f"<h3>Files ({len(files)})</h3>")
     rows = [[f["name"], _Raw(f'<span class="mono">{_e(f["sha256"][:16])}</span>'),
-             f"{f['run_start']}–{f['run_stop']}", f"{f['size'] / 1e6:.1f} MB",
+             f"{f['run_start']}–{f['run_stop']}", format_bytes(f["size"]),
              f.get("commit") or "–"] for f in files]
     parts.append(_table(["file", "sha256", "runs", "size", "commit"], rows, num=(2, 3)))
     if m.get("rejected"):

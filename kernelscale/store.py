@@ -43,9 +43,10 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from .atomic import atomic_write_bytes, atomic_write_json, read_json
+from .atomic import atomic_write_bytes, atomic_write_json, check_output_dir, read_json
 from .errors import StoreError
 from .stats import RunningStats
+from .units import format_bytes
 
 SCHEMA = "kernelscale-store"
 SCHEMA_VERSION = 1
@@ -138,7 +139,7 @@ class Store:
     @classmethod
     def create(cls, path: str | os.PathLike, *, n_test: int, n_train: int, classes: int,
                dtype: str, run_chunk: int | None = None) -> Store:
-        root = Path(path)
+        root = check_output_dir(path, "--store")
         if cls.exists(root):
             raise StoreError(f"{root}: a store already exists here")
         if root.exists() and any(root.iterdir()):
@@ -376,7 +377,7 @@ class Store:
         for f in self.manifest["files"]:
             extra = f"  commit {f['commit']}" if f.get("commit") else ""
             lines.append(f"    {f['sha256']}  runs {f['run_start']}:{f['run_stop']}  "
-                         f"{f['size']} B  {f['name']}{extra}")
+                         f"{format_bytes(f['size'])}  {f['name']}{extra}")
         if self.manifest["rejected"]:
             lines.append(f"  rejected {len(self.manifest['rejected'])}:")
             for r in self.manifest["rejected"]:

@@ -106,10 +106,10 @@ def test_kernel_from_arrays_chunks_square_and_raw() -> None:
     test, train = _logits(17, 8, 6, 7).astype(np.float16), _logits(17, 10, 6, 8)
     want = reference_kernel(test, train)
     for chunk in (1, 2, 5, 17, 100):
-        got = kernelscale.kernel_from_arrays(test, train, run_chunk=chunk)
+        got = kernelscale.kernel_from_arrays(test, train, runs_per_step=chunk)
         assert np.abs(got - want).max() <= 1e-5, chunk
     # the same object twice: a square (train x train) kernel, standardised once
-    sq = kernelscale.kernel_from_arrays(train, train, run_chunk=4)
+    sq = kernelscale.kernel_from_arrays(train, train, runs_per_step=4)
     assert np.abs(sq - reference_kernel(train, train)).max() <= 1e-5
     assert np.allclose(sq, sq.T, atol=1e-6)
     # a tensor that requires grad is read without autograd
@@ -154,8 +154,8 @@ def test_kernel_from_arrays_bad_options() -> None:
     x = _logits(4, 3, 3, 13)
     with pytest.raises(ConfigError, match="precision"):
         kernelscale.kernel_from_arrays(x, x, precision="bf16")
-    with pytest.raises(ConfigError, match="run_chunk"):
-        kernelscale.kernel_from_arrays(x, x, run_chunk=0)
+    with pytest.raises(ConfigError, match="runs_per_step"):
+        kernelscale.kernel_from_arrays(x, x, runs_per_step=0)
 
 
 # ------------------------------------------------------------ the package namespace

@@ -54,6 +54,7 @@ def test_help_shows_defaults_and_every_option_has_help():
                 assert action.help, f"{name} {action.option_strings} has no help"
     text = sub.choices["kernel"].format_help()
     assert "(default: test-train)" in text and "(default: 600.0)" in text
+    assert "(default: 0)" in sub.choices["evaluate"].format_help()  # --seed
 
 
 def test_a_closed_pipe_ends_quietly(small_store):
@@ -72,12 +73,32 @@ def test_bad_values_are_one_line_naming_the_option(tmp_path):
     p = run_cli("kernel", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "k"),
                 "--max-memory", "lots", check=False)
     assert p.returncode == 2
-    assert p.stderr.strip() == ("kernelscale: error: command line max_memory 'lots': cannot "
-                                "read it as a size (e.g. 40G, 512MiB, 2e9)")
+    assert p.stderr.strip() == ("kernelscale: error: --max-memory 'lots': cannot read it as a "
+                                "size (e.g. 40G, 512MiB, 2e9)")
     p = run_cli("kernel", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "k"),
                 "--tile", "12", check=False)
-    assert p.returncode == 2 and "expected ROWSxCOLS" in p.stderr
+    assert p.returncode == 2 and "--tile '12': expected ROWSxCOLS" in p.stderr
     assert not (tmp_path / "k").exists()
+    p = run_cli("kernel", "--store", str(tmp_path / "s"), "--out", str(tmp_path / "k"),
+                "--class", "1,x", check=False)
+    assert p.returncode == 2 and "--class '1,x': expected comma-separated" in p.stderr
+
+
+def test_outputs_that_are_files_are_refused(tmp_path, small_store):
+    store, *_ = small_store
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for args in (["kernel", "--store", str(store), "--out", str(afile)],
+                 ["ingest", str(tmp_path / "src"), "--store", str(afile)],
+                 ["curve", "--store", str(store), "--labels", str(afile), "--runs", "4",
+                  "--out", str(afile)],
+                 ["info", str(tmp_path / "nothing")]):
+        p = run_cli(*args, check=False)
+        assert p.returncode == 2, args
+        (line,) = p.stderr.strip().splitlines()
+        assert line.startswith("kernelscale: error: "), line
+        assert "Traceback" not in p.stderr
+    assert afile.read_text() == "mine"
 
 
 def test_failed_kernel_validation_leaves_no_output(small_store, tmp_path):

@@ -17,8 +17,8 @@ from kernelscale.knn import (
     leave_one_out,
     predict,
     predictions_by_k,
-    top_neighbours,
 )
+from kernelscale.topk import top_neighbours
 from tests.conftest import run_cli
 from tests.reference import knn_predict
 

@@ -18,7 +18,8 @@ from kernelscale.errors import BadInputError, ConfigError
 from kernelscale.ingestion import IngestConfig
 from kernelscale.ingestion import ingest as run_ingest
 from kernelscale.sources import FetchOptions
-from kernelscale.sources.hub import HubError, glob_regex, parse_hub_spec
+from kernelscale.sources.hub import HubError
+from kernelscale.sources.hubspec import glob_regex, parse_hub_spec
 from kernelscale.store import Store
 from tests.conftest import ROOT, ingest_dir, run_cli
 from tests.hubserver import HubServer
@@ -592,3 +593,12 @@ def test_abandoned_partial_downloads_are_swept(hub, tmp_path):
     s = ingest(hub, tmp_path / "store", tmp_path)
     assert s.files_ingested == 1
     assert not stale.exists() and fresh.exists() and legacy.exists()
+
+
+def test_dask_workers_are_for_local_folders_only(tmp_path):
+    """Files downloaded ahead for dask workers would pass the disk bound, and a remote
+    scheduler's workers cannot read this host's cache: refused before any request."""
+    for kw in ({"workers": 2}, {"scheduler": "tcp://127.0.0.1:1"}):
+        with pytest.raises(ConfigError, match="--workers/--scheduler convert local folders"):
+            run_ingest(IngestConfig(SPEC, tmp_path / "store", **kw))
+    assert not (tmp_path / "store").exists()

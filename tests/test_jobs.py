@@ -124,7 +124,7 @@ def test_unknown_job_key_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown table.*kernal"):
         load_job(job)
     job.write_text('[kernel]\nout = 3\n')
-    with pytest.raises(ConfigError, match="'out' must be str"):
+    with pytest.raises(ConfigError, match=r"\[kernel\] out must be str"):
         load_job(job)
 
 

@@ -54,7 +54,7 @@ def test_tiled_equals_untiled(small_store, tmp_path_factory, cr, cc, tr, tc, run
     store, test, train = small_store
     d = tmp_path_factory.mktemp("tiled")
     whole = run(store, d / "whole")
-    kw = {"chunks": (cr, cc), "run_chunk": run_chunk}
+    kw = {"chunks": (cr, cc), "runs_per_step": run_chunk}
     if budget_kb is None:
         kw["tile"] = (tr * cr, tc * cc)
     else:
@@ -253,3 +253,24 @@ def test_log_softmax_fp32_reproduces_the_published_method(tmp_path):
     assert np.abs(K32 - published).max() <= 1e-5
     ident = zarr.open_group(str(tmp_path / "k32"), mode="r").attrs["identity"]
     assert ident["log_softmax_fp32"] is True
+
+
+def test_overwrite_never_removes_a_directory_that_is_not_a_kernel(small_store, tmp_path):
+    store, *_ = small_store
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for target in (mine, store):
+        with pytest.raises(KernelOutputError, match="is not a kernelscale kernel"):
+            run(store, target, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert (store / "manifest.json").is_file()
+
+
+def test_a_kernel_of_another_store_names_it(small_store, tmp_path):
+    store, *_ = small_store
+    other = tmp_path / "other"
+    ingest_dir(tmp_path / "src", other, max_files=2, show_progress=False)
+    run(other, tmp_path / "k")
+    with pytest.raises(KernelOutputError, match=f"computed from the store {other}, not {store}"):
+        run(store, tmp_path / "k")

@@ -20,9 +20,10 @@ PKG = ROOT / "kernelscale"
 LAYERS = [
     ("foundations", {"errors", "atomic", "progress", "units", "signals", "device", "version",
                      "bundled"}),
-    ("pure logic", {"stats", "plan", "knn", "normalise"}),
+    ("pure logic", {"stats", "plan", "topk", "knn", "normalise"}),
     ("formats", {"store", "output", "labels", "logfile"}),
-    ("sources", {"sources", "sources.base", "sources.local", "sources.hub"}),
+    ("sources", {"sources", "sources.base", "sources.local", "sources.hubspec",
+                 "sources.hubfail", "sources.hub"}),
     ("stages", {"convert", "parallel", "ingestion", "reader", "kernel", "evaluation", "curve",
                 "interpret", "figures", "report", "simulation", "bench", "arrays"}),
     ("orchestration", {"config", "pipeline", "api", "slurm", "slurm.geometry",

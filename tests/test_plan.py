@@ -37,7 +37,7 @@ def check_plan(p, region):
     assert flat == list(range(len(p.tiles)))
     for i in range(len(p.passes)):
         assert p.pass_bytes(i) <= p.budget
-    assert p.run_chunk >= 1
+    assert p.runs_per_step >= 1
 
 
 @settings(max_examples=200, deadline=None)
@@ -45,8 +45,8 @@ def check_plan(p, region):
 def test_plan_covers_region_exactly_once_within_budget(prob):
     p = plan(**prob)
     check_plan(p, Tile(0, prob["shape"][0], 0, prob["shape"][1]))
-    assert p.run_chunk % prob["store_run_chunk"] == 0 or p.run_chunk == prob["runs"] \
-        or p.run_chunk < prob["store_run_chunk"]
+    assert p.runs_per_step % prob["store_run_chunk"] == 0 or p.runs_per_step == prob["runs"] \
+        or p.runs_per_step < prob["store_run_chunk"]
 
 
 @settings(max_examples=150, deadline=None)

@@ -167,6 +167,24 @@ def test_dry_run_prints_the_saved_scripts(tmp_path):
         subprocess.run(["bash", "-n"], input=got[name], text=True, check=True)
 
 
+def test_every_kernel_option_reaches_the_tasks(tmp_path):
+    """An ablation job's options reach every kernel command; only the one command that
+    creates the output may replace an old one (--overwrite in a task would delete the
+    tiles of the others)."""
+    body = DRY_JOB.replace('chunks = "500x1024"', 'chunks = "500x1024"\nlog_softmax = false\n'
+                           'classes = [1, 3]\nruns_per_step = 6\noverwrite = true')
+    job = _write_job(tmp_path / "job.toml", body)
+    p = run_cli("submit", str(job), "--dry-run", "--workdir", str(tmp_path / "run"))
+    scripts = dict(re.findall(r"^==> \S+/(\S+) <==\n(.*?)(?=^==> |\Z)", p.stdout,
+                              flags=re.M | re.S))
+    create = next(x for x in scripts["ingest.sbatch"].splitlines() if "--create-only" in x)
+    task = scripts["kernel-array.sbatch"]
+    for text in (create, task):
+        assert "--no-log-softmax" in text and "--class 1,3" in text
+        assert "--runs-per-step 6" in text
+    assert "--overwrite" in create and "--overwrite" not in task and "--restart" not in task
+
+
 def test_remote_source_plans_from_declared_shape(tmp_path):
     """An hf:// store is not readable before its ingest: [ingest] shape lets submit plan."""
     body = """
@@ -224,7 +242,7 @@ out = "kernel"
 device = "cpu"
 chunks = "64x256"
 tile = "64x256"
-run_chunk = 1
+runs_per_step = 1
 checkpoint_every = 0.2
 """
 
@@ -238,7 +256,7 @@ def slow_store(tmp_path_factory):
     test, train = random_source(d / "src", [300, 300], n_test=64, n_train=512, classes=10,
                                 seed=5)
     ingest_dir(d / "src", d / "store", run_chunk=1, show_progress=False)
-    K = _single_process(d / "store", d / "single", "64x256", "64x256", run_chunk=1)
+    K = _single_process(d / "store", d / "single", "64x256", "64x256", runs_per_step=1)
     return d, d / "store", K, test, train
 
 

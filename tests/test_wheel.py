@@ -54,8 +54,7 @@ def test_job_path_existing_file_is_itself(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("arg", ["demo-slurm", "demo-slurm.toml", "jobs/demo-slurm.toml",
-                                 "/nowhere/demo-slurm.toml"])
+@pytest.mark.parametrize("arg", ["demo-slurm", "demo-slurm.toml", "jobs/demo-slurm.toml"])
 def test_job_path_falls_back_to_a_bundled_job(arg, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     want = BUNDLED_JOBS / "demo-slurm.toml"
@@ -64,7 +63,9 @@ def test_job_path_falls_back_to_a_bundled_job(arg, tmp_path, monkeypatch, capsys
     assert err == f"kernelscale: using the bundled job {want}\n"
 
 
-@pytest.mark.parametrize("arg", ["nope", "jobs/nope.toml", "demo.yaml", "", "..", "jobs"])
+@pytest.mark.parametrize("arg", ["nope", "jobs/nope.toml", "demo.yaml", "", "..", "jobs",
+                                 "/nowhere/demo-slurm.toml", "other/demo.toml",
+                                 "jobs/demo-slurm"])
 def test_job_path_unknown_names_the_bundled_jobs(arg, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "jobs").mkdir()  # a folder is not a job file
@@ -202,9 +203,10 @@ def test_wheel_submit_dry_run_uses_the_bundled_job_and_templates(installed):
 
 @pytest.mark.slow
 def test_wheel_runs_the_bundled_demo_by_default(installed):
-    workdir = installed.elsewhere.parent / "demo"
-    p = installed.run("run", "--workdir", workdir, timeout=600)
-    assert p.stderr.splitlines()[0] == f"job demo: workdir {workdir}"
+    """Plain `kernelscale run` in an unrelated directory: the bundled demo, its files in
+    that directory's demo-out/."""
+    p = installed.run("run", timeout=600)
+    assert p.stderr.splitlines()[0] == "job demo: workdir demo-out"
+    workdir = installed.elsewhere / "demo-out"
     assert (workdir / "results.json").is_file()
     assert (workdir / "report" / "index.html").is_file()
-    assert not (installed.elsewhere / "demo-out").exists()

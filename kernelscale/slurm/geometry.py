@@ -142,7 +142,7 @@ def plan_array(cfg: JobConfig, t: SlurmTable, need_ingest: bool) -> ArrayPlan:
     budget = kc.max_memory or DEFAULT_TASK_BUDGET
     common = dict(classes=g.classes, budget=budget, chunks=chunks,
                   store_run_chunk=g.run_chunk, runs=max(runs, 1), in_itemsize=g.itemsize,
-                  run_chunk=kc.run_chunk)
+                  runs_per_step=kc.runs_per_step)
     p = plan(shape, tile=kc.tile, **common)
     if kc.tile is None:
         # the planner's tile, as the multiple of the chunks that tasks pass as --tile

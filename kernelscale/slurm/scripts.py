@@ -66,17 +66,25 @@ def _args(pairs: list[tuple[str, object]], sep: str = " \\\n    ") -> str:
     return sep.join(parts)
 
 
-def _kernel_args(cfg: JobConfig, kp: ArrayPlan) -> str:
+def _kernel_args(cfg: JobConfig, kp: ArrayPlan, create: bool = False) -> str:
+    """The ``kernelscale kernel`` options of the job's kernel. ``create``: for the one
+    command that creates the output (the only one that may replace an old one); array
+    tasks never pass --overwrite or --restart, which would delete each other's tiles."""
     kc = cfg.kernel_config()
+    classes = ",".join(map(str, kc.classes)) if kc.classes else None
     return _args([("--store", Path(kc.store).resolve()), ("--out", Path(kc.out).resolve()),
                   ("--runs", kc.runs), ("--pairs", kc.pairs), ("--device", kc.device),
                   ("--precision", kc.precision),
                   ("--max-memory", kc.max_memory),
                   ("--chunks", f"{kp.chunks[0]}x{kp.chunks[1]}"),
                   ("--tile", f"{kp.tile[0]}x{kp.tile[1]}"),
-                  ("--runs-per-step", kc.run_chunk),
+                  ("--runs-per-step", kc.runs_per_step),
+                  ("--no-log-softmax", not kc.log_softmax),
                   ("--log-softmax-fp32", kc.log_softmax_fp32),
-                  ("--checkpoint-every", f"{kc.checkpoint_every:g}")])
+                  ("--class", classes),
+                  ("--checkpoint-every", f"{kc.checkpoint_every:g}"),
+                  ("--overwrite", create and kc.overwrite),
+                  ("--restart", create and kc.restart)])
 
 
 def abs_spec(cfg: JobConfig, p: str) -> str:
@@ -150,7 +158,7 @@ def render_scripts(cfg: JobConfig, t: SlurmTable, kp: ArrayPlan | None, paths: S
         out["ingest"] = render(load("ingest"), {
             **common, "output": paths.output("ingest"),
             "simulate": _simulate_block(cfg, cmd), "ingest_args": _ingest_args(cfg),
-            "kernel_args": _kernel_args(cfg, kp).replace(" \\\n    ", " "),
+            "kernel_args": _kernel_args(cfg, kp, create=True).replace(" \\\n    ", " "),
             "resources": _resources(t, t.ingest_time, t.ingest_cpus, t.ingest_mem, None)},
             f"{SCRIPTS['ingest']}.in")
     if kp is not None:

@@ -1,6 +1,6 @@
 """Hugging Face Hub source: ``hf://datasets/OWNER/NAME[@REVISION][/PATH/PREFIX]``.
 
-The revision (default ``main``) is resolved to a commit sha once, at the start; the tree
+The revision (default ``main``) is pinned to a commit sha once, at the start; the tree
 under ``PATH/PREFIX`` is listed at that commit and every file is downloaded at that
 commit, so a run never mixes two states of the repo. Talking to the Hub is left entirely
 to ``huggingface_hub``: the endpoint comes from its ``HF_ENDPOINT`` setting (or the
@@ -9,9 +9,9 @@ A token is never printed, logged or recorded.
 
 Files are downloaded by ``download_workers`` threads into the library's cache
 (``cache_dir``) and handed to the consumer (the single writer of the ingest) in sorted
-path order. At most ``workers`` downloaded files wait for their commit at any time
-and each is deleted once its runs are in the store (unless ``keep_downloads``), so local
-disk for downloads stays below ``(workers + 1) x`` the largest file. A file whose bytes
+path order. At most ``download_workers`` downloaded files wait for their commit at any
+time and each is deleted once its runs are in the store (unless ``keep_downloads``), so
+local disk for downloads stays below ``(download_workers + 1) x`` the largest file. A file whose bytes
 do not match the listing's LFS sha256 is rejected and its blob removed from the cache.
 
 The manifest name of a file is its path inside the repo, so re-running against a newer
@@ -34,23 +34,23 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.hf_api import RepoFile
 
 from ..errors import ConfigError, KernelscaleError
 from ..logfile import sha256_file
+from ..units import format_bytes
 from .base import Fetched, FetchOptions, Source, SourceFile
+from .hubfail import explain, is_transient, safe_endpoint
+from .hubspec import HubSpec, glob_regex, inside, is_hub_spec, literal_dir, parse_hub_spec
 
-SCHEME = "hf://"
 DEFAULT_REVISION = "main"
 #: longest wait between two attempts of one request, seconds
 MAX_RETRY_WAIT = 60.0
 #: seconds to wait for the Hub's answer to the revision lookup
 API_TIMEOUT = 60.0
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 #: a per-process partial download of huggingface_hub 2.x: ``<etag>.<8 hex>.incomplete``
@@ -65,177 +65,6 @@ class HubError(KernelscaleError):
 
 class _Cancelled(Exception):
     """Raised inside a download thread to stop a transfer nobody will use."""
-
-
-# --------------------------------------------------------------------------- spec
-
-@dataclass(frozen=True)
-class HubSpec:
-    """A parsed ``hf://datasets/OWNER/NAME[@REVISION][/PATH/PREFIX]``."""
-
-    repo_id: str  #: OWNER/NAME
-    revision: str | None  #: as written (branch, tag or commit), None for the default
-    prefix: str  #: folder inside the repo, "" for the whole repo
-
-    def __str__(self) -> str:
-        rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
-        return f"{SCHEME}datasets/{self.repo_id}{rev}" + (f"/{self.prefix}" if self.prefix else "")
-
-    def label(self, path: str) -> str:
-        """How a file of the repo is named in messages."""
-        return f"{SCHEME}datasets/{self.repo_id}/{path}"
-
-
-def is_hub_spec(text: str) -> bool:
-    return text.startswith(SCHEME)
-
-
-def parse_hub_spec(text: str) -> HubSpec:
-    """Parse ``hf://datasets/OWNER/NAME[@REVISION][/PATH/PREFIX]``; raises ConfigError.
-
-    A revision holding ``/`` (``refs/pr/1``) is written URL-encoded: ``@refs%2Fpr%2F1``.
-    """
-    if not is_hub_spec(text):
-        raise ConfigError(f"{text}: not a Hub source (expected hf://datasets/OWNER/NAME...)")
-    kind, _, rest = text[len(SCHEME):].partition("/")
-    if kind != "datasets":
-        raise ConfigError(f"{text}: only dataset repos are supported "
-                          "(hf://datasets/OWNER/NAME[@REVISION][/PATH])")
-    parts = rest.split("/")
-    if len(parts) < 2:
-        raise ConfigError(f"{text}: expected hf://datasets/OWNER/NAME[@REVISION][/PATH]")
-    owner, (name, at, rev) = parts[0], parts[1].partition("@")
-    for what, v in (("owner", owner), ("repo name", name)):
-        if not _NAME.match(v):
-            raise ConfigError(f"{text}: invalid {what} {v!r}")
-    if at and not rev:
-        raise ConfigError(f"{text}: empty revision after '@'")
-    prefix = [p for p in parts[2:] if p]
-    if any(p in (".", "..") for p in prefix):
-        raise ConfigError(f"{text}: the path may not contain '.' or '..'")
-    return HubSpec(f"{owner}/{name}", unquote(rev) if at else None, "/".join(prefix))
-
-
-def glob_regex(pattern: str) -> re.Pattern:
-    """A glob over '/'-separated paths: ``**`` spans folders, ``*`` and ``?`` do not."""
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:[^/]*/)*")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        elif pattern[i] == "[" and (j := pattern.find("]", i + 2)) > 0:
-            body = pattern[i + 1:j]
-            neg = body.startswith("!")
-            body = body[neg:].replace("\\", "\\\\")
-            out.append("[" + ("^" if neg else "\\" if body.startswith("^") else "") + body + "]")
-            i = j + 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def _literal_dir(pattern: str) -> str:
-    """The folders a glob names literally before its first wildcard ('' if none)."""
-    parts = pattern.split("/")[:-1]
-    lit = []
-    for p in parts:
-        if any(c in p for c in "*?["):
-            break
-        lit.append(p)
-    return "/".join(lit)
-
-
-def _inside(path: str, folder: str) -> bool:
-    return not folder or path == folder or path.startswith(folder + "/")
-
-
-# ------------------------------------------------------------------------- errors
-
-def _status(exc: BaseException) -> tuple[int | None, str | None]:
-    """(HTTP status, X-Error-Code) of the first response found along the exception chain."""
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        resp = getattr(e, "response", None)
-        code = getattr(resp, "status_code", None)
-        if isinstance(code, int):
-            return code, resp.headers.get("X-Error-Code")
-        e = e.__cause__ or e.__context__
-    return None, None
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    out, e = [], exc
-    while e is not None and e not in out:
-        out.append(e)
-        e = e.__cause__ or e.__context__
-    return out
-
-
-#: exception class names (any HTTP stack huggingface_hub has used) meaning "try again"
-_TRANSIENT_NAMES = {"TimeoutException", "NetworkError", "RemoteProtocolError", "ConnectError",
-                    "ReadError", "WriteError", "ConnectTimeout", "ReadTimeout",
-                    "ChunkedEncodingError", "ProtocolError", "Timeout"}
-
-
-def _transient(exc: BaseException) -> bool:
-    status, _ = _status(exc)
-    if status is not None:
-        return status >= 500 or status in (408, 429)
-    for e in _chain(exc):
-        names = {c.__name__ for c in type(e).__mro__}
-        if names & _TRANSIENT_NAMES or isinstance(e, ConnectionError | TimeoutError):
-            return True
-        # A body shorter than announced: the connection dropped mid-transfer.
-        if isinstance(e, OSError) and "Consistency check failed" in str(e):
-            return True
-    return False
-
-
-def _explain(exc: BaseException, commit: str | None) -> str:
-    """One line saying what went wrong and its likely cause; never the token."""
-    names = {c.__name__ for e in _chain(exc) for c in type(e).__mro__}
-    if "OfflineModeIsEnabled" in names:
-        return "the Hub is not reachable in offline mode (unset HF_HUB_OFFLINE)"
-    status, code = _status(exc)
-    at = f" at commit {commit}" if commit else ""
-    if code == "RevisionNotFound":
-        return f"HTTP {status}: revision not found (wrong branch, tag or commit?)"
-    if code == "RepoNotFound":
-        return (f"HTTP {status}: repository not found (wrong OWNER/NAME, or a private or "
-                "gated repo and no valid token: set HF_TOKEN or run `hf auth login`)")
-    if status == 401:
-        return ("HTTP 401 unauthorized: the repo is private or gated and no valid token was "
-                "sent (set HF_TOKEN or run `hf auth login`)")
-    if status == 403:
-        return ("HTTP 403 forbidden: the token has no access (gated repo: accept its "
-                "conditions on the Hub; or a token without read permission)")
-    if status == 404:
-        return f"HTTP 404: not found{at} (wrong path or revision?)"
-    if status is not None:
-        return f"HTTP {status}"
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160] if text else ''}".rstrip(": ")
-
-
-def _safe_endpoint(url: str) -> str:
-    """The endpoint without any user:password part, fit for the manifest."""
-    p = urlsplit(url)
-    host = p.hostname or ""
-    if p.port:
-        host = f"{host}:{p.port}"
-    return urlunsplit((p.scheme, host, p.path, "", "")).rstrip("/")
 
 
 # ------------------------------------------------------------------------- client
@@ -304,15 +133,15 @@ class HubSource(Source):
             except (_Cancelled, KernelscaleError):
                 raise
             except Exception as e:
-                if not _transient(e):
-                    raise HubError(f"{label}: {_explain(e, self.commit)}") from None
+                if not is_transient(e):
+                    raise HubError(f"{label}: {explain(e, self.commit)}") from None
                 if attempt == self.retries:
-                    raise HubError(f"{label}: {_explain(e, self.commit)}; gave up after "
+                    raise HubError(f"{label}: {explain(e, self.commit)}; gave up after "
                                    f"{attempt + 1} attempt(s) (--retries {self.retries})"
                                    ) from None
                 wait = min(MAX_RETRY_WAIT, self.retry_wait * 2 ** attempt)
                 attempt += 1
-                self._note(f"{label}: {_explain(e, self.commit)}; retry {attempt}/"
+                self._note(f"{label}: {explain(e, self.commit)}; retry {attempt}/"
                            f"{self.retries} in {wait:.1f} s")
                 if self._cancel.wait(wait):
                     raise _Cancelled() from None
@@ -370,7 +199,7 @@ class HubSource(Source):
             except FileNotFoundError:
                 continue
         if freed:
-            self._note(f"removed {freed / 1e6:.1f} MB of abandoned partial downloads")
+            self._note(f"removed {format_bytes(freed)} of abandoned partial downloads")
         return freed
 
     def list(self, glob: str = "**/log.pt") -> list[SourceFile]:
@@ -385,15 +214,15 @@ class HubSource(Source):
         prefix = self.spec.prefix
         rx = glob_regex(glob)
         # A glob naming folders literally (one file of 20,000) lists only those folders.
-        lit = _literal_dir(glob)
-        root = lit if lit and _inside(lit, prefix) else prefix
+        lit = literal_dir(glob)
+        root = lit if lit and inside(lit, prefix) else prefix
 
         def fetch() -> list[HubFile]:
             out = []
             for e in self.api.list_repo_tree(self.spec.repo_id, path_in_repo=root or None,
                                              recursive=True, revision=commit,
                                              repo_type="dataset"):
-                if not isinstance(e, RepoFile) or not _inside(e.path, prefix):
+                if not isinstance(e, RepoFile) or not inside(e.path, prefix):
                     continue
                 rel = e.path[len(prefix) + 1:] if prefix else e.path
                 if rx.match(e.path) or rx.match(rel):
@@ -463,15 +292,16 @@ class HubSource(Source):
     def fetch(self, files: Iterable[SourceFile]) -> Iterator[Fetched]:
         """Download ``files`` ahead with the workers; yield each, in order.
 
-        At most ``workers`` files are downloading, waiting or being committed at once:
-        the next download starts only when the caller comes back for the next item,
-        after it released the previous one (deleted unless kept). So the download folder
-        holds at most ``workers`` files, within the promised ``(workers + 1) x`` the
-        largest file.
+        The next download starts when the consumer asks for the next file; a consumer
+        that releases each file before asking for the next (the ingest's single writer
+        does) has at most ``download_workers`` files downloading or waiting at once and
+        one being committed, so the download folder stays within
+        ``(download_workers + 1) x`` the largest file. Files fetched and not released
+        when the iteration stops are released (deleted unless kept) then.
         """
         pending: deque[Future] = deque()
         todo = iter(files)
-        current: _Download | None = None
+        handed: list[_Download] = []
         self._cancel.clear()
         self._t0 = time.monotonic()
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hub-download")
@@ -481,15 +311,14 @@ class HubSource(Source):
                     pending.append(pool.submit(self.download, self.files[f.name]))
                 if not pending:
                     return
-                current = pending.popleft().result()
-                yield current
-                self.release(current)
-                current = None
+                d = pending.popleft().result()
+                handed = [h for h in handed if not h.released] + [d]
+                yield d
         finally:
             self._cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
-            if current is not None:
-                self.release(current)
+            for d in handed:
+                self.release(d)
             for fut in pending:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     self.release(fut.result())
@@ -498,7 +327,7 @@ class HubSource(Source):
         self._cancel.set()
         if self.bytes_downloaded:
             dt = time.monotonic() - getattr(self, "_t0", time.monotonic())
-            self._note(f"downloaded {self.bytes_downloaded / 1e6:.1f} MB in {dt:.1f} s")
+            self._note(f"downloaded {format_bytes(self.bytes_downloaded)} in {dt:.1f} s")
 
     def entry(self, file: SourceFile) -> dict:
         hf = self.files[file.name]
@@ -511,7 +340,7 @@ class HubSource(Source):
         return {"kind": self.kind, "repo": f"datasets/{self.spec.repo_id}",
                 "revision": self.revision, "commit": self.commit,
                 "path": self.spec.prefix, "glob": glob,
-                "endpoint": _safe_endpoint(self.endpoint)}
+                "endpoint": safe_endpoint(self.endpoint)}
 
 
 def _silent_bar(cancel: threading.Event, count) -> type:
