@@ -22,7 +22,8 @@ Modules, bottom to top (each imports only from the rows above it):
 * formats       -- ``store`` (logits Zarr store), ``output`` (kernel Zarr group), ``labels``, ``logfile``
 * sources       -- ``sources/`` (local folders, the Hugging Face Hub)
 * stages        -- ``convert``, ``parallel``, ``ingestion``, ``reader``, ``kernel``, ``arrays``,
-  ``evaluation``, ``curve``, ``interpret``, ``figures``, ``report``, ``simulation``, ``bench``
+  ``evaluation``, ``provenance``, ``curve``, ``interpret``, ``figures``, ``report``,
+  ``simulation``, ``bench``
 * orchestration -- ``config`` (job files), ``pipeline``, ``slurm/``, ``api``
 * command line  -- ``cli``
 """

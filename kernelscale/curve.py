@@ -28,9 +28,10 @@ from pathlib import Path
 
 from .atomic import atomic_write_json, check_output_dir, read_json
 from .errors import ConfigError
-from .evaluation import Provenance, evaluate_inputs, make_provenance, open_inputs
+from .evaluation import evaluate_inputs, open_inputs
 from .knn import Choice, Grid, Selection, Setting
 from .labels import Labels, load_labels
+from .provenance import Provenance, make_provenance
 from .store import Store
 from .units import parse_run_counts, round_floats
 

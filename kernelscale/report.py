@@ -34,11 +34,12 @@ import numpy as np
 from .atomic import atomic_write_json, fsync_dir
 from .curve import Curve, load_curve
 from .errors import KernelscaleError
-from .evaluation import Evaluation, Provenance, evaluate_inputs, open_inputs
+from .evaluation import Evaluation, evaluate_inputs, open_inputs
 from .figures import fig_ablation, fig_grid, fig_k, fig_per_run, fig_runs, fig_similar
 from .interpret import Images, failures, load_images, most_similar, random_examples
 from .knn import Grid, make_setting
 from .labels import load_labels
+from .provenance import Provenance
 from .store import Store
 from .units import format_bytes, round_floats
 from .version import __version__

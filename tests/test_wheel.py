@@ -113,10 +113,10 @@ def installed(tmp_path_factory) -> Installed:
     tmp = tmp_path_factory.mktemp("wheel")
     env = _clean_env()
 
-    # the source tree as a fresh copy: pyproject, readme and the package, nothing built
+    # the source tree as a fresh copy: pyproject, readme, licence and the package, nothing built
     src = tmp / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, src / name)
     shutil.copytree(PACKAGE, src / "kernelscale",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
@@ -157,6 +157,7 @@ def test_wheel_ships_the_package_and_its_data(installed):
     assert not {n for n in names if n.startswith(("tests/", "benchmarks/", "jobs/"))}
 
     assert "License-Expression: MIT" in meta.splitlines()
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     requires = [line for line in meta.splitlines() if line.startswith("Requires-Dist:")]
     assert any(r.startswith("Requires-Dist: torch") for r in requires)
     pinned = [r for r in requires if "==" in r.split(";")[0]]
