@@ -127,10 +127,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     labels = load_labels(job.labels_spec(), n_train=st.shape.n_train,
                          n_test=st.shape.n_test, classes=st.shape.classes)
     ev = evaluate(job.store_path, job.kernel_path, labels, **job.evaluate_options(),
-                  train_kernel=a.train_kernel, ablations_dir=a.ablations, device=a.device,
-                  workers=a.read_threads, show_progress=_progress(a))
+                  device=a.device, workers=a.read_threads, show_progress=_progress(a))
     if a.json:
-        print(json.dumps(ev.as_json(per_run=a.per_run), sort_keys=True))
+        print(json.dumps(ev.as_json(per_run=job.evaluate.per_run), sort_keys=True))
     else:
         print(ev.table())
     return 0

@@ -115,7 +115,11 @@ class EvaluateTable:
     temperature: float | None = None
     select: bool = False
     seed: int = 0
+    #: a train x train kernel of the same runs: select by leave-one-out (a job computes it)
+    train_kernel: str | None = None
+    ablations: str | None = None  #: directory of per-class / no-log-softmax kernels (computed)
     json: str | None = "results.json"
+    per_run: bool = False  #: every run's accuracy in the JSON
 
 
 @dataclass
@@ -365,7 +369,9 @@ class JobConfig:
         """Keyword arguments of :func:`~kernelscale.evaluation.evaluate` from [evaluate]."""
         e = self._need("evaluate")
         return {"k": e.k, "weighting": e.weighting, "power": e.power,
-                "temperature": e.temperature, "select": e.select, "seed": e.seed}
+                "temperature": e.temperature, "select": e.select, "seed": e.seed,
+                "train_kernel": self.path_of(e.train_kernel) if e.train_kernel else None,
+                "ablations_dir": self.path_of(e.ablations) if e.ablations else None}
 
     def _need(self, stage: str) -> Any:
         t = getattr(self, stage)

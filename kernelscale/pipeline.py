@@ -41,7 +41,7 @@ def run_job(path: str | Path, *, workdir: str | None = None, quiet: bool = False
 def run_after_kernel(cfg: JobConfig, *, quiet: bool, device: str | None = None) -> None:
     """The stages that read a finished kernel: evaluate, curve, report (those the job has)."""
     if cfg.evaluate:
-        _evaluate(cfg)
+        _evaluate(cfg, quiet, device)
     if cfg.curve:
         from .curve import compute_curve, curve_table
 
@@ -64,7 +64,7 @@ def _simulate(cfg: JobConfig, quiet: bool) -> None:
              classes=s.classes, seed=s.seed, progress=not quiet)
 
 
-def _evaluate(cfg: JobConfig) -> None:
+def _evaluate(cfg: JobConfig, quiet: bool, device: str | None) -> None:
     from .evaluation import evaluate
     from .labels import load_labels
     from .store import Store
@@ -73,24 +73,34 @@ def _evaluate(cfg: JobConfig) -> None:
     st = Store.open(cfg.store_path)
     labels = load_labels(cfg.labels_spec(), n_train=st.shape.n_train,
                          n_test=st.shape.n_test, classes=st.shape.classes)
-    ev = evaluate(cfg.store_path, cfg.kernel_path, labels, **cfg.evaluate_options())
+    options = cfg.evaluate_options()
+    if options["train_kernel"] is not None:
+        _train_kernel(cfg, Path(options["train_kernel"]), quiet, device)
+    ev = evaluate(cfg.store_path, cfg.kernel_path, labels, **options,
+                  device=device or (cfg.kernel.device if cfg.kernel else "auto"),
+                  show_progress=not quiet)
     print(ev.table())
     if e.json:
         out = Path(cfg.path_of(e.json))
-        atomic_write_json(out, ev.as_json())
+        atomic_write_json(out, ev.as_json(per_run=e.per_run))
         print(f"results: {out}", file=sys.stderr)
 
 
-def _report(cfg: JobConfig, quiet: bool, device: str | None) -> None:
+def _train_kernel(cfg: JobConfig, path: Path, quiet: bool, device: str | None) -> None:
+    """The train x train kernel of the job's kernel options at ``path`` (reused when it
+    is there and finished): leave-one-out selection needs it."""
     from .kernel import compute_kernel
+
+    print(compute_kernel(cfg.kernel_config(device, not quiet, out=path, pairs="train-train",
+                                           tile=None, chunks=None, rows=None,
+                                           cols=None)).line())
+
+
+def _report(cfg: JobConfig, quiet: bool, device: str | None) -> None:
     from .report import build_report
 
     rc = cfg.report_config(device, not quiet)
     if rc.train_kernel is not None:
-        # the leave-one-out selection needs the train x train kernel of the same runs
-        s = compute_kernel(cfg.kernel_config(device, not quiet, out=rc.train_kernel,
-                                             pairs="train-train", tile=None, chunks=None,
-                                             rows=None, cols=None))
-        print(s.line())
+        _train_kernel(cfg, rc.train_kernel, quiet, device)
     path = build_report(rc)
     print(f"report: {path.resolve()}")

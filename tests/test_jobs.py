@@ -135,3 +135,28 @@ def test_info_on_kernel_and_store(tmp_path, small_store):
     assert "complete True" in out and "runs 24" in out
     out = run_cli("info", str(store)).stdout
     assert "runs 24" in out and out.count("log.pt") == 3
+
+
+def test_evaluate_table_takes_every_evaluate_option(tmp_path):
+    """[evaluate] train_kernel (computed by the job), per_run and weighting reach the
+    evaluation exactly as the command line's options do."""
+    job = tmp_path / "demo.toml"
+    job.write_text(SMALL_DEMO.replace('json = "results.json"', '''json = "results.json"
+weighting = "power"
+power = 4.0
+train_kernel = "train-kernel"
+per_run = true'''))
+    run_cli("run", str(job), "--workdir", str(tmp_path / "w"))
+    res = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert res["selection"]["method"] == "leave-one-out"
+    assert res["selection"]["train_kernel"] == str(tmp_path / "w" / "train-kernel")
+    assert res["setting"]["weighting"] == "power" and res["setting"]["param"] == 4.0
+    assert len(res["per_run_accuracy"]) == 60
+    p = run_cli("evaluate", "--store", str(tmp_path / "w" / "store"), "--kernel",
+                str(tmp_path / "w" / "kernel"), "--labels",
+                str(tmp_path / "w" / "simulated" / "labels.npz"), "--weighting", "power",
+                "--power", "4", "--train-kernel", str(tmp_path / "w" / "train-kernel"),
+                "--json", "--per-run")
+    cli = json.loads(p.stdout)
+    for key in ("selection", "setting", "per_run_accuracy", "knn_accuracy", "oracle"):
+        assert cli[key] == res[key], key
