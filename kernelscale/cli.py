@@ -49,15 +49,14 @@ def _table(cls: type, a: argparse.Namespace, **renamed: str) -> Any:
     field -> option dest), parsed and checked like a job file's table."""
     from dataclasses import fields
 
-    from .config import table_from_options
+    from .config import flag_of, table_from_options
 
-    data, flags = {}, {}
+    data = {}
     for f in fields(cls):
         dest = renamed.get(f.name, f.name)
         if hasattr(a, dest) and getattr(a, dest) is not None:
             data[f.name] = getattr(a, dest)
-            flags[f.name] = "--" + {"cls": "class"}.get(dest, dest).replace("_", "-")
-    return table_from_options(cls, data, "command line", option=flags.__getitem__)
+    return table_from_options(cls, data, "command line", option=lambda k: flag_of(cls, k))
 
 
 def _kernel_table(a: argparse.Namespace):

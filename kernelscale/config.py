@@ -41,9 +41,60 @@ from .units import (
 MAX_ARRAY_TASKS = 1000
 
 
-def _parsed(parse: Callable[[Any, str], Any], default: Any = None, doc: str = "") -> Any:
-    """A field whose text value is parsed on load by ``parse(value, where)``."""
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+def _parsed(parse: Callable[[Any, str], Any], default: Any = None, *,
+            show: Callable[[Any], str] = str, flag: str | None = None) -> Any:
+    """A field whose text value is parsed on load by ``parse(value, where)``; ``show``
+    writes a parsed value back as the option's text, ``flag`` is its command-line name
+    when that is not ``--`` + the field name with ``-`` for ``_``."""
+    meta: dict[str, Any] = {"parse": parse, "show": show}
+    if flag:
+        meta["flag"] = flag
+    return field(default=default, metadata=meta)
+
+
+def _negated(default: bool, flag: str) -> Any:
+    """A boolean field whose command-line option ``flag`` sets it to ``not default``."""
+    return field(default=default, metadata={"flag": flag, "negated": True})
+
+
+def _x(v: Any) -> str:
+    return "x".join(map(str, v))
+
+
+def _colon(v: Any) -> str:
+    return ":".join(map(str, v))
+
+
+def _comma(v: Any) -> str:
+    return ",".join(map(str, v))
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The command-line option of field ``name`` of table ``cls``."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def table_flags(table: Any, skip: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """The command-line options that reproduce ``table`` (its fields that differ from the
+    defaults, in field order) as (flag, value) pairs; ``True`` for a bare flag."""
+    out: list[tuple[str, Any]] = []
+    for f in fields(table):
+        value = getattr(table, f.name)
+        if f.name in skip or value == f.default:
+            continue
+        flag = flag_of(type(table), f.name)
+        if f.metadata.get("negated"):
+            out.append((flag, not value))
+        elif isinstance(value, bool):
+            out.append((flag, value))
+        elif "show" in f.metadata and value is not None:
+            out.append((flag, f.metadata["show"](value)))
+        elif isinstance(value, float):
+            out.append((flag, f"{value:g}"))
+        else:
+            out.append((flag, value))
+    return out
 
 
 @dataclass
@@ -74,7 +125,7 @@ class IngestTable:
     max_runs: int | None = None
     run_chunk: int | None = None
     #: "N_TESTxN_TRAINxCLASSES" every file must have; lets `submit` plan before the store exists
-    shape: tuple[int, int, int] | None = _parsed(parse_shape)
+    shape: tuple[int, int, int] | None = _parsed(parse_shape, show=_x)
     workers: int | None = None  #: dask worker processes converting files (1: no dask)
     scheduler: str | None = None  #: address of a running dask scheduler to use instead
     revision: str | None = None  #: hf:// sources: branch, tag or commit (default main)
@@ -94,14 +145,15 @@ class KernelTable:
     precision: str = "fp32"
     max_memory: int | None = _parsed(parse_bytes)  #: device bytes, e.g. "40G"
     checkpoint_every: float = 600.0
-    tile: tuple[int, int] | None = _parsed(parse_pair)  #: "ROWSxCOLS", multiples of chunks
-    chunks: tuple[int, int] | None = _parsed(parse_pair)  #: output chunk shape (new kernels)
-    rows: tuple[int, int] | None = _parsed(parse_range)  #: "START:STOP" of the output
-    cols: tuple[int, int] | None = _parsed(parse_range)  #: "START:STOP" of the output
+    tile: tuple[int, int] | None = _parsed(parse_pair, show=_x)  #: "ROWSxCOLS", x chunks
+    chunks: tuple[int, int] | None = _parsed(parse_pair, show=_x)  #: of a new output
+    rows: tuple[int, int] | None = _parsed(parse_range, show=_colon)  #: "START:STOP"
+    cols: tuple[int, int] | None = _parsed(parse_range, show=_colon)  #: "START:STOP"
     runs_per_step: int | None = None  #: runs folded per GEMM step (default: planned)
-    log_softmax: bool = True  #: false: correlate raw logits (an ablation)
+    log_softmax: bool = _negated(True, "--no-log-softmax")  #: false: raw logits (ablation)
     log_softmax_fp32: bool = False  #: float32 log-softmax, as the published code
-    classes: tuple[int, ...] | None = _parsed(parse_int_list)  #: only these classes
+    classes: tuple[int, ...] | None = _parsed(parse_int_list, show=_comma,
+                                               flag="--class")  #: only these classes
     overwrite: bool = False
     restart: bool = False
 
@@ -128,7 +180,7 @@ class CurveTable:
 
     labels: str | None = None  #: default: the [evaluate] labels
     #: run counts, e.g. [10, 20, 50, "all"] or "10,20,50,all"
-    runs: tuple = _parsed(parse_run_counts, (10, 20, 50, 100, 200, "all"))
+    runs: tuple = _parsed(parse_run_counts, (10, 20, 50, 100, 200, "all"), show=_comma)
     out: str = "curve"  #: directory of curve.json (and of the per-point kernels)
     k: int = 3
     keep_kernels: bool = False

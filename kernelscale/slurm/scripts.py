@@ -7,13 +7,14 @@ configs that ``kernelscale run`` uses (:meth:`~kernelscale.config.JobConfig.kern
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import sys
 from pathlib import Path
 
 from ..bundled import TEMPLATES
-from ..config import JobConfig, SlurmTable
+from ..config import JobConfig, KernelTable, SlurmTable, table_flags
 from ..errors import ConfigError
 from ..plan import ArrayPlan
 from ..sources.base import is_local_spec
@@ -67,24 +68,16 @@ def _args(pairs: list[tuple[str, object]], sep: str = " \\\n    ") -> str:
 
 
 def _kernel_args(cfg: JobConfig, kp: ArrayPlan, create: bool = False) -> str:
-    """The ``kernelscale kernel`` options of the job's kernel. ``create``: for the one
-    command that creates the output (the only one that may replace an old one); array
-    tasks never pass --overwrite or --restart, which would delete each other's tiles."""
+    """The ``kernelscale kernel`` options of the job's ``[kernel]`` table, with the plan's
+    tile and chunks: every option the table sets reaches the tasks. ``create``: for the
+    one command that creates the output (the only one that may replace an old one);
+    array tasks never pass --overwrite or --restart, which would delete each other's
+    tiles."""
     kc = cfg.kernel_config()
-    classes = ",".join(map(str, kc.classes)) if kc.classes else None
+    table = dataclasses.replace(cfg.kernel or KernelTable(), tile=kp.tile, chunks=kp.chunks)
+    skip = ("store", "out", "rows", "cols") + (() if create else ("overwrite", "restart"))
     return _args([("--store", Path(kc.store).resolve()), ("--out", Path(kc.out).resolve()),
-                  ("--runs", kc.runs), ("--pairs", kc.pairs), ("--device", kc.device),
-                  ("--precision", kc.precision),
-                  ("--max-memory", kc.max_memory),
-                  ("--chunks", f"{kp.chunks[0]}x{kp.chunks[1]}"),
-                  ("--tile", f"{kp.tile[0]}x{kp.tile[1]}"),
-                  ("--runs-per-step", kc.runs_per_step),
-                  ("--no-log-softmax", not kc.log_softmax),
-                  ("--log-softmax-fp32", kc.log_softmax_fp32),
-                  ("--class", classes),
-                  ("--checkpoint-every", f"{kc.checkpoint_every:g}"),
-                  ("--overwrite", create and kc.overwrite),
-                  ("--restart", create and kc.restart)])
+                  *table_flags(table, skip)])
 
 
 def abs_spec(cfg: JobConfig, p: str) -> str:
