@@ -11,7 +11,7 @@ from .device import matmul_precision, resolve_device
 from .errors import BadInputError, ConfigError
 from .kernel import PRECISIONS
 from .normalise import Normaliser
-from .stats import RunningStats
+from .stats import RunningStats, values64
 
 
 def is_torch(x: Any) -> bool:
@@ -64,10 +64,7 @@ def _stats(x: _Logits, runs: int, step: int, log_softmax: bool) -> RunningStats:
             bad = s + int(torch.nonzero(~ok)[0, 0])
             raise BadInputError(f"{x.name} logits: run {bad} holds non-finite values "
                                 "(NaN or inf)")
-        t = raw.to("cpu", torch.float64)
-        if log_softmax:
-            t = t.log_softmax(-1)
-        st = st.merge(RunningStats.from_block(t.numpy()))
+        st = st.merge(RunningStats.from_block(values64(raw, log_softmax)))
     return st
 
 

@@ -109,12 +109,8 @@ def _check_kernel(kern: KernelOutput, path: str | os.PathLike, store: Store,
         raise KernelOutputError(f"{path}: is a {ident.get('pairs')} kernel; this needs a "
                                 f"{pairs} kernel")
     if ident.get("store_fingerprint") != store.fingerprint():
-        origin = kern.attrs.get("store")
-        same_path = origin and Path(origin).resolve() == Path(store.root).resolve()
-        what = (f"from another state of {store.root} (it has changed since)" if same_path
-                else f"from the store {origin}, not {store.root}" if origin
-                else f"from another store than {store.root}")
-        raise KernelOutputError(f"{path}: was computed {what} (fingerprint "
+        raise KernelOutputError(f"{path}: was computed {kern.computed_from(store.root)} "
+                                f"(fingerprint "
                                 f"{str(ident.get('store_fingerprint'))[:12]}, "
                                 f"{store.root} now {store.fingerprint()[:12]}); recompute it "
                                 f"with `kernelscale kernel --store {store.root} --out {path} "

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import is_labels_spec
+from .labels import cifar10_root, is_labels_spec
 from .topk import Neighbours
 
 #: thresholds of the "most similar train example" table.
@@ -104,7 +104,7 @@ def load_images(spec: str | None) -> tuple[Images | None, str]:
     """
     if not spec or not is_labels_spec(spec):
         return None, "the labels name no image data set (cifar10:ROOT); views are tables"
-    root = spec.split(":", 1)[1] or "."
+    root = cifar10_root(spec)
     try:
         import torchvision
 

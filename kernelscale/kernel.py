@@ -63,7 +63,7 @@ from .plan import Plan, Tile, plan
 from .progress import progress
 from .reader import ChunkReader
 from .signals import StopFlag, stop_on_signals
-from .stats import RunningStats
+from .stats import RunningStats, values64
 from .store import Store
 from .units import format_bytes
 
@@ -161,21 +161,13 @@ def split_stats(store: Store, split: str, runs: int, log_softmax: bool = True,
     """
     if runs == store.runs and log_softmax and not log_softmax_fp32:
         return store.stats(split)
-    import torch
-
     st = RunningStats.empty(store.shape.examples(split), store.shape.classes)
     step = store.shape.run_chunk
     bar = progress(runs, f"stats {split}", "run", enabled=show_progress)
     for s in range(0, runs, step):
         e = min(s + step, runs)
-        x = torch.from_numpy(store.read(split, s, e))
-        if log_softmax and log_softmax_fp32:
-            x = x.float().log_softmax(-1).double()
-        elif log_softmax:
-            x = x.double().log_softmax(-1)
-        else:
-            x = x.double()
-        st = st.merge(RunningStats.from_block(x.numpy()))
+        x = values64(store.read(split, s, e), log_softmax, log_softmax_fp32)
+        st = st.merge(RunningStats.from_block(x))
         bar.update(e - s)
     bar.close()
     return st

@@ -22,6 +22,11 @@ def is_labels_spec(text: str) -> bool:
     return text.startswith(CIFAR10_SCHEME)
 
 
+def cifar10_root(spec: str) -> str:
+    """The folder of torchvision's CIFAR-10 that ``cifar10:ROOT`` names (``.`` if empty)."""
+    return spec.removeprefix(CIFAR10_SCHEME) or "."
+
+
 @dataclass(frozen=True)
 class Labels:
     """int64 label vectors ``train`` (n_train,) and ``test`` (n_test,), and class names."""
@@ -41,7 +46,7 @@ def load_labels(spec: str, *, n_train: int | None = None, n_test: int | None = N
     """
     names = None
     if is_labels_spec(spec):
-        root = spec.split(":", 1)[1] or "."
+        root = cifar10_root(spec)
         try:
             import torchvision
             tr = torchvision.datasets.CIFAR10(root, train=True, download=download)

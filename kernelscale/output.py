@@ -98,10 +98,9 @@ class KernelOutput:
                              if old.get(k) != identity.get(k))
             if chunks is not None and existing.chunks != tuple(chunks):
                 diff = (diff + ", " if diff else "") + f"chunks {existing.chunks} -> {chunks}"
-            origin = existing.attrs.get("store")
-            if (old.get("store_fingerprint") != identity.get("store_fingerprint") and origin
-                    and store and Path(origin).resolve() != Path(store).resolve()):
-                diff = f"computed from the store {origin}, not {store}; " + diff
+            if (old.get("store_fingerprint") != identity.get("store_fingerprint") and store
+                    and existing.attrs.get("store")):
+                diff = f"computed {existing.computed_from(store)}; " + diff
             if existing.attrs.get("complete"):
                 if not overwrite:
                     raise KernelOutputError(f"{path}: holds a finished kernel of different "
@@ -121,6 +120,16 @@ class KernelOutput:
         g.attrs.update({"schema": KERNEL_SCHEMA, "schema_version": KERNEL_SCHEMA_VERSION,
                         "identity": identity, "complete": False})
         return cls(path, g)
+
+    def computed_from(self, store: str | os.PathLike) -> str:
+        """Which store this kernel was computed from, said against ``store``: the kernel
+        of another store, or of an earlier state of this one."""
+        origin = self.attrs.get("store")
+        if not origin:
+            return f"from another store than {store}"
+        if Path(origin).resolve() == Path(store).resolve():
+            return f"from another state of {store} (it has changed since)"
+        return f"from the store {origin}, not {store}"
 
     def fingerprint(self) -> str:
         """sha256 of the kernel's identity: the same for every kernel of the same store

@@ -85,10 +85,25 @@ def log_softmax64(block: np.ndarray) -> np.ndarray:
     moves the kernel by 6.1e-3 against the float64 evaluation of the same formula (top-3
     neighbour sets 99.3% equal). The logits themselves (float16) convert exactly.
     """
+    return values64(block)
+
+
+def values64(block, log_softmax: bool = True,
+             log_softmax_fp32: bool = False) -> np.ndarray:
+    """The values the statistics and the kernel are taken of, float64 on the CPU.
+
+    ``block``: (runs, examples, classes), a numpy array or a torch tensor (any device) of
+    any float dtype. ``log_softmax``: evaluated in float64 (see :func:`log_softmax64`), or
+    in float32 as the published code does with ``log_softmax_fp32``; else the raw logits.
+    """
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(block)).double()
-    return t.log_softmax(-1).numpy()
+    t = torch.as_tensor(np.ascontiguousarray(block) if isinstance(block, np.ndarray)
+                        else block).detach().to("cpu")
+    if log_softmax and log_softmax_fp32:
+        return t.float().log_softmax(-1).double().numpy()
+    t = t.double()
+    return (t.log_softmax(-1) if log_softmax else t).numpy()
 
 
 def stats_of_logits(logits: np.ndarray, block_runs: int = 32) -> RunningStats:
