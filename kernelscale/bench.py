@@ -34,7 +34,6 @@ import glob, sys, time, json
 import numpy as np
 import torch
 files, device, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
-t0 = time.perf_counter()
 
 def normalize(logits):
     logits = logits.float()
@@ -54,17 +53,23 @@ def compute_kernel(logits1, logits2):
         kernel += corr_cls / logits1.shape[-1]
     return kernel
 
-objs = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-test = torch.cat([o["logits"] for o in objs])
-train = torch.cat([o["logits_train"] for o in objs])
-del objs
-t1 = time.perf_counter()
-kernel = compute_kernel(test, train)
-if device.startswith("cuda"):
-    torch.cuda.synchronize()
-t2 = time.perf_counter()
-print(json.dumps({"load_s": t1 - t0, "compute_s": t2 - t1, "total_s": t2 - t0}), flush=True)
-np.save(out, kernel.cpu().numpy())
+for _ in range(int(sys.argv[4]) if len(sys.argv) > 4 else 1):  # > 1: warm timings too
+    t0 = time.perf_counter()
+    objs = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    test = torch.cat([o["logits"] for o in objs])
+    train = torch.cat([o["logits_train"] for o in objs])
+    del objs
+    t1 = time.perf_counter()
+    kernel = compute_kernel(test, train)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    host = kernel.cpu().numpy()
+    t3 = time.perf_counter()
+    print(json.dumps({"load_s": t1 - t0, "compute_s": t2 - t1, "total_s": t3 - t0}),
+          flush=True)
+    del test, train, kernel
+np.save(out, host)
 '''
 
 BASELINE = "import numpy, torch, zarr, kernelscale.kernel, kernelscale.store"
@@ -79,42 +84,35 @@ class Measured:
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> Measured:
-    """Run ``cmd``; wall time and the child's own peak RSS (``os.wait4``)."""
-    rfd_out, wfd_out = os.pipe()
-    rfd_err, wfd_err = os.pipe()
-    t0 = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.dup2(wfd_out, 1)
-        os.dup2(wfd_err, 2)
-        for fd in (rfd_out, rfd_err, wfd_out, wfd_err):
-            os.close(fd)
-        os.execvpe(cmd[0], cmd, {**os.environ, **(env or {})})
-    os.close(wfd_out)
-    os.close(wfd_err)
-    chunks: dict[int, list[bytes]] = {rfd_out: [], rfd_err: []}
-    import selectors
+    """Run ``cmd``; wall time and the child's own peak RSS (``os.wait4``).
 
-    sel = selectors.DefaultSelector()
-    for fd in chunks:
-        sel.register(fd, selectors.EVENT_READ)
-    open_fds = set(chunks)
-    while open_fds:
-        for key, _ in sel.select():
-            data = os.read(key.fd, 65536)
-            if data:
-                chunks[key.fd].append(data)
-            else:
-                sel.unregister(key.fd)
-                os.close(key.fd)
-                open_fds.discard(key.fd)
-    _, status, ru = os.wait4(pid, 0)
+    ``subprocess`` starts the child without ``fork()`` in this (multi-threaded)
+    process; the child is reaped with ``wait4`` to get its own resource usage.
+    """
+    import subprocess
+    import threading
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    got: dict[str, bytes] = {}
+
+    def drain(name: str, stream) -> None:
+        got[name] = stream.read()
+
+    readers = [threading.Thread(target=drain, args=(n, s))
+               for n, s in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     dt = time.perf_counter() - t0
-    out = b"".join(chunks[rfd_out]).decode(errors="replace")
-    err = b"".join(chunks[rfd_err]).decode(errors="replace")
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(cmd[:5])} ... exited {code}: {err[-2000:]}")
+    out = got["out"].decode(errors="replace")
+    err = got["err"].decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:5])} ... exited {proc.returncode}: {err[-2000:]}")
     return Measured(dt, int(ru.ru_maxrss) * 1024, out, err)
 
 
@@ -170,9 +168,11 @@ def read_floor(store: Path) -> tuple[float, int]:
 
 
 def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
-    """Seconds to normalise + GEMM all runs already in memory, with the engine's own code."""
+    """Seconds to normalise + GEMM all runs already in device memory, with the engine's
+    own code and plan (run-chunk length, padded operands, float64 accumulation)."""
     import torch
 
+    from .accumulate import on_device, operand_padding, padded, target_reduction
     from .device import matmul_precision, resolve_device
     from .normalise import Normaliser
     from .plan import plan
@@ -180,31 +180,38 @@ def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
 
     store = Store.open(store_path)
     device = resolve_device(device_name)
-    runs = store.runs
-    p = plan((store.shape.n_test, store.shape.n_train), classes=store.shape.classes,
-             budget=1 << 62, chunks=(store.shape.n_test, store.shape.n_train),
-             store_run_chunk=store.shape.run_chunk, runs=runs)
-    te = torch.from_numpy(store.read("test", 0, runs))
-    tr = torch.from_numpy(store.read("train", 0, runs))
-    if device.type == "cuda":
-        te, tr = te.pin_memory(), tr.pin_memory()
-    nt = Normaliser(store.stats("test"), (0, store.shape.n_test), None, device, True)
-    nr = Normaliser(store.stats("train"), (0, store.shape.n_train), None, device, True)
-    acc = torch.zeros((store.shape.n_test, store.shape.n_train), dtype=torch.float64,
-                      device=device)
-    best = float("inf")
-    with matmul_precision(precision):
+    runs, (n_te, n_tr, C) = store.runs, (store.shape.n_test, store.shape.n_train,
+                                         store.shape.classes)
+    pad = operand_padding(device)
+    p = plan((n_te, n_tr), classes=C, budget=1 << 62, chunks=(n_te, n_tr),
+             store_run_chunk=store.shape.run_chunk, runs=runs,
+             target_reduction=target_reduction(device), pad=pad)
+    k = p.runs_per_step
+    with on_device(device), matmul_precision(precision):
+        te = torch.from_numpy(store.read("test", 0, runs)).to(device)
+        tr = torch.from_numpy(store.read("train", 0, runs)).to(device)
+        nt = Normaliser(store.stats("test"), (0, n_te), None, device, True)
+        nr = Normaliser(store.stats("train"), (0, n_tr), None, device, True)
+        op_t = torch.zeros((n_te, padded(k * C, pad)), dtype=torch.float32, device=device)
+        op_r = torch.zeros((n_tr, padded(k * C, pad)), dtype=torch.float32, device=device)
+        acc = torch.zeros((n_te, n_tr), dtype=torch.float64, device=device)
+        best = float("inf")
         for _ in range(2):  # the first pass also pays for first-touch allocations
             acc.zero_()
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            for s in range(0, runs, p.runs_per_step):
-                e = min(s + p.runs_per_step, runs)
-                a, b = nt(te[s:e]), nr(tr[s:e])
-                acc += a @ b.T
+            for s in range(0, runs, k):
+                e = min(s + k, runs)
+                w = padded((e - s) * C, pad)
+                if w > (e - s) * C:
+                    op_t[:, (e - s) * C:].zero_()
+                    op_r[:, (e - s) * C:].zero_()
+                nt(te[s:e], out=op_t)
+                nr(tr[s:e], out=op_r)
+                acc += op_t[:, :w] @ op_r[:, :w].T
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - t0)
     return best
 

@@ -1,22 +1,37 @@
-"""The compute device of the kernel engine: choice, memory budget, matmul precision."""
+"""The compute device of the kernel engine: choice, memory budget, matmul precision,
+what identifies it, and which failures mean "out of memory"."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 from .errors import ConfigError
 
+#: ``torch.backends.cuda.matmul.fp32_precision`` for each kernel precision
+_FP32_PRECISION = {"fp32": "ieee", "tf32": "tf32"}
+
 
 def resolve_device(name: str):
+    """``auto``/``cpu``/``cuda``/``cuda:N`` -> a ``torch.device``; a CUDA device always
+    carries its index (``cuda`` is the current device), so that every event, stream,
+    synchronisation and cache call can name it."""
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available")
+    dev = torch.device(name)
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if not 0 <= index < torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this node has {torch.cuda.device_count()} CUDA "
+                          f"device(s), 0..{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
 
 
 def default_budget(device) -> int:
@@ -32,20 +47,96 @@ def default_budget(device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
 
 
+def check_precision_environment(precision: str, environ=os.environ) -> None:
+    """Refuse or warn about environment variables that change what ``precision`` means.
+
+    ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1`` makes cuBLAS use TF32 whatever PyTorch asks
+    for, so an ``fp32`` kernel would silently be a TF32 one (errors ~1e-4 instead of
+    ~1e-7): refused. ``NVIDIA_TF32_OVERRIDE=0`` makes the driver ignore TF32 requests, so
+    a ``tf32`` kernel runs at fp32 speed: correct, but not what was asked; warned.
+    """
+    if precision == "fp32" and environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "0") not in (
+            "", "0"):
+        raise ConfigError("--precision fp32: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE="
+                          f"{environ['TORCH_ALLOW_TF32_CUBLAS_OVERRIDE']} in the environment "
+                          "forces TF32 matrix products; unset it, or pass --precision tf32")
+    if precision == "tf32" and environ.get("NVIDIA_TF32_OVERRIDE") == "0":
+        warnings.warn("--precision tf32: NVIDIA_TF32_OVERRIDE=0 in the environment disables "
+                      "TF32; the kernel is computed in full fp32 (same result within "
+                      "tolerance, slower)", stacklevel=2)
+
+
 @contextlib.contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
+    """Matrix products in ``precision`` (``fp32`` or ``tf32``) inside the block.
+
+    Uses only the ``fp32_precision`` API where torch has it: reading the legacy
+    ``allow_tf32`` flag raises once anything in the process used the new API. The old
+    value is restored on exit. Only CUDA matmuls have a TF32 mode; the CPU is unaffected.
+    """
     import torch
 
-    old_p = torch.get_float32_matmul_precision()
-    old_tf = torch.backends.cuda.matmul.allow_tf32
-    old_cudnn = torch.backends.cudnn.allow_tf32
+    check_precision_environment(precision)
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+        m.fp32_precision = _FP32_PRECISION[precision]
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+        return
+    old_tf = m.allow_tf32  # torch < 2.9: only the legacy flag exists
+    m.allow_tf32 = precision == "tf32"
     try:
-        tf32 = precision == "tf32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")
         yield
     finally:
-        torch.set_float32_matmul_precision(old_p)
-        torch.backends.cuda.matmul.allow_tf32 = old_tf
-        torch.backends.cudnn.allow_tf32 = old_cudnn
+        m.allow_tf32 = old_tf
+
+
+def device_info(device) -> dict:
+    """What a checkpoint records of the device, and what resuming compares: bitwise
+    equality of a resumed kernel holds only on the same device model and library
+    versions (and, on the CPU, thread count)."""
+    import torch
+
+    info = {"type": device.type, "torch": torch.__version__}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
+                    cuda=torch.version.cuda, cublas=_cublas_version())
+    else:
+        import platform
+
+        info.update(name=platform.machine(), threads=torch.get_num_threads())
+    return info
+
+
+def _cublas_version() -> str:
+    from importlib import metadata
+
+    for dist in ("nvidia-cublas", "nvidia-cublas-cu13", "nvidia-cublas-cu12",
+                 "nvidia-cublas-cu11"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(dist)
+    return "unknown"
+
+
+def describe_device_change(old: dict, new: dict) -> str:
+    """'' when ``old`` and ``new`` (from :func:`device_info`) are the same, else which
+    fields differ, e.g. ``name H100 -> A100, torch 2.11.0 -> 2.14.1``."""
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys
+                     if old.get(k) != new.get(k))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means the device ran out of memory: torch's own error, or a cuBLAS
+    failure to allocate its workspace (raised as a plain ``RuntimeError``)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUBLAS_STATUS_ALLOC_FAILED" in msg
+                                              or "CUDA out of memory" in msg)

@@ -34,6 +34,7 @@ bitwise-identical kernel. The output format (array, done-markers, checkpoints) i
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import sys
 import time
@@ -42,7 +43,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .device import default_budget, matmul_precision, resolve_device
+from .accumulate import (
+    CpuSteps,
+    CudaSteps,
+    on_device,
+    operand_padding,
+    target_reduction,
+    write_tiles,
+)
+from .device import (
+    default_budget,
+    describe_device_change,
+    device_info,
+    is_out_of_memory,
+    matmul_precision,
+    resolve_device,
+)
 from .errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -258,6 +274,24 @@ def create_output(cfg: KernelConfig, res: KernelSetup | None = None) -> KernelOu
     return out
 
 
+def engine_plan(cfg: KernelConfig, budget: int | None = None,
+                chunks: tuple[int, int] | None = None,
+                res: KernelSetup | None = None) -> Plan:
+    """The tile plan :func:`compute_kernel` follows for ``cfg``: its device's reduction
+    length, operand padding and fixed temporaries, the output's chunks, and ``budget``
+    (default ``--max-memory`` or the device's)."""
+    res = res or setup_kernel(cfg)
+    device = resolve_device(cfg.device)
+    budget = budget or cfg.max_memory or default_budget(device)
+    return plan(res.shape, classes=res.n_classes, budget=budget,
+                chunks=chunks or _output_chunks(cfg, res.shape),
+                store_run_chunk=res.store.shape.run_chunk, runs=res.runs, region=res.region,
+                tile=cfg.tile, in_itemsize=np.dtype(res.store.shape.dtype).itemsize,
+                runs_per_step=cfg.runs_per_step, target_reduction=target_reduction(device),
+                reserve=Normaliser.temp_bytes(device.type), pad=operand_padding(device),
+                raw_classes=res.store.shape.classes)
+
+
 def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     """Compute (or resume) the kernel ``cfg`` describes; see the module docstring."""
     import torch
@@ -266,21 +300,13 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     res = setup_kernel(cfg)
     store, runs, classes, shape, region = (res.store, res.runs, res.classes, res.shape,
                                            res.region)
-    n_cls = res.n_classes
     rsplit, csplit = PAIRS[cfg.pairs]
     device = resolve_device(cfg.device)
     budget = cfg.max_memory or default_budget(device)
-    itemsize = np.dtype(store.shape.dtype).itemsize
-
-    def plan_for(chunks: tuple[int, int], budget: int) -> Plan:
-        return plan(shape, classes=n_cls, budget=budget, chunks=chunks,
-                    store_run_chunk=store.shape.run_chunk, runs=runs, region=region,
-                    tile=cfg.tile, in_itemsize=itemsize, runs_per_step=cfg.runs_per_step,
-                    target_reduction=4096 if device.type == "cuda" else 512)
 
     # Plan once before the output exists: a request that cannot work (a tile over the
     # budget, a region off the chunk grid) must fail without leaving a directory behind.
-    plan_for(_output_chunks(cfg, shape), budget)
+    engine_plan(cfg, budget, res=res)
     out = create_output(cfg, res)
 
     summary = KernelSummary(str(cfg.out), cfg.pairs, shape, runs, str(device), cfg.precision)
@@ -303,25 +329,31 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
         out.group.attrs["zero_variance"] = zv
 
     attempts = 0
-    with matmul_precision(cfg.precision), stop_on_signals() as flag:
+    with matmul_precision(cfg.precision), stop_on_signals() as flag, on_device(device):
         ctx = _Context(cfg, store, out, stats, classes, device, runs, summary, flag)
         while True:
-            p = plan_for(out.chunks, budget)
+            p = engine_plan(cfg, budget, out.chunks, res)
             try:
                 _run_plan(p, ctx)
                 break
-            except torch.OutOfMemoryError:
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
                 attempts += 1
                 if attempts > 1 or cfg.tile is not None:
                     raise KernelscaleError(f"out of memory on {device} even with a budget of "
-                                           f"{format_bytes(budget)}; lower --max-memory or --tile") from None
-                budget //= 2
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                log.warning("kernel: out of memory on %s; retrying with smaller tiles "
-                            "(budget %d B)", device, budget)
-                print(f"kernel: out of memory on {device}; retrying once with a budget of "
-                      f"{format_bytes(budget)}", file=sys.stderr)
+                                           f"{format_bytes(budget)}; lower --max-memory or "
+                                           "--tile") from None
+            # Outside the except block: the traceback, and with it the failed pass's
+            # tensors, is gone only now, so collecting and emptying the cache frees them.
+            budget //= 2
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            log.warning("kernel: out of memory on %s; retrying with smaller tiles "
+                        "(budget %d B)", device, budget)
+            print(f"kernel: out of memory on {device}; retrying once with a budget of "
+                  f"{format_bytes(budget)}", file=sys.stderr)
     summary.complete = out.finish_if_complete()
     summary.seconds = time.monotonic() - t_start
     return summary
@@ -373,12 +405,42 @@ def _run_plan(p: Plan, ctx: _Context) -> None:
         bar.close()
 
 
+def _resume_point(ckpt_path: Path, meta: dict, device) -> tuple[int, list | None]:
+    """(runs already folded, their accumulators) from the pass's checkpoint, or (0, None).
+
+    A checkpoint of other inputs or another plan is refused; one written on another
+    device model or library version is used, with a note that bitwise equality with an
+    uninterrupted run then does not hold.
+    """
+    if not ckpt_path.exists():
+        return 0, None
+    try:
+        cmeta, carrs = load_checkpoint(ckpt_path)
+    except Exception as e:
+        raise CheckpointMismatchError(f"{ckpt_path}: unreadable checkpoint ({e}); pass "
+                                      "--restart to discard it") from None
+    keys = ("identity", "tiles", "run_chunk")
+    if {k: cmeta.get(k) for k in keys} != {k: meta[k] for k in keys}:
+        raise CheckpointMismatchError(f"{ckpt_path}: checkpoint of another store, run set, "
+                                      "precision or plan; pass --restart to discard it")
+    old = cmeta.get("device")
+    if not isinstance(old, dict):  # written before device details were recorded
+        old = {"type": old}
+    change = describe_device_change(old, meta["device"])
+    if change:
+        print(f"kernel: resuming a checkpoint from another device or library version "
+              f"({change}): the result is correct but not bitwise identical to an "
+              "uninterrupted run", file=sys.stderr)
+    return int(cmeta["runs_done"]), carrs
+
+
 def _run_pass(tiles: list[Tile], p: Plan, ctx: _Context, bounds: list[tuple[int, int]],
               bar) -> None:
     """Fold every run-chunk into the accumulators of ``tiles``; write them when done.
 
     Accumulators are float64 (rows, cols) on the device, one per tile; the state saved in
-    a checkpoint is exactly (accumulators, runs folded), at a chunk boundary.
+    a checkpoint is exactly (accumulators, runs folded), at a chunk boundary. What one
+    chunk does on the device is :mod:`kernelscale.accumulate`.
     """
     import torch
 
@@ -391,50 +453,50 @@ def _run_pass(tiles: list[Tile], p: Plan, ctx: _Context, bounds: list[tuple[int,
 
     row_rng = (min(t.r0 for t in tiles), max(t.r1 for t in tiles))
     col_rng = (min(t.c0 for t in tiles), max(t.c1 for t in tiles))
+    shared = rsplit == csplit and row_rng == col_rng
     key = pass_key(tiles)
     ckpt_path = out.ckpt_dir / f"pass-{key}.npz"
     meta = {"identity": out.attrs["identity"], "tiles": [t.key for t in tiles],
-            "run_chunk": p.runs_per_step, "device": str(device.type)}
-    start_runs = 0
-    accs = [torch.zeros((t.rows, t.cols), dtype=torch.float64, device=device) for t in tiles]
-    if ckpt_path.exists():
-        try:
-            cmeta, carrs = load_checkpoint(ckpt_path)
-        except Exception as e:
-            raise CheckpointMismatchError(f"{ckpt_path}: unreadable checkpoint ({e}); pass "
-                                          "--restart to discard it") from None
-        same = {k: cmeta.get(k) for k in ("identity", "tiles", "run_chunk")}
-        if same != {k: meta[k] for k in ("identity", "tiles", "run_chunk")}:
-            raise CheckpointMismatchError(f"{ckpt_path}: checkpoint of another store, run set, "
-                                          "precision or plan; pass --restart to discard it")
-        if cmeta.get("device") != meta["device"]:
-            print(f"kernel: resuming a {cmeta.get('device')} checkpoint on {device.type}: "
-                  "the result is correct but not bitwise identical to an uninterrupted run",
-                  file=sys.stderr)
-        start_runs = int(cmeta["runs_done"])
-        for a, c in zip(accs, carrs, strict=True):
-            a.copy_(torch.from_numpy(c))
-        summary.resumed_from_runs = max(summary.resumed_from_runs, start_runs)
-        print(f"kernel: resuming {len(tiles)} tile(s) from {start_runs}/{runs} runs "
-              f"({ckpt_path.name})", file=sys.stderr)
+            "run_chunk": p.runs_per_step, "device": device_info(device)}
+    start_runs, carrs = _resume_point(ckpt_path, meta, device)
     todo = [(s, e) for s, e in bounds if s >= start_runs]
-    bar.update(start_runs)
-    norm_r = Normaliser(stats[rsplit], row_rng, classes, device, cfg.log_softmax,
-                         cfg.log_softmax_fp32)
-    norm_c = Normaliser(stats[csplit], col_rng, classes, device, cfg.log_softmax,
-                         cfg.log_softmax_fp32)
+    # Reading starts first, so that it overlaps the device's start-up and allocations.
+    reader = ChunkReader(store, (rsplit, csplit), row_rng, col_rng, todo, pin=is_cuda)
     itemsize = np.dtype(store.shape.dtype).itemsize
     C = store.shape.classes
-
-    def checkpoint(done: int) -> None:
-        t0 = time.perf_counter()
-        save_checkpoint(ckpt_path, {**meta, "runs_done": done},
-                        [a.cpu().numpy() for a in accs])
-        summary.t_checkpoint += time.perf_counter() - t0
-
-    reader = ChunkReader(store, (rsplit, csplit), row_rng, col_rng, todo, pin=is_cuda)
-    last_ckpt = time.monotonic()
+    steps = None
     try:
+        accs = [torch.zeros((t.rows, t.cols), dtype=torch.float64, device=device)
+                for t in tiles]
+        if carrs is not None:
+            for a, c in zip(accs, carrs, strict=True):
+                a.copy_(torch.from_numpy(c))
+            summary.resumed_from_runs = max(summary.resumed_from_runs, start_runs)
+            print(f"kernel: resuming {len(tiles)} tile(s) from {start_runs}/{runs} runs "
+                  f"({ckpt_path.name})", file=sys.stderr)
+        del carrs
+        bar.update(start_runs)
+        norm_r = Normaliser(stats[rsplit], row_rng, classes, device, cfg.log_softmax,
+                            cfg.log_softmax_fp32)
+        norm_c = norm_r if shared else Normaliser(stats[csplit], col_rng, classes, device,
+                                                  cfg.log_softmax, cfg.log_softmax_fp32)
+        n_r, n_c = row_rng[1] - row_rng[0], col_rng[1] - col_rng[0]
+        max_k = max((e - s for s, e in todo), default=1)
+        pad = operand_padding(device)
+        if is_cuda:
+            steps = CudaSteps(norm_r, norm_c, shared, reader, summary, n_r, n_c, max_k, pad,
+                              C, getattr(torch, store.shape.dtype))
+        else:
+            steps = CpuSteps(norm_r, norm_c, shared, reader, summary, n_r, n_c, max_k, pad)
+
+        def checkpoint(done: int) -> None:
+            t0 = time.perf_counter()
+            # a.cpu() waits for the compute stream, so the saved state is complete
+            save_checkpoint(ckpt_path, {**meta, "runs_done": done},
+                            [a.cpu().numpy() for a in accs])
+            summary.t_checkpoint += time.perf_counter() - t0
+
+        last_ckpt = time.monotonic()
         it = iter(reader)
         while True:
             t0 = time.perf_counter()
@@ -444,28 +506,16 @@ def _run_pass(tiles: list[Tile], p: Plan, ctx: _Context, bounds: list[tuple[int,
                 break
             summary.t_wait += time.perf_counter() - t0
             summary.t_read += t_read
-            summary.bytes_read += (e - s) * ((row_rng[1] - row_rng[0])
-                                             + (col_rng[1] - col_rng[0])) * C * itemsize
-            t1 = time.perf_counter()
-            zr = norm_r(raw_r)
-            zc = zr if (rsplit == csplit and row_rng == col_rng) else norm_c(raw_c)
-            event = None
-            if is_cuda:
-                event = torch.cuda.Event()
-                event.record()
-                torch.cuda.synchronize()
-            reader.release(event, slot)
-            t2 = time.perf_counter()
-            summary.t_normalise += t2 - t1
+            summary.bytes_read += (e - s) * (n_r + (0 if shared else n_c)) * C * itemsize
+            zr, zc = steps.operands(raw_r, raw_c, slot)
             for t, a in zip(tiles, accs, strict=True):
                 a_r = zr[t.r0 - row_rng[0]:t.r1 - row_rng[0]]
                 a_c = zc[t.c0 - col_rng[0]:t.c1 - col_rng[0]]
                 # float32 GEMM per chunk, float64 sum over chunks (see module docstring)
-                a += a_r @ a_c.T
-                summary.flops += 2.0 * t.rows * t.cols * a_r.shape[1]
-            if is_cuda:
-                torch.cuda.synchronize()
-            summary.t_gemm += time.perf_counter() - t2
+                steps.gemm(a, a_r, a_c)
+                summary.flops += 2.0 * t.rows * t.cols * (e - s) * n_cls
+            steps.chunk_done()
+            del zr, zc, a_r, a_c  # views of the operands, which the final write frees
             bar.update(e - s)
             if flag:
                 checkpoint(e)
@@ -474,15 +524,18 @@ def _run_pass(tiles: list[Tile], p: Plan, ctx: _Context, bounds: list[tuple[int,
             if time.monotonic() - last_ckpt >= cfg.checkpoint_every and e < runs:
                 checkpoint(e)
                 last_ckpt = time.monotonic()
+        steps.finish()
     finally:
         reader.close()
+        if steps is not None:
+            steps.close()
     t0 = time.perf_counter()
-    for t, a in zip(tiles, accs, strict=True):
-        out.array[t.r0:t.r1, t.c0:t.c1] = (a * scale).float().cpu().numpy()
+
+    def written(t: Tile) -> None:
         out.mark_done(t, {"runs": runs, "device": device.type,
                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+    write_tiles(out, tiles, accs, scale, device, written)
     with contextlib.suppress(FileNotFoundError):
         ckpt_path.unlink()
     summary.t_write += time.perf_counter() - t0
-
-

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .stats import RunningStats
+from .stats import RunningStats, transform64
 
 
 class Normaliser:
     """Device-resident float64 mean and 1/std for one example range and class subset."""
 
-    #: float64 bytes of one CPU sub-block: small enough that the log-softmax, centring and
-    #: scaling passes over it stay in cache (measured: 4.5x faster than whole-chunk passes
-    #: at 335 runs x 5000 examples x 10 classes on 2 cores, identical results).
-    CPU_BLOCK_BYTES = 4 << 20
+    #: float64 bytes of one sub-block of runs. CPU: small enough that the log-softmax,
+    #: centring and scaling passes stay in cache (measured: 4.5x faster than whole-chunk
+    #: passes at 335 runs x 5000 examples x 10 classes on 2 cores, identical results).
+    #: GPU: large enough that each of the few kernels per block fills the device, while
+    #: the float64 temporaries stay a fixed size (:data:`TEMP_BYTES`) however long the
+    #: run-chunk is.
+    BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
 
     def __init__(self, st: RunningStats, rng: tuple[int, int], classes: list[int] | None,
                  device, log_softmax: bool, log_softmax_fp32: bool = False):
@@ -31,44 +34,50 @@ class Normaliser:
         self.device = device
         self._out = None
 
-    def _transform(self, x, raw=None):
-        """x float64 (k, n, C) -> standardised float64 (k, n, C'), in place where possible.
+    @property
+    def width(self) -> int:
+        """Classes per run in the output (all, or the selected ones)."""
+        return int(self.mean.shape[1])
 
-        ``raw``: the same block in the store dtype, for the float32 log-softmax mode.
-        """
-        if self.log_softmax and self.log_softmax_fp32:
-            x.copy_(raw.float().log_softmax(-1))
-        elif self.log_softmax:
-            x = x.sub_(x.logsumexp(-1, keepdim=True))
+    @classmethod
+    def temp_bytes(cls, device_type: str) -> int:
+        """Device bytes of the float64 temporaries of one call (a block's values, its
+        log-softmax and the standardised copy) that a GPU's budget must hold; on the CPU
+        they are cache-sized (12 MB) and not counted against a share of RAM."""
+        if device_type == "cpu":
+            return 0
+        return 3 * cls.BLOCK_BYTES.get(device_type, cls.BLOCK_BYTES["cuda"])
+
+    def _standardise(self, raw):
+        """raw (b, n, C) store dtype -> standardised float64 (b, n, C')."""
+        x = transform64(raw, self.log_softmax, self.log_softmax_fp32)
         if self.classes is not None:
             x = x.index_select(-1, self.classes)
         return x.sub_(self.mean).mul_(self.inv)
 
-    def __call__(self, raw):
+    def __call__(self, raw, out=None):
         """raw (k, n, C) -> Z (n, k*C') float32, C' the number of selected classes.
 
+        ``raw`` lives on this normaliser's device (or on the host for a CPU one).
+        ``out``: a float32 (n, >= k*C') operand to write into (columns past k*C' are left
+        as they are, e.g. zero padding); by default a buffer reused across calls.
         log-softmax and standardisation run in float64 (see :func:`stats.log_softmax64`
-        for why); only the standardised values, O(1) in size, are rounded to float32.
-        On the CPU the work runs over cache-sized blocks of runs into a reused output
-        buffer; on a GPU it is a handful of whole-chunk kernels.
+        for why) over sub-blocks of runs; only the standardised values, O(1) in size,
+        are rounded to float32, written straight into the GEMM operand.
         """
         import torch
 
-        k, n, _ = raw.shape
-        c = self.mean.shape[1]
-        if self.device.type != "cpu":
-            dev = raw.to(self.device, non_blocking=True)
-            z = self._transform(dev.double(), dev).float()
-            return z.permute(1, 0, 2).reshape(n, k * c)
-        if self._out is None or self._out.shape[1] < k * c:
-            self._out = torch.empty((n, k * c), dtype=torch.float32)
-        out = self._out[:, : k * c]
-        view = out.view(n, k, c)
-        sb = max(1, self.CPU_BLOCK_BYTES // max(1, n * raw.shape[2] * 8))
-        tmp = torch.empty((min(sb, k), n, raw.shape[2]), dtype=torch.float64)
+        k, n, c_in = raw.shape
+        c = self.width
+        if out is None:
+            if self._out is None or self._out.shape[1] < k * c or self._out.shape[0] != n:
+                self._out = torch.empty((n, k * c), dtype=torch.float32, device=self.device)
+            out = self._out
+        z = out[:, : k * c]
+        view = z.view(n, k, c) if z.is_contiguous() else z.unflatten(1, (k, c))
+        block = self.BLOCK_BYTES.get(self.device.type, self.BLOCK_BYTES["cuda"])
+        sb = max(1, block // max(1, n * c_in * 8))
         for r0 in range(0, k, sb):
             r1 = min(r0 + sb, k)
-            t = tmp[: r1 - r0]
-            t.copy_(raw[r0:r1])
-            view[:, r0:r1, :].copy_(self._transform(t, raw[r0:r1]).permute(1, 0, 2))
-        return out
+            view[:, r0:r1, :].copy_(self._standardise(raw[r0:r1]).permute(1, 0, 2))
+        return z

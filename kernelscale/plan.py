@@ -10,10 +10,14 @@ Working set of one tile with ``r`` rows, ``c`` cols and a run-chunk of ``k`` run
 classes (bytes)::
 
     r*c*8               float64 accumulator
-  + r*c*4               float32 product of one chunk (before it is added to the accumulator)
-  + (r + c)*k*C*(16 + in)  raw input, its float64 normalisation, float32 z and its
-                           transposed copy (the GPU normalises a whole chunk at once)
+  + r*c*4               float32 product of one chunk (before it is added to the
+                        accumulator); the final write reuses these 4 bytes per element
+                        for one block of rows at a time in float32
+  + (r + c)*kp*4        float32 GEMM operands, kp = k*C padded to the device's multiple
+  + (r + c)*k*C*3*in    raw input in the store dtype: two device buffers (one being
+                        copied while the other is normalised) and the one being read
   + (r + c)*C*16        float64 mean and 1/std of its rows and columns
+  + reserve             fixed temporaries (the float64 normalisation blocks)
 
 Nothing here does I/O; the local loop and the Slurm submitter both call :func:`plan`.
 :class:`ArrayPlan` groups a plan's tiles into rectangular *regions* of whole tiles
@@ -65,29 +69,45 @@ class Plan:
     budget: int  #: bytes
     classes: int
     in_itemsize: int
+    pad: int = 1  #: operand columns padded to a multiple of this
+    reserve: int = 0  #: bytes of fixed temporaries, within the budget
+    raw_classes: int | None = None  #: classes of the raw input (default ``classes``)
 
     def tile_bytes(self, t: Tile) -> int:
-        return tile_bytes(t.rows, t.cols, self.runs_per_step, self.classes, self.in_itemsize)
+        return tile_bytes(t.rows, t.cols, self.runs_per_step, self.classes, self.in_itemsize,
+                          self.pad, self.raw_classes)
 
     def pass_bytes(self, p: int) -> int:
+        """Device bytes of pass ``p``, fixed temporaries included."""
         return pass_bytes([self.tiles[i] for i in self.passes[p]], self.runs_per_step,
-                          self.classes, self.in_itemsize)
+                          self.classes, self.in_itemsize, self.pad,
+                          self.raw_classes) + self.reserve
 
 
-def tile_bytes(rows: int, cols: int, runs_per_step: int, classes: int, in_itemsize: int = 2) -> int:
-    """Device bytes one tile needs (see the module docstring)."""
-    return (rows * cols * 12 + (rows + cols) * runs_per_step * classes * (16 + in_itemsize)
-            + (rows + cols) * classes * 16)
+def _operand_bytes(examples: int, runs_per_step: int, classes: int, in_itemsize: int,
+                   pad: int, raw_classes: int | None = None) -> int:
+    width = -(-runs_per_step * classes // pad) * pad
+    raw = runs_per_step * (raw_classes or classes) * 3 * in_itemsize
+    return examples * (width * 4 + raw + classes * 16)
 
 
-def pass_bytes(tiles: list[Tile], runs_per_step: int, classes: int, in_itemsize: int = 2) -> int:
+def tile_bytes(rows: int, cols: int, runs_per_step: int, classes: int, in_itemsize: int = 2,
+               pad: int = 1, raw_classes: int | None = None) -> int:
+    """Device bytes one tile needs, fixed temporaries aside (see the module docstring).
+    ``raw_classes``: classes of the raw input when only ``classes`` of them are used."""
+    return rows * cols * 12 + _operand_bytes(rows + cols, runs_per_step, classes,
+                                             in_itemsize, pad, raw_classes)
+
+
+def pass_bytes(tiles: list[Tile], runs_per_step: int, classes: int, in_itemsize: int = 2,
+               pad: int = 1, raw_classes: int | None = None) -> int:
     """Device bytes of a pass: every tile's accumulator, and the operands of the row and
     column spans the pass normalises once for all its tiles."""
     rows = max(t.r1 for t in tiles) - min(t.r0 for t in tiles)
     cols = max(t.c1 for t in tiles) - min(t.c0 for t in tiles)
     return (sum(t.rows * t.cols * 12 for t in tiles)
-            + (rows + cols) * runs_per_step * classes * (16 + in_itemsize)
-            + (rows + cols) * classes * 16)
+            + _operand_bytes(rows + cols, runs_per_step, classes, in_itemsize, pad,
+                             raw_classes))
 
 
 def _aligned(lo: int, hi: int, step: int, full: int) -> bool:
@@ -103,14 +123,18 @@ def _cuts(lo: int, hi: int, chunk: int, size: int) -> list[tuple[int, int]]:
 def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int, int],
          store_run_chunk: int, runs: int, region: Tile | None = None,
          tile: tuple[int, int] | None = None, in_itemsize: int = 2,
-         runs_per_step: int | None = None, target_reduction: int = 512) -> Plan:
+         runs_per_step: int | None = None, target_reduction: int = 512, pad: int = 1,
+         reserve: int = 0, raw_classes: int | None = None) -> Plan:
     """Plan the tiles of ``region`` (default: the whole ``shape``).
 
     ``budget``: device bytes for tiles; ``chunks``: output chunk shape; ``store_run_chunk``:
     the store's chunk length along runs (run-chunks are multiples of it so every store
     chunk is read once per pass); ``runs``: runs to fold in; ``tile``: optional
     (rows, cols) override, multiples of ``chunks``; ``target_reduction``: the GEMM
-    reduction length (runs x classes) to aim for per run-chunk. Raises :class:`ConfigError` when the
+    reduction length (runs x classes) to aim for per run-chunk; ``pad``: operand columns
+    are padded to a multiple of it; ``reserve``: bytes of the budget taken by fixed
+    temporaries; ``raw_classes``: classes of the raw input when only ``classes`` of them
+    enter the kernel (the raw buffers, and so the run-chunk length, follow them). Raises :class:`ConfigError` when the
     region is not chunk-aligned or no tile fits the budget.
     """
     n_rows, n_cols = shape
@@ -125,10 +149,15 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
             and _aligned(region.c0, region.c1, cc, n_cols)):
         raise ConfigError(f"region rows {region.r0}:{region.r1} cols {region.c0}:{region.c1} "
                           f"does not lie on the output chunk grid {cr}x{cc}")
+    room = budget - reserve
+    if room <= 0:
+        raise ConfigError(f"the memory budget of {format_bytes(budget)} does not hold the "
+                          f"engine's fixed temporaries ({format_bytes(reserve)}); raise "
+                          "--max-memory")
     if runs_per_step is None:
         # A reduction length of >= ~512 per GEMM keeps a CPU's matrix units busy; a GPU
         # wants longer reads (more store chunks in flight at once) more than longer GEMMs.
-        want = max(1, math.ceil(target_reduction / classes))
+        want = max(1, math.ceil(target_reduction / max(classes, raw_classes or 0)))
         runs_per_step = store_run_chunk * max(1, math.ceil(want / store_run_chunk))
     runs_per_step = max(1, min(runs_per_step, max(runs, 1)))
 
@@ -140,7 +169,7 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
         return max(1, k // 2)
 
     def fits(r: int, c: int, k: int) -> bool:
-        return tile_bytes(r, c, k, classes, in_itemsize) <= budget
+        return tile_bytes(r, c, k, classes, in_itemsize, pad, raw_classes) <= room
 
     if tile is not None:
         tr, tc = tile
@@ -152,16 +181,19 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
             runs_per_step = shrink(runs_per_step)
         if not fits(tr, tc, runs_per_step):
             raise ConfigError(f"--tile {tr}x{tc} needs "
-                              f"{format_bytes(tile_bytes(tr, tc, 1, classes))}, over the "
+                              f"{format_bytes(tile_bytes(tr, tc, 1, classes) + reserve)}, "
+                              "over the "
                               f"memory budget of {format_bytes(budget)}")
     else:
-        tr, tc = _best_tile(region, cr, cc, classes, in_itemsize, budget, runs_per_step)
+        tr, tc = _best_tile(region, cr, cc, classes, in_itemsize, room, runs_per_step, pad,
+                            raw_classes)
         while tr == 0 and runs_per_step > 1:
             runs_per_step = shrink(runs_per_step)
-            tr, tc = _best_tile(region, cr, cc, classes, in_itemsize, budget, runs_per_step)
+            tr, tc = _best_tile(region, cr, cc, classes, in_itemsize, room, runs_per_step, pad,
+                                raw_classes)
         if tr == 0:
             need = tile_bytes(min(cr, region.rows), min(cc, region.cols), 1, classes,
-                              in_itemsize)
+                              in_itemsize, pad, raw_classes) + reserve
             raise ConfigError(f"one output chunk ({cr}x{cc}) needs {format_bytes(need)}, over "
                               f"the memory budget of {format_bytes(budget)}; raise --max-memory or use "
                               "smaller --chunks")
@@ -174,17 +206,18 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
     cur: list[int] = []
     for i in range(len(tiles)):
         if cur and pass_bytes([tiles[j] for j in (*cur, i)], runs_per_step, classes,
-                              in_itemsize) > budget:
+                              in_itemsize, pad, raw_classes) > room:
             passes.append(tuple(cur))
             cur = []
         cur.append(i)
     passes.append(tuple(cur))
     return Plan(shape, chunks, region, tiles, tuple(passes), runs_per_step, budget, classes,
-                in_itemsize)
+                in_itemsize, pad, reserve, raw_classes)
 
 
 def _best_tile(region: Tile, cr: int, cc: int, classes: int, in_itemsize: int, budget: int,
-               runs_per_step: int) -> tuple[int, int]:
+               runs_per_step: int, pad: int = 1,
+               raw_classes: int | None = None) -> tuple[int, int]:
     """Largest chunk-aligned tile under the budget; (0, 0) if not even one chunk fits.
 
     Among tiles of the largest area, prefer the fewest tiles; area decides the number of
@@ -199,7 +232,8 @@ def _best_tile(region: Tile, cr: int, cc: int, classes: int, in_itemsize: int, b
         while lo < hi:
             mid = (lo + hi + 1) // 2
             c = min(mid * cc, region.cols)
-            if tile_bytes(r, c, runs_per_step, classes, in_itemsize) <= budget:
+            if tile_bytes(r, c, runs_per_step, classes, in_itemsize, pad,
+                          raw_classes) <= budget:
                 lo = mid
             else:
                 hi = mid - 1

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ from zarr.storage import LocalStore
 
 from .atomic import atomic_write_bytes, atomic_write_json, check_output_dir, read_json
 from .errors import StoreError
+from .rawchunks import chunk_path, plain_chunks, read_exact
 from .stats import RunningStats
 from .units import format_bytes
 
@@ -73,24 +75,6 @@ class DurableLocalStore(LocalStore):
         if exclusive and path.exists():
             raise FileExistsError(path)
         await asyncio.to_thread(atomic_write_bytes, path, value.as_buffer_like())
-
-
-def _read_exact(path: Path, offset: int, dest: np.ndarray) -> None:
-    """Fill the uint8 buffer ``dest`` from ``path`` at ``offset`` (zeros if no file)."""
-    try:
-        fh = open(path, "rb", buffering=0)  # noqa: SIM115
-    except FileNotFoundError:
-        dest[...] = 0
-        return
-    with fh:
-        fh.seek(offset)
-        view = memoryview(dest)
-        got = 0
-        while got < len(view):
-            n = fh.readinto(view[got:])
-            if not n:
-                raise StoreError(f"{path}: chunk file shorter than its array says")
-            got += n
 
 
 def auto_run_chunk(n_examples: int, classes: int, itemsize: int) -> int:
@@ -197,24 +181,17 @@ class Store:
         return self.array(split)[start:stop, sel, :]
 
     def _raw_chunks(self, split: str) -> bool:
-        """Whether ``split``'s chunk files are the plain little-endian C-order bytes.
+        """Whether ``split``'s chunk files are the plain little-endian C-order bytes of
+        whole runs (:func:`rawchunks.plain_chunks`, one chunk across examples and classes).
 
         True for every store this module creates; then :meth:`read_into` reads chunk
         files straight into the caller's buffer instead of through Zarr's codec pipeline.
         """
         if split not in self._raw:
-            from zarr.codecs import BytesCodec
-            from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
-
-            m = self.array(split).metadata
-            codecs = getattr(m, "codecs", ())
-            ok = (len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
-                  and (codecs[0].endian is None or codecs[0].endian.value == "little")
-                  and isinstance(m.chunk_key_encoding, DefaultChunkKeyEncoding)
-                  and m.chunk_key_encoding.separator == "/"
-                  and self.array(split).order == "C" and float(m.fill_value) == 0.0
-                  and tuple(m.chunk_grid.chunk_shape[1:]) == tuple(m.shape[1:]))
-            self._raw[split] = ok
+            arr = self.array(split)
+            m = arr.metadata
+            self._raw[split] = (plain_chunks(arr)
+                                and tuple(m.chunk_grid.chunk_shape[1:]) == tuple(m.shape[1:]))
         return self._raw[split]
 
     def read_into(self, split: str, start: int, stop: int, out: np.ndarray,
@@ -226,28 +203,60 @@ class Store:
         threads of ``pool`` when given (one chunk file each); a chunk that was never
         written (all fill value) reads as zeros, as Zarr would return it.
         """
+        jobs = self.read_jobs(split, start, stop, out)
+        if jobs is None:
+            out[...] = self.read(split, start, stop)
+        elif pool is not None and len(jobs) > 1:
+            list(pool.map(lambda j: j(), jobs))
+        else:
+            for j in jobs:
+                j()
+
+    def read_jobs(self, split: str, start: int, stop: int, out: np.ndarray):
+        """The reads :meth:`read_into` performs, one callable per chunk file, to run on
+        any threads; ``None`` when the chunks are not plain bytes (read through Zarr)."""
         if not 0 <= start <= stop <= self.runs:
             raise StoreError(f"{self.root}: runs [{start}, {stop}) outside the "
                              f"{self.runs} committed runs")
         if not out.flags.c_contiguous or out.dtype != np.dtype(self.shape.dtype):
             raise ValueError("out must be C-contiguous of the store dtype")
         if not self._raw_chunks(split):
-            out[...] = self.read(split, start, stop)
-            return
-        rc = self.shape.run_chunk
+            return None
         per_run = self.shape.examples(split) * self.shape.classes * out.itemsize
         dest = out.reshape(-1).view(np.uint8)
-        base = self.root / "logits" / split / "c"
-        jobs = []
+        return [functools.partial(read_exact, path, offset,
+                                  dest[(lo - start) * per_run:(hi - start) * per_run])
+                for path, offset, lo, hi in self._chunk_spans(split, start, stop, per_run)]
+
+    def _chunk_spans(self, split: str, start: int, stop: int, per_run: int):
+        """(chunk file, byte offset, first run, end run) of each chunk runs
+        ``[start, stop)`` touch."""
+        rc = self.shape.run_chunk
+        base = self.root / "logits" / split
         for ci in range(start // rc, (stop - 1) // rc + 1 if stop > start else 0):
             lo, hi = max(start, ci * rc), min(stop, (ci + 1) * rc)
-            jobs.append((base / str(ci) / "0" / "0", (lo - ci * rc) * per_run,
-                         dest[(lo - start) * per_run:(hi - start) * per_run]))
-        if pool is not None and len(jobs) > 1:
-            list(pool.map(lambda j: _read_exact(*j), jobs))
-        else:
-            for j in jobs:
-                _read_exact(*j)
+            yield chunk_path(base, (ci, 0, 0)), (lo - ci * rc) * per_run, lo, hi
+
+    def advise_willneed(self, split: str, start: int, stop: int) -> None:
+        """Ask the kernel to start reading runs ``[start, stop)`` of ``split`` into the
+        page cache (``POSIX_FADV_WILLNEED``), so a later :meth:`read_into` finds them
+        there; a no-op where unsupported or when the chunks are not plain bytes."""
+        if not hasattr(os, "posix_fadvise") or not self._raw_chunks(split):
+            return
+        itemsize = np.dtype(self.shape.dtype).itemsize
+        per_run = self.shape.examples(split) * self.shape.classes * itemsize
+        for path, offset, lo, hi in self._chunk_spans(split, start, min(stop, self.runs),
+                                                      per_run):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, offset, (hi - lo) * per_run, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def stats(self, split: str) -> RunningStats:
         """Statistics of all committed runs for ``split`` (float64, (examples, classes))."""

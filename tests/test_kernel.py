@@ -274,3 +274,87 @@ def test_a_kernel_of_another_store_names_it(small_store, tmp_path):
     run(other, tmp_path / "k")
     with pytest.raises(KernelOutputError, match=f"computed from the store {other}, not {store}"):
         run(store, tmp_path / "k")
+
+
+def test_out_of_memory_retry_runs_after_the_failed_pass_is_freed(small_store, tmp_path,
+                                                                 monkeypatch):
+    """The retry must not run inside the ``except`` block, where the traceback still
+    holds the failed pass's tensors (so emptying the cache would free nothing)."""
+    import gc
+    import weakref
+
+    import torch
+
+    import kernelscale.kernel as kmod
+
+    store, test, train = small_store
+    real = kmod._run_plan
+    held = []
+    alive_at_collect = []
+
+    def flaky(p, ctx):
+        if not held:
+            big = torch.empty(1 << 16)  # a tensor of the failed pass
+            held.append(weakref.ref(big))
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                               "`cublasCreate(handle)`")
+        return real(p, ctx)
+
+    real_collect = gc.collect
+
+    def collect(*a):
+        alive_at_collect.append(held[0]() is not None)
+        return real_collect(*a)
+
+    monkeypatch.setattr(kmod, "_run_plan", flaky)
+    monkeypatch.setattr(kmod.gc, "collect", collect)
+    K = run(store, tmp_path / "k", max_memory=1 << 20)
+    assert alive_at_collect == [False]  # collected once, after the traceback let go
+    assert np.abs(K - reference_kernel(test, train)).max() <= 1e-5
+
+
+def test_other_runtime_errors_are_not_retried(small_store, tmp_path, monkeypatch):
+    import kernelscale.kernel as kmod
+
+    calls = []
+
+    def broken(p, ctx):
+        calls.append(p.budget)
+        raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+
+    monkeypatch.setattr(kmod, "_run_plan", broken)
+    with pytest.raises(RuntimeError, match="EXECUTION_FAILED"):
+        run(small_store[0], tmp_path / "k")
+    assert len(calls) == 1
+
+
+def test_padded_operands_and_poisoned_buffers_give_the_same_kernel(small_store, tmp_path,
+                                                                   monkeypatch):
+    """Operands padded with zero columns (as on CUDA), a short last run-chunk, and
+    buffers poisoned with NaN as soon as they are released: the same kernel."""
+    import kernelscale.kernel as kmod
+    import kernelscale.reader as rmod
+
+    store, test, train = small_store
+    plain = run(store, tmp_path / "plain", runs_per_step=5)
+    monkeypatch.setattr(kmod, "operand_padding", lambda device: 32)
+    monkeypatch.setattr(rmod, "POISON_RELEASED", True)
+    padded = run(store, tmp_path / "padded", runs_per_step=5)  # 24 runs: last chunk of 4
+    assert np.isfinite(padded).all()
+    assert np.abs(padded - plain).max() <= 1e-6
+    assert np.abs(padded - reference_kernel(test, train)).max() <= 1e-5
+
+
+def test_engine_plan_counts_padding_and_fixed_temporaries(small_store, tmp_path):
+    from kernelscale.kernel import KernelConfig, engine_plan
+    from kernelscale.plan import pass_bytes
+
+    cfg = KernelConfig(store=small_store[0], out=tmp_path / "k", runs_per_step=3)
+    p = engine_plan(cfg, budget=1 << 30)
+    assert p.runs_per_step == 3 and p.pad == 1 and p.reserve == 0  # the CPU's
+    tiles = [p.tiles[i] for i in p.passes[0]]
+    assert p.pass_bytes(0) == pass_bytes(tiles, 3, 5, 2, 1)
+    # padding 15 columns to 32 costs (rows + cols) * 17 * 4 more bytes
+    rows = max(t.r1 for t in tiles) - min(t.r0 for t in tiles)
+    cols = max(t.c1 for t in tiles) - min(t.c0 for t in tiles)
+    assert pass_bytes(tiles, 3, 5, 2, 32) - pass_bytes(tiles, 3, 5, 2, 1) == (rows + cols) * 68

@@ -117,3 +117,29 @@ def test_checkpoint_of_other_precision_is_refused(resume_store, tmp_path):
     assert p.returncode == 2
     assert "precision: 'fp32' -> 'tf32'" in p.stderr and "--restart" in p.stderr
 
+
+
+def test_checkpoint_from_another_device_resumes_and_says_so(resume_store, tmp_path):
+    from kernelscale.output import load_checkpoint, save_checkpoint
+
+    d, clean, *_ = resume_store
+    out = tmp_path / "moved"
+    proc = _start(d / "store", out)
+    while _ckpt_progress(out)[0] < 4 and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = sorted((out / ".checkpoints").glob("*.npz"))
+    assert ckpts
+    for p in ckpts:  # as if written on a GPU node with another torch
+        meta, accs = load_checkpoint(p)
+        assert meta["device"]["type"] == "cpu" and "torch" in meta["device"]
+        meta["device"] = {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
+                          "cuda": "13.0", "cublas": "13.0.0.19", "capability": "9.0"}
+        save_checkpoint(p, meta, accs)
+    r = run_cli("kernel", "--store", str(d / "store"), "--out", str(out), *ARGS,
+                env={"OMP_NUM_THREADS": "1"})
+    assert "name NVIDIA H100 80GB HBM3 -> " in r.stderr
+    assert "not bitwise identical" in r.stderr
+    got = zarr.open_group(str(out), mode="r")["kernel"][...]
+    assert np.abs(got - clean).max() <= 1e-6

@@ -1,0 +1,238 @@
+"""One pass of the kernel engine on its device: copy, normalise, multiply, accumulate,
+and the final write of the finished tiles.
+
+The pass loop in :mod:`kernelscale.kernel` is the same for every device; what one step
+does is a :class:`Steps` object:
+
+* :class:`CpuSteps`: normalise into a reused float32 operand, multiply, all synchronous.
+* :class:`CudaSteps`: copies run on their own stream into two alternating device
+  buffers; the compute stream waits for a copy's event, normalises straight into
+  padded float32 GEMM operands and multiplies, with no host synchronisation per chunk.
+  The reader refills a pinned host buffer only after the event of the copy out of it;
+  the copy stream overwrites a device buffer only after the event of the normalisation
+  that read it. Stage times come from CUDA events, summed once at the end.
+
+Every call that names a stream, event or cache names the engine's device, so
+``--device cuda:N`` with N != 0 never synchronises or records on device 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+#: operand columns (runs x classes of one chunk) are padded with zeros to a multiple of
+#: this many floats on CUDA: 128-byte rows keep the tensor-core GEMM kernels on their
+#: aligned paths. The zero columns add exact zeros to every dot product.
+CUDA_PAD = 32
+
+#: Delay (GPU clock cycles) injected on the copy stream before every copy, and twice as
+#: long on the compute stream before every normalisation; with
+#: :data:`kernelscale.reader.POISON_RELEASED` it makes each missing wait visible (a
+#: normalisation before its copy, a refill before the copy out, a copy over a buffer
+#: still being normalised). 0 in normal runs; set by the GPU check.
+DELAY_CYCLES = 0
+
+
+def target_reduction(device) -> int:
+    """GEMM reduction length (runs x classes) to aim for per run-chunk.
+
+    A CPU's matrix units are busy from ~512 on; a GPU multiplies a 10,000 x 50,000 tile
+    so fast that the float64 accumulate after each chunk (12 bytes per output element)
+    must be amortised over a long reduction."""
+    return 4096 if device.type == "cuda" else 512
+
+
+def operand_padding(device) -> int:
+    return CUDA_PAD if device.type == "cuda" else 1
+
+
+def padded(width: int, pad: int) -> int:
+    return -(-width // pad) * pad
+
+
+@contextlib.contextmanager
+def on_device(device):
+    """Make ``device`` the current CUDA device inside the block (a no-op on the CPU)."""
+    if device.type != "cuda":
+        yield
+        return
+    import torch
+
+    with torch.cuda.device(device):
+        yield
+
+
+class Steps:
+    """What one run-chunk of a pass does on a device (see the module docstring)."""
+
+    def __init__(self, norm_r, norm_c, shared: bool, reader, summary, n_r: int, n_c: int,
+                 max_k: int, pad: int):
+        import torch
+
+        self.norm_r, self.norm_c, self.shared = norm_r, norm_c, shared
+        self.reader, self.summary = reader, summary
+        width = padded(max_k * norm_r.width, pad)
+        self.pad = pad
+        dev = norm_r.device
+        # zeros: padding columns must hold exact zeros
+        self.op_r = torch.zeros((n_r, width), dtype=torch.float32, device=dev)
+        self.op_c = (self.op_r if shared
+                     else torch.zeros((n_c, width), dtype=torch.float32, device=dev))
+
+    def _fill(self, norm, raw, op):
+        """Normalise ``raw`` (k, n, C) into ``op``; the (n, padded k*C') operand view."""
+        k = raw.shape[0]
+        width = k * norm.width
+        full = padded(width, self.pad)
+        norm(raw, out=op)
+        if full > width:
+            op[:, width:full].zero_()  # a shorter last chunk leaves the old values there
+        return op[:, :full]
+
+    def gemm(self, acc, x, y) -> None:
+        """``acc`` float64 += ``x @ y.T`` (float32 GEMM, float64 sum over chunks)."""
+        acc += x @ y.T
+
+    def close(self) -> None:
+        """Free the operands (before the final write needs the memory)."""
+        self.op_r = self.op_c = None
+
+
+class CpuSteps(Steps):
+    def operands(self, raw_r, raw_c, slot):
+        t1 = time.perf_counter()
+        zr = self._fill(self.norm_r, raw_r, self.op_r)
+        zc = zr if self.shared else self._fill(self.norm_c, raw_c, self.op_c)
+        self.reader.release(None, slot)
+        self._t2 = time.perf_counter()
+        self.summary.t_normalise += self._t2 - t1
+        return zr, zc
+
+    def chunk_done(self) -> None:
+        self.summary.t_gemm += time.perf_counter() - self._t2
+
+    def finish(self) -> None:
+        pass
+
+
+class CudaSteps(Steps):
+    def __init__(self, norm_r, norm_c, shared, reader, summary, n_r, n_c, max_k, pad,
+                 classes: int, dtype):
+        import torch
+
+        super().__init__(norm_r, norm_c, shared, reader, summary, n_r, n_c, max_k, pad)
+        dev = norm_r.device
+        self.device = dev
+        self.compute = torch.cuda.current_stream(dev)
+        self.copy = torch.cuda.Stream(dev)
+        self.bufs = []
+        for _ in range(2):
+            r = torch.empty((max_k, n_r, classes), dtype=dtype, device=dev)
+            c = None if shared else torch.empty((max_k, n_c, classes), dtype=dtype, device=dev)
+            for b in (r, c):
+                if b is not None:
+                    b.record_stream(self.copy)  # written on the copy stream
+            self.bufs.append((r, c))
+        self.normalised = [None, None]  # event: the normalisation reading buffer i is done
+        # the buffers and operands were allocated in the compute stream's order: the
+        # first copies into them come after that
+        self.copy.wait_stream(self.compute)
+        self.timings: list = []
+        self.i = 0
+
+    def operands(self, raw_r, raw_c, slot):
+        import torch
+
+        b = self.i % 2
+        self.i += 1
+        k = raw_r.shape[0]
+        dr_buf, dc_buf = self.bufs[b]
+        with torch.cuda.stream(self.copy):
+            if self.normalised[b] is not None:
+                self.copy.wait_event(self.normalised[b])
+            if DELAY_CYCLES:
+                torch.cuda._sleep(DELAY_CYCLES)
+            dr = dr_buf[:k]
+            dr.copy_(raw_r, non_blocking=True)
+            dc = dr
+            if not self.shared:
+                dc = dc_buf[:k]
+                dc.copy_(raw_c, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy)
+        self.reader.release(copied, slot)
+        self.compute.wait_event(copied)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev[0].record(self.compute)
+        if DELAY_CYCLES:
+            torch.cuda._sleep(2 * DELAY_CYCLES)
+        zr = self._fill(self.norm_r, dr, self.op_r)
+        zc = zr if self.shared else self._fill(self.norm_c, dc, self.op_c)
+        ev[1].record(self.compute)
+        self.normalised[b] = ev[1]
+        self.timings.append(ev)
+        return zr, zc
+
+    def chunk_done(self) -> None:
+        self.timings[-1][2].record(self.compute)
+
+    def finish(self) -> None:
+        """Wait for the compute stream; add the stage times its events measured."""
+        self.compute.synchronize()
+        for e0, e1, e2 in self.timings:
+            self.summary.t_normalise += e0.elapsed_time(e1) / 1e3
+            self.summary.t_gemm += e1.elapsed_time(e2) / 1e3
+        self.timings.clear()
+
+    def close(self) -> None:
+        super().close()
+        self.bufs = []
+
+
+def write_tiles(out, tiles, accs, scale: float, device, on_tile_written) -> None:
+    """Scale each float64 accumulator in place and write it as float32 into ``out``.
+
+    Rows go out in blocks of one output chunk row: on CUDA each block is converted on
+    the device (one block's float32, at most the 4 bytes per element the freed chunk
+    product held) and copied into one of four pinned host buffers, while writer threads
+    store the blocks before it; no full-size float32 copy of a tile ever exists.
+    ``on_tile_written(tile)`` runs once all of a tile's blocks are stored.
+    """
+    import torch
+
+    step = out.chunks[0]
+    is_cuda = device.type == "cuda"
+    nbuf = 4
+    with ThreadPoolExecutor(nbuf, thread_name_prefix="kernelscale-write") as pool:
+        for t, a in zip(tiles, accs, strict=True):
+            a.mul_(scale)
+            staging = ([torch.empty((min(step, t.rows), t.cols), dtype=torch.float32,
+                                    pin_memory=True) for _ in range(nbuf)] if is_cuda
+                       else None)
+            pending = [None] * nbuf
+            for i, r in enumerate(range(0, t.rows, step)):
+                r1 = min(r + step, t.rows)
+                j = i % nbuf
+                if pending[j] is not None:
+                    pending[j].result()  # its staging buffer is free again
+                if is_cuda:
+                    host = staging[j][: r1 - r]
+                    host.copy_(a[r:r1].float(), non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(torch.cuda.current_stream(device))
+                else:
+                    host, ev = a[r:r1].float(), None
+                pending[j] = pool.submit(_store_block, out, t.r0 + r, t.r0 + r1, t.c0, t.c1,
+                                         host, ev)
+            for f in pending:
+                if f is not None:
+                    f.result()
+            on_tile_written(t)
+
+
+def _store_block(out, r0: int, r1: int, c0: int, c1: int, host, event) -> None:
+    if event is not None:
+        event.synchronize()
+    out.write_block(r0, r1, c0, c1, host.numpy())
