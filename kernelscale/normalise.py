@@ -58,7 +58,7 @@ class Normaliser:
     def __call__(self, raw, out=None):
         """raw (k, n, C) -> Z (n, k*C') float32, C' the number of selected classes.
 
-        ``raw`` lives on this normaliser's device (or on the host for a CPU one).
+        ``raw``: on this normaliser's device, or moved there first.
         ``out``: a float32 (n, >= k*C') operand to write into (columns past k*C' are left
         as they are, e.g. zero padding); by default a buffer reused across calls.
         log-softmax and standardisation run in float64 (see :func:`stats.log_softmax64`
@@ -67,6 +67,8 @@ class Normaliser:
         """
         import torch
 
+        if raw.device != self.device:  # e.g. host arrays for a GPU normaliser
+            raw = raw.to(self.device, non_blocking=True)
         k, n, c_in = raw.shape
         c = self.width
         if out is None:
