@@ -98,7 +98,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> Measured:
     got: dict[str, bytes] = {}
 
     def drain(name: str, stream) -> None:
-        got[name] = stream.read()
+        with stream:
+            got[name] = stream.read()
 
     readers = [threading.Thread(target=drain, args=(n, s))
                for n, s in (("out", proc.stdout), ("err", proc.stderr))]
