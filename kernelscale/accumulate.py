@@ -52,6 +52,18 @@ def padded(width: int, pad: int) -> int:
     return -(-width // pad) * pad
 
 
+def fill_operand(norm, raw, op, pad: int):
+    """Normalise ``raw`` (k, n, C) with ``norm`` into the float32 operand ``op`` (n, >=
+    padded k*C'); returns the (n, padded k*C') view the GEMM multiplies, whose padding
+    columns hold zeros."""
+    width = raw.shape[0] * norm.width
+    full = padded(width, pad)
+    norm(raw, out=op)
+    if full > width:
+        op[:, width:full].zero_()  # a shorter last chunk leaves the old values there
+    return op[:, :full]
+
+
 @contextlib.contextmanager
 def on_device(device):
     """Make ``device`` the current CUDA device inside the block (a no-op on the CPU)."""
@@ -82,14 +94,7 @@ class Steps:
                      else torch.zeros((n_c, width), dtype=torch.float32, device=dev))
 
     def _fill(self, norm, raw, op):
-        """Normalise ``raw`` (k, n, C) into ``op``; the (n, padded k*C') operand view."""
-        k = raw.shape[0]
-        width = k * norm.width
-        full = padded(width, self.pad)
-        norm(raw, out=op)
-        if full > width:
-            op[:, width:full].zero_()  # a shorter last chunk leaves the old values there
-        return op[:, :full]
+        return fill_operand(norm, raw, op, self.pad)
 
     def gemm(self, acc, x, y) -> None:
         """``acc`` float64 += ``x @ y.T`` (float32 GEMM, float64 sum over chunks)."""

@@ -173,7 +173,13 @@ def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
     own code and plan (run-chunk length, padded operands, float64 accumulation)."""
     import torch
 
-    from .accumulate import on_device, operand_padding, padded, target_reduction
+    from .accumulate import (
+        fill_operand,
+        on_device,
+        operand_padding,
+        padded,
+        target_reduction,
+    )
     from .device import matmul_precision, resolve_device
     from .normalise import Normaliser
     from .plan import plan
@@ -204,13 +210,8 @@ def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
             t0 = time.perf_counter()
             for s in range(0, runs, k):
                 e = min(s + k, runs)
-                w = padded((e - s) * C, pad)
-                if w > (e - s) * C:
-                    op_t[:, (e - s) * C:].zero_()
-                    op_r[:, (e - s) * C:].zero_()
-                nt(te[s:e], out=op_t)
-                nr(tr[s:e], out=op_r)
-                acc += op_t[:, :w] @ op_r[:, :w].T
+                acc += (fill_operand(nt, te[s:e], op_t, pad)
+                        @ fill_operand(nr, tr[s:e], op_r, pad).T)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - t0)

@@ -405,7 +405,7 @@ def _run_plan(p: Plan, ctx: _Context) -> None:
         bar.close()
 
 
-def _resume_point(ckpt_path: Path, meta: dict, device) -> tuple[int, list | None]:
+def _resume_point(ckpt_path: Path, meta: dict) -> tuple[int, list | None]:
     """(runs already folded, their accumulators) from the pass's checkpoint, or (0, None).
 
     A checkpoint of other inputs or another plan is refused; one written on another
@@ -458,7 +458,7 @@ def _run_pass(tiles: list[Tile], p: Plan, ctx: _Context, bounds: list[tuple[int,
     ckpt_path = out.ckpt_dir / f"pass-{key}.npz"
     meta = {"identity": out.attrs["identity"], "tiles": [t.key for t in tiles],
             "run_chunk": p.runs_per_step, "device": device_info(device)}
-    start_runs, carrs = _resume_point(ckpt_path, meta, device)
+    start_runs, carrs = _resume_point(ckpt_path, meta)
     todo = [(s, e) for s, e in bounds if s >= start_runs]
     # Reading starts first, so that it overlaps the device's start-up and allocations.
     reader = ChunkReader(store, (rsplit, csplit), row_rng, col_rng, todo, pin=is_cuda)

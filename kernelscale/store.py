@@ -222,11 +222,16 @@ class Store:
             raise ValueError("out must be C-contiguous of the store dtype")
         if not self._raw_chunks(split):
             return None
-        per_run = self.shape.examples(split) * self.shape.classes * out.itemsize
+        per_run = self._run_bytes(split)
         dest = out.reshape(-1).view(np.uint8)
         return [functools.partial(read_exact, path, offset,
                                   dest[(lo - start) * per_run:(hi - start) * per_run])
                 for path, offset, lo, hi in self._chunk_spans(split, start, stop, per_run)]
+
+    def _run_bytes(self, split: str) -> int:
+        """Bytes of one run of ``split`` (examples x classes in the store dtype)."""
+        return (self.shape.examples(split) * self.shape.classes
+                * np.dtype(self.shape.dtype).itemsize)
 
     def _chunk_spans(self, split: str, start: int, stop: int, per_run: int):
         """(chunk file, byte offset, first run, end run) of each chunk runs
@@ -243,8 +248,7 @@ class Store:
         there; a no-op where unsupported or when the chunks are not plain bytes."""
         if not hasattr(os, "posix_fadvise") or not self._raw_chunks(split):
             return
-        itemsize = np.dtype(self.shape.dtype).itemsize
-        per_run = self.shape.examples(split) * self.shape.classes * itemsize
+        per_run = self._run_bytes(split)
         for path, offset, lo, hi in self._chunk_spans(split, start, min(stop, self.runs),
                                                       per_run):
             try:

@@ -50,6 +50,15 @@ def _start(store, out):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _kill_after_checkpoint(store, out, runs):
+    """Start a kernel; kill -9 it once a checkpoint holds ``runs`` runs."""
+    proc = _start(store, out)
+    while _ckpt_progress(out)[0] < runs and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_clean_run_matches_reference(resume_store):
     _, K, test, train = resume_store
     assert np.abs(K - reference_kernel(test, train)).max() <= 1e-5
@@ -107,11 +116,7 @@ def test_stop_signal_checkpoints_and_exits_75_then_resumes(resume_store, tmp_pat
 def test_checkpoint_of_other_precision_is_refused(resume_store, tmp_path):
     d, *_ = resume_store
     out = tmp_path / "prec"
-    proc = _start(d / "store", out)
-    while _ckpt_progress(out)[0] < 4 and proc.poll() is None:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_checkpoint(d / "store", out, runs=4)
     p = run_cli("kernel", "--store", str(d / "store"), "--out", str(out), *ARGS,
                 "--precision", "tf32", check=False)
     assert p.returncode == 2
@@ -124,11 +129,7 @@ def test_checkpoint_from_another_device_resumes_and_says_so(resume_store, tmp_pa
 
     d, clean, *_ = resume_store
     out = tmp_path / "moved"
-    proc = _start(d / "store", out)
-    while _ckpt_progress(out)[0] < 4 and proc.poll() is None:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_checkpoint(d / "store", out, runs=4)
     ckpts = sorted((out / ".checkpoints").glob("*.npz"))
     assert ckpts
     for p in ckpts:  # as if written on a GPU node with another torch
