@@ -4,6 +4,7 @@ import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kernelscale import accumulate
 from kernelscale.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -48,10 +49,13 @@ def test_runs_beyond_store_is_an_error(small_store, tmp_path):
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cr=st.integers(1, 40), cc=st.integers(1, 96), tr=st.integers(1, 3), tc=st.integers(1, 3),
-       run_chunk=st.integers(1, 24), budget_kb=st.sampled_from([None, 30, 200]))
-def test_tiled_equals_untiled(small_store, tmp_path_factory, cr, cc, tr, tc, run_chunk,
-                              budget_kb):
+       run_chunk=st.integers(1, 24), budget_kb=st.sampled_from([None, 30, 200]),
+       stage_chunks=st.integers(1, 3))
+def test_tiled_equals_untiled(small_store, tmp_path_factory, monkeypatch, cr, cc, tr, tc,
+                              run_chunk, budget_kb, stage_chunks):
     store, test, train = small_store
+    # the final write's blocks: one chunk row by 1-3 chunks, so tiles span several blocks
+    monkeypatch.setattr(accumulate, "STAGE_BYTES", stage_chunks * 4 * cr * cc)
     d = tmp_path_factory.mktemp("tiled")
     whole = run(store, d / "whole")
     kw = {"chunks": (cr, cc), "runs_per_step": run_chunk}
