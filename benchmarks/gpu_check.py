@@ -6,7 +6,8 @@ how the test suite keeps this script working.
 Sections: 0 device and versions; 1 correctness over many run-chunks with poisoned
 released buffers and delayed copies; 2 resume after SIGUSR1 and SIGKILL; 3 out of
 memory and its one retry; 5 n=500 at the full CIFAR shape against the published method;
-4 speed at 20,000 runs (run last: it is the longest).
+6 ingest with the statistics on the device and on the CPU; 4 speed at 20,000 runs (run
+last: it is the longest).
 """
 
 from __future__ import annotations
@@ -469,6 +470,46 @@ def s5_published(args) -> None:
     shutil.rmtree(store, ignore_errors=True)
 
 
+# ------------------------------------------------------------- 6: ingest on the device
+
+def s6_ingest(args) -> None:
+    """Ingest the same files with the statistics on the device and on the CPU: GB/s per
+    file, and the two stores' statistics against each other (1e-6 relative)."""
+    from kernelscale.bench import drop_cache, write_synthetic
+    from kernelscale.ingestion import IngestConfig, ingest
+    from kernelscale.store import Store
+
+    n_test, n_train = (500, 2000) if args.small else (10000, 50000)
+    section(f"6 ingest at ({n_test}, {n_train}, 10), 2 files of 500 runs, statistics on "
+            f"{args.device} and on the CPU")
+    src = args.work / "s6-src"
+    files = write_synthetic(src, 1000, n_test, n_train, 10)
+    size = sum(f.stat().st_size for f in files)
+    stores = {}
+    for dev in dict.fromkeys((args.device, "cpu")):
+        store = args.work / f"s6-store-{dev.replace(':', '-')}"
+        shutil.rmtree(store, ignore_errors=True)
+        drop_cache([src])
+        s = ingest(IngestConfig(src, store, device=dev, show_progress=False))
+        info(f"{dev}: {s.line()}")
+        info(f"{dev}: {size / s.seconds / 1e9:.3f} GB/s over {len(files)} files "
+             f"({size / len(files) / 1e9:.2f} GB each), conversion "
+             f"{size / max(s.t_convert, 1e-9) / 1e9:.3f} GB/s per converter")
+        stores[dev] = Store.open(store)
+    if len(stores) == 2:
+        a, b = stores[args.device], stores["cpu"]
+        worst = 0.0
+        for split in ("test", "train"):
+            for x, y in ((a.stats(split).mean, b.stats(split).mean),
+                         (a.stats(split).std(), b.stats(split).std())):
+                worst = max(worst, float((np.abs(x - y) / np.maximum(np.abs(y), 1e-300)).max()))
+        check(f"{args.device} ingest statistics vs cpu", worst <= 1e-6,
+              f"max relative difference of mean and std {worst:.2e} (<= 1e-6)")
+    for store in stores.values():
+        shutil.rmtree(store.root, ignore_errors=True)
+    shutil.rmtree(src, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -477,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-after", type=float, default=170,
                     help="seconds after which the speed section halves its runs to 10000")
     ap.add_argument("--small", action="store_true", help="small shapes (CPU smoke run)")
-    ap.add_argument("--sections", default="0,1,2,3,5,4")
+    ap.add_argument("--sections", default="0,1,2,3,5,6,4")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     want = args.sections.split(",")
@@ -499,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
                 s4_speed(args)
             elif sec == "5":
                 s5_published(args)
+            elif sec == "6":
+                s6_ingest(args)
         except Exception as e:  # one broken section must not hide the others
             traceback.print_exc()
             check(f"section {sec} ran", False, f"{type(e).__name__}: {e}")

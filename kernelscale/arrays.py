@@ -11,7 +11,7 @@ from .device import matmul_precision, resolve_device
 from .errors import BadInputError, ConfigError
 from .kernel import PRECISIONS
 from .normalise import Normaliser
-from .stats import RunningStats, values64
+from .stats import LOG1P32, LOGITS, RunningStats, stats_of_logits
 
 
 def is_torch(x: Any) -> bool:
@@ -50,8 +50,8 @@ class _Logits:
         return torch.from_numpy(np.ascontiguousarray(self.x[start:stop]))
 
 
-def _stats(x: _Logits, runs: int, step: int, log_softmax: bool) -> RunningStats:
-    """float64 statistics over runs of log_softmax(x) (or x), one run-chunk at a time;
+def _stats(x: _Logits, runs: int, step: int, transform: str) -> RunningStats:
+    """float64 statistics over runs of ``transform`` values, one run-chunk at a time;
     refuses non-finite values naming the first bad run."""
     import torch
 
@@ -64,7 +64,7 @@ def _stats(x: _Logits, runs: int, step: int, log_softmax: bool) -> RunningStats:
             bad = s + int(torch.nonzero(~ok)[0, 0])
             raise BadInputError(f"{x.name} logits: run {bad} holds non-finite values "
                                 "(NaN or inf)")
-        st = st.merge(RunningStats.from_block(values64(raw, log_softmax)))
+        st = st.merge(stats_of_logits(raw, transform, device=raw.device))
     return st
 
 
@@ -81,7 +81,7 @@ def kernel_from_arrays(test: Any, train: Any, *, log_softmax: bool = True,
 
     The formula and the numerics are the engine's (:mod:`kernelscale.kernel`)::
 
-        x[r,i,c] = log_softmax(logits[r,i,:])[c]                     (float64)
+        x[r,i,c] = log_softmax(logits[r,i,:])[c]       (stats.log_softmax_log1p32)
         z[r,i,c] = (x[r,i,c] - mean_r x[.,i,c]) / std_r x[.,i,c]     (unbiased; 0 where std == 0)
         K[i,j]   = 1/(C R) * sum_{r,c} z_test[r,i,c] * z_train[r,j,c]
 
@@ -118,10 +118,11 @@ def kernel_from_arrays(test: Any, train: Any, *, log_softmax: bool = True,
         by_memory = (64 << 20) // (8 * max(n_a, n_b) * c)
         runs_per_step = max(1, min(runs, target // c, by_memory))
     with torch.no_grad(), matmul_precision(precision):
-        st_a = _stats(a, runs, runs_per_step, log_softmax)
-        st_b = st_a if same else _stats(b, runs, runs_per_step, log_softmax)
-        norm_a = Normaliser(st_a, (0, n_a), None, dev, log_softmax)
-        norm_b = norm_a if same else Normaliser(st_b, (0, n_b), None, dev, log_softmax)
+        transform = LOG1P32 if log_softmax else LOGITS
+        st_a = _stats(a, runs, runs_per_step, transform)
+        st_b = st_a if same else _stats(b, runs, runs_per_step, transform)
+        norm_a = Normaliser(st_a, (0, n_a), None, dev, transform)
+        norm_b = norm_a if same else Normaliser(st_b, (0, n_b), None, dev, transform)
         acc = torch.zeros((n_a, n_b), dtype=torch.float64, device=dev)
         for s in range(0, runs, runs_per_step):
             e = min(s + runs_per_step, runs)

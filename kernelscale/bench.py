@@ -197,8 +197,8 @@ def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
     with on_device(device), matmul_precision(precision):
         te = torch.from_numpy(store.read("test", 0, runs)).to(device)
         tr = torch.from_numpy(store.read("train", 0, runs)).to(device)
-        nt = Normaliser(store.stats("test"), (0, n_te), None, device, True)
-        nr = Normaliser(store.stats("train"), (0, n_tr), None, device, True)
+        nt = Normaliser(store.stats("test"), (0, n_te), None, device, store.transform)
+        nr = Normaliser(store.stats("train"), (0, n_tr), None, device, store.transform)
         op_t = torch.zeros((n_te, padded(k * C, pad)), dtype=torch.float32, device=device)
         op_r = torch.zeros((n_tr, padded(k * C, pad)), dtype=torch.float32, device=device)
         acc = torch.zeros((n_te, n_tr), dtype=torch.float64, device=device)

@@ -194,6 +194,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
     from .units import parse_int_list
 
+    if a.ingest:
+        from .bench_ingest import run_ingest_bench
+
+        run_ingest_bench(Path(a.out), n_test=a.n_test, n_train=a.n_train, runs=a.runs,
+                         classes=a.classes, device=a.device,
+                         skip_reference=a.skip_reference, keep=a.keep)
+        return 0
+
     scaling = list(parse_int_list(a.scaling, "--scaling")) if a.scaling else []
     run_bench(Path(a.out), n_test=a.n_test, n_train=a.n_train, runs=a.runs,
               classes=a.classes, device=a.device, precision=a.precision, scaling=scaling,
@@ -369,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scheduler", metavar="ADDRESS",
                    help="use the workers of a running dask scheduler (e.g. "
                    "tcp://host:8786) instead of a LocalCluster")
+    s.add_argument("--converters", type=int, default=2, metavar="N",
+                   help="threads converting files in this process, for every source "
+                   "(default 2)")
+    s.add_argument("--device", default="auto",
+                   help="where the statistics are computed: auto (a GPU if there is one), "
+                   "cpu, cuda, cuda:N")
 
     s = _sub(sub, "kernel", "compute the kernel from a store", cmd_kernel)
     add_kernel_options(s)
@@ -432,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "bench", "benchmark the kernel engine against the published method",
              cmd_bench)
     s.add_argument("--out", default="bench-out", help="directory of the data and bench.json")
+    s.add_argument("--ingest", action="store_true",
+                   help="benchmark ingest and files -> kernel instead (bench-ingest.json)")
     s.add_argument("--n-test", type=int, default=1000, help="test examples")
     s.add_argument("--n-train", type=int, default=5000, help="train examples")
     s.add_argument("--classes", type=int, default=10, help="classes")

@@ -128,6 +128,8 @@ class IngestTable:
     shape: tuple[int, int, int] | None = _parsed(parse_shape, show=_x)
     workers: int | None = None  #: dask worker processes converting files (1: no dask)
     scheduler: str | None = None  #: address of a running dask scheduler to use instead
+    converters: int = 2  #: threads converting files in the ingest process (every source)
+    device: str = "auto"  #: where the statistics are computed: auto, cpu, cuda, cuda:N
     revision: str | None = None  #: hf:// sources: branch, tag or commit (default main)
     download_workers: int = 4  #: hf:// sources: parallel downloads
     retries: int = 5  #: hf:// sources: retries per request on transient errors
@@ -369,6 +371,7 @@ class JobConfig:
             source=self.path_of(i.source), store=self.path_of(i.store), glob=i.glob,
             max_files=i.max_files, max_runs=i.max_runs, skip_bad=i.skip_bad,
             run_chunk=i.run_chunk, shape=i.shape, workers=i.workers, scheduler=i.scheduler,
+            converters=i.converters, device=i.device,
             fetch=FetchOptions(revision=i.revision, download_workers=i.download_workers,
                                retries=i.retries, keep_downloads=i.keep_downloads,
                                cache_dir=self.path_of(i.cache_dir) if i.cache_dir else None),

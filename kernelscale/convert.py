@@ -8,15 +8,31 @@ worker never raises across a process boundary for what is a property of the inpu
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadInputError
-from .logfile import load_log
+from .logfile import first_non_finite, load_log
 from .sources.base import SourceFile
-from .stats import RunningStats, stats_of_logits
+from .stats import LOG1P32, NonFiniteValues, RunningStats, stats_of_logits
+
+
+@dataclass(frozen=True)
+class ConvertSpec:
+    """What every file of one ingest is converted with.
+
+    ``expect``: the store's ``n_test``, ``n_train``, ``classes``, ``dtype`` (None before
+    the store exists); ``transform``: the store's log-softmax
+    (:data:`~kernelscale.stats.STORE_TRANSFORMS`); ``device``: where the statistics are
+    computed (``cpu``, ``cuda``, ``cuda:N``; resolved by the caller).
+    """
+
+    expect: dict | None = None
+    transform: str = LOG1P32
+    device: str = "cpu"
 
 
 @dataclass
@@ -29,6 +45,7 @@ class PreparedFile:
     test: np.ndarray
     train: np.ndarray
     stats: dict[str, RunningStats]
+    seconds: float = 0.0  #: the conversion's wall time
 
     @property
     def runs(self) -> int:
@@ -42,21 +59,33 @@ class BadFile:
     sha256: str | None = None
 
 
-def convert(path: Path, file: SourceFile, expect: dict | None = None) -> PreparedFile:
+def convert(path: Path, file: SourceFile, spec: ConvertSpec | None = None) -> PreparedFile:
     """Load, validate and summarise the local copy ``path`` of ``file``.
 
-    ``expect``: the store's ``n_test``, ``n_train``, ``classes``, ``dtype`` (optional);
-    ``file.sha256``, when the source knows it, must match the bytes. Raises
+    ``file.sha256``, when the source knows it, must match the bytes. Non-finite logits
+    are found from the statistics (a non-finite value makes its entry's sums
+    non-finite), so the common, valid file costs no pass of its own for them. Raises
     :class:`BadInputError` naming the file and the problem.
     """
-    log = load_log(path, file.name, expect=expect, sha256=file.sha256)
-    st = {"test": stats_of_logits(log.test), "train": stats_of_logits(log.train)}
-    return PreparedFile(file, log.sha256, log.test, log.train, st)
+    t0 = time.perf_counter()
+    spec = spec or ConvertSpec()
+    log = load_log(path, file.name, expect=spec.expect, sha256=file.sha256,
+                   check_finite=False)
+    st = {}
+    for split, key, a in (("test", "logits", log.test), ("train", "logits_train", log.train)):
+        try:
+            st[split] = stats_of_logits(a, spec.transform, spec.device)
+        except NonFiniteValues:
+            err = first_non_finite(log.name, key, a)
+            raise err or BadInputError(f"{log.name}: {key!r} overflows the log-softmax "
+                                       "(logits too large for float32)") from None
+    return PreparedFile(file, log.sha256, log.test, log.train, st,
+                        time.perf_counter() - t0)
 
 
 def convert_or_bad(path: Path, file: SourceFile,
-                   expect: dict | None = None) -> PreparedFile | BadFile:
+                   spec: ConvertSpec | None = None) -> PreparedFile | BadFile:
     try:
-        return convert(path, file, expect)
+        return convert(path, file, spec)
     except BadInputError as e:
         return BadFile(file, str(e))

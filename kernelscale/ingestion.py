@@ -21,11 +21,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .convert import BadFile, PreparedFile
+from .convert import BadFile, ConvertSpec, PreparedFile
+from .device import resolve_device
 from .errors import BadInputError, ConfigError, KernelscaleError
 from .parallel import Preparer, parallel_preparer
 from .progress import progress
 from .sources import FetchOptions, Source, SourceFile, is_local_spec, open_source
+from .stats import LOG1P32
 from .store import Store
 from .units import format_bytes
 
@@ -52,11 +54,13 @@ class IngestConfig:
     shape: tuple[int, int, int] | None = None  #: (n_test, n_train, classes) every file has
     workers: int | None = None  #: dask worker processes converting files (1: none)
     scheduler: str | None = None  #: address of a running dask scheduler instead
+    converters: int = 2  #: threads converting files in this process (any source)
+    device: str = "auto"  #: where statistics are computed: auto, cpu, cuda, cuda:N
     fetch: FetchOptions = field(default_factory=FetchOptions)  #: remote sources
     show_progress: bool = True
 
     def validate(self) -> None:
-        for key in ("max_files", "max_runs", "run_chunk", "workers"):
+        for key in ("max_files", "max_runs", "run_chunk", "workers", "converters"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, not {v}")
@@ -76,14 +80,39 @@ class IngestSummary:
     runs_total: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
+    t_wait: float = 0.0  #: the writer waiting for the next converted file
+    t_convert: float = 0.0  #: conversion, summed over the converters
+    t_commit: float = 0.0  #: the writer committing (chunk writes, statistics, manifest)
+    converters: int = 1
+    device: str = "cpu"
+    bytes_downloaded: int = 0  #: remote sources
     errors: list[str] = field(default_factory=list)
 
+    def bottleneck(self) -> str:
+        """What bounded the ingest: the commits (disk writes), the conversion (loads,
+        hashes, statistics) or getting the files (the download, or reading them)."""
+        if self.seconds <= 0 or self.files_ingested == 0:
+            return "none"
+        if self.t_commit >= self.t_wait:
+            return "commit"
+        busy = self.t_convert / max(1, self.converters)
+        if busy >= 0.8 * self.t_wait + 0.5 * self.t_commit:
+            return "conversion"
+        return "download" if self.bytes_downloaded else "reading the files"
+
     def line(self) -> str:
-        rate = self.bytes_read / self.seconds if self.seconds > 0 else 0.0
+        def rate(sec: float) -> str:
+            return f"{format_bytes(self.bytes_read / sec)}/s" if sec > 0 else "-"
+
         return (f"ingest: {self.files_ingested} file(s) ingested, {self.files_skipped} "
                 f"skipped, {self.files_rejected} rejected; runs +{self.runs_added} = "
                 f"{self.runs_total}; {format_bytes(self.bytes_read)} in {self.seconds:.1f} s "
-                f"({format_bytes(rate)}/s)")
+                f"({rate(self.seconds)}); "
+                + (f"download {format_bytes(self.bytes_downloaded / self.seconds)}/s, "
+                   if self.bytes_downloaded and self.seconds > 0 else "")
+                + f"convert {rate(self.t_convert / self.converters)} "
+                f"x{self.converters} on {self.device}, commit {rate(self.t_commit)}; "
+                f"bottleneck: {self.bottleneck()}")
 
 
 def _expect(store: Store | None) -> dict | None:
@@ -115,7 +144,8 @@ def ingest(cfg: IngestConfig, *, source: Source | None = None,
         _warn_changed(Path(cfg.store), files, src)
         if preparer is not None:
             return ingest_files(src, files, cfg, preparer)
-        with parallel_preparer(cfg.workers, cfg.scheduler) as prep:
+        with parallel_preparer(cfg.workers, cfg.scheduler,
+                               converters=cfg.converters) as prep:
             return ingest_files(src, files, cfg, prep)
     finally:
         src.close()
@@ -148,7 +178,10 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
     """
     t0 = time.monotonic()
     store_path = Path(cfg.store)
-    summary = IngestSummary()
+    device = str(resolve_device(cfg.device))
+    summary = IngestSummary(device=device, converters=(
+        cfg.converters if not cfg.scheduler and (cfg.workers or 1) == 1 else
+        cfg.workers or 1))
     store = Store.open(store_path, mode="a") if Store.exists(store_path) else None
     expect = _expect(store)
     if cfg.shape is not None:
@@ -166,11 +199,26 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
     record = src.record(cfg.glob)
     # Without a store yet, nothing is expected of the files: the first good one fixes
     # the shape and the rest are checked against it below.
-    fetching = src.fetch(todo)
-    stream = preparer(fetching, expect)
+    handed: list = []
+
+    def tracked():
+        for f in src.fetch(todo):
+            handed.append(f)
+            yield f
+
+    fetching = tracked()
+    spec = ConvertSpec(expect, store.transform if store else LOG1P32, device)
+    stream = preparer(fetching, spec)
     try:
         early_bad: list[BadFile] = []
-        for fetched, item in stream:
+        while True:
+            t_wait = time.perf_counter()
+            nxt = next(stream, None)
+            summary.t_wait += time.perf_counter() - t_wait
+            if nxt is None:
+                break
+            fetched, item = nxt
+            t_commit = time.perf_counter()
             bar.update(item.file.size)
             summary.bytes_read += item.file.size
             if store is not None and isinstance(item, PreparedFile):
@@ -198,7 +246,8 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
             if store is None:
                 store = Store.create(store_path, n_test=item.test.shape[1],
                                      n_train=item.train.shape[1], classes=item.test.shape[2],
-                                     dtype=str(item.test.dtype), run_chunk=cfg.run_chunk)
+                                     dtype=str(item.test.dtype), run_chunk=cfg.run_chunk,
+                                     file_runs=item.runs, transform=spec.transform)
                 with store.writer():
                     for bad in early_bad:
                         store.record_rejected(bad.file.name, bad.reason, bad.sha256)
@@ -220,17 +269,32 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
             src.release(fetched)
             summary.files_ingested += 1
             summary.runs_added += item.runs
-            bar.set_postfix_str(f"files {summary.files_ingested}/{len(todo)} runs {store.runs}")
+            summary.t_convert += item.seconds
+            summary.t_commit += time.perf_counter() - t_commit
+            dl = int(getattr(src, "bytes_downloaded", 0))
+            bar.set_postfix_str(
+                f"files {summary.files_ingested}/{len(todo)} runs {store.runs}"
+                + (f" download {_rate(dl, time.monotonic() - t0)}" if dl else "")
+                + f" convert {_rate(summary.bytes_read, summary.t_convert)}/thread"
+                f" commit {_rate(summary.bytes_read, summary.t_commit)}")
     finally:
         # stop fetching ahead, and delete what was fetched for nothing, now
         for gen in (stream, fetching):
             close = getattr(gen, "close", None)
             if close is not None:
                 close()
+        for f in handed:  # converted ahead, never committed or rejected
+            if not f.released:
+                src.release(f)
         bar.close()
     summary.runs_total = store.runs if store else 0
+    summary.bytes_downloaded = int(getattr(src, "bytes_downloaded", 0))
     summary.seconds = time.monotonic() - t0
     return summary
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{format_bytes(nbytes / seconds)}/s" if seconds > 0 else "-"
 
 
 def _shape_problem(store: Store, item: PreparedFile) -> str | None:

@@ -2,7 +2,7 @@
 
 Definition (``C`` classes, ``R`` runs; std is the unbiased one; 1/R as in the reference)::
 
-    x[r,i,c] = log_softmax(logits[r,i,:])[c]                     (evaluated in float64)
+    x[r,i,c] = log_softmax(logits[r,i,:])[c]                     (the store's transform)
     z[r,i,c] = (x[r,i,c] - mean_r x[.,i,c]) / std_r x[.,i,c]     (0 where std == 0)
     K[i,j]   = 1/(C R) * sum_{r,c} z_rows[r,i,c] * z_cols[r,j,c]
 
@@ -15,10 +15,13 @@ few thousand), and chunk results are summed into a float64 accumulator. The roun
 of a chunk product is bounded by ``~k*C*u32*sum|z z|`` and the sum over chunks adds only
 ``~(R/k)*u64`` relative error, so the total stays at the level of one chunk's float32 GEMM
 no matter how many runs are folded in -- with float32 accumulation it would grow with R.
-log-softmax, statistics and standardisation are float64; only the standardised values
-z (O(1), relative rounding 6e-8) enter the float32 GEMM. The published code evaluates the
-log-softmax in float32, which for confident predictions (top-class log-softmax ~1e-8)
-rounds away exactly the variation the standardisation then amplifies: on simulated
+The log-softmax keeps every class's relative precision (float32 with the top class through
+``log1p`` of the others' sum, :func:`~kernelscale.stats.log_softmax_log1p32`; float64
+``log_softmax`` in stores from before it); statistics and standardisation are float64;
+only the standardised values z (O(1), relative rounding 6e-8) enter the float32 GEMM. The
+published code's float32 ``log_softmax`` rounds the top class of a confident prediction
+(log-softmax ~1e-8) through ``log(1 + s)``, losing exactly the variation the
+standardisation then amplifies: on simulated
 confident logits (2000 runs, 1000 x 5000) the published float32 method is 6.1e-3 from
 the float64 evaluation of the formula (top-3 sets 99.3% equal), this engine 1.0e-7
 (100%). ``log_softmax_fp32`` reproduces the published method for comparisons with its
@@ -79,7 +82,7 @@ from .plan import Plan, Tile, plan
 from .progress import progress
 from .reader import ChunkReader
 from .signals import StopFlag, stop_on_signals
-from .stats import RunningStats, values64
+from .stats import FLOAT64, RunningStats, stats_of_logits, value_transform
 from .store import Store
 from .units import format_bytes
 
@@ -168,22 +171,22 @@ class KernelSummary:
 
 # ------------------------------------------------------------------------ statistics
 
-def split_stats(store: Store, split: str, runs: int, log_softmax: bool = True,
-                show_progress: bool = False, log_softmax_fp32: bool = False) -> RunningStats:
-    """Statistics of the first ``runs`` runs of ``split`` (float64, (examples, classes)).
+def split_stats(store: Store, split: str, runs: int, transform: str,
+                show_progress: bool = False) -> RunningStats:
+    """Statistics of ``transform`` values of the first ``runs`` runs of ``split``
+    (float64, (examples, classes)).
 
-    The store's own statistics cover all its runs of log-softmax values; any other
-    request (a prefix of runs, or raw logits) streams the runs once more.
+    The store's own statistics cover all its runs of its own transform; any other
+    request (a prefix of runs, or an ablation) streams the runs once more.
     """
-    if runs == store.runs and log_softmax and not log_softmax_fp32:
+    if runs == store.runs and transform == store.transform:
         return store.stats(split)
     st = RunningStats.empty(store.shape.examples(split), store.shape.classes)
     step = store.shape.run_chunk
     bar = progress(runs, f"stats {split}", "run", enabled=show_progress)
     for s in range(0, runs, step):
         e = min(s + step, runs)
-        x = values64(store.read(split, s, e), log_softmax, log_softmax_fp32)
-        st = st.merge(RunningStats.from_block(x))
+        st = st.merge(stats_of_logits(store.read(split, s, e), transform))
         bar.update(e - s)
     bar.close()
     return st
@@ -210,6 +213,7 @@ class KernelSetup:
     shape: tuple[int, int]
     region: Tile
     identity: dict
+    transform: str  #: the value transform (:mod:`kernelscale.stats`)
 
     @property
     def n_classes(self) -> int:
@@ -242,7 +246,11 @@ def setup_kernel(cfg: KernelConfig) -> KernelSetup:
                 "pairs": cfg.pairs, "precision": cfg.precision,
                 "log_softmax": cfg.log_softmax, "log_softmax_fp32": cfg.log_softmax_fp32,
                 "classes": classes, "shape": list(shape)}
-    return KernelSetup(store, runs, classes, shape, region, identity)
+    transform = value_transform(store.transform, cfg.log_softmax, cfg.log_softmax_fp32)
+    if cfg.log_softmax and not cfg.log_softmax_fp32 and transform != FLOAT64:
+        # kernels of stores from before the float32 log1p transform keep their identity
+        identity["transform"] = transform
+    return KernelSetup(store, runs, classes, shape, region, identity, transform)
 
 
 def _output_chunks(cfg: KernelConfig, shape: tuple[int, int]) -> tuple[int, int]:
@@ -319,8 +327,7 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
         log.info("kernel: region already complete in %s", cfg.out)
         return summary
 
-    stats = {s: split_stats(store, s, runs, cfg.log_softmax, cfg.show_progress,
-                            cfg.log_softmax_fp32)
+    stats = {s: split_stats(store, s, runs, res.transform, cfg.show_progress)
              for s in {rsplit, csplit}}
     zv = {s: int(np.count_nonzero((st.m2 == 0)[:, classes] if classes else st.m2 == 0))
           for s, st in stats.items()}
@@ -330,7 +337,8 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
 
     attempts = 0
     with matmul_precision(cfg.precision), stop_on_signals() as flag, on_device(device):
-        ctx = _Context(cfg, store, out, stats, classes, device, runs, summary, flag)
+        ctx = _Context(cfg, store, out, stats, classes, device, runs, summary, flag,
+                       res.transform)
         while True:
             p = engine_plan(cfg, budget, out.chunks, res)
             try:
@@ -372,6 +380,7 @@ class _Context:
     runs: int
     summary: KernelSummary
     flag: StopFlag
+    transform: str
 
     @property
     def splits(self) -> tuple[str, str]:
@@ -476,10 +485,9 @@ def _run_pass(tiles: list[Tile], p: Plan, ctx: _Context, bounds: list[tuple[int,
                   f"({ckpt_path.name})", file=sys.stderr)
         del carrs
         bar.update(start_runs)
-        norm_r = Normaliser(stats[rsplit], row_rng, classes, device, cfg.log_softmax,
-                            cfg.log_softmax_fp32)
+        norm_r = Normaliser(stats[rsplit], row_rng, classes, device, ctx.transform)
         norm_c = norm_r if shared else Normaliser(stats[csplit], col_rng, classes, device,
-                                                  cfg.log_softmax, cfg.log_softmax_fp32)
+                                                  ctx.transform)
         n_r, n_c = row_rng[1] - row_rng[0], col_rng[1] - col_rng[0]
         max_k = max((e - s for s, e in todo), default=1)
         pad = operand_padding(device)

@@ -7,7 +7,8 @@ A source file is a ``torch.save``d dict with
 * ``code``         -- str, the training script (optional; not stored by ingest)
 
 Files are untrusted: they are loaded with ``torch.load(..., weights_only=True)``, which
-refuses any pickle that is not plain tensors and containers, and then checked completely
+refuses any pickle that is not plain tensors and containers (memory-mapped: the tensors
+are views of the file's pages, never a copy), and then checked completely
 (keys, shapes, dtypes, finiteness) before any byte of them reaches a store.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,28 +57,22 @@ def sha256_file(path: str | os.PathLike, bufsize: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load_log(path: str | os.PathLike, name: str | None = None, *,
-             expect: dict | None = None, sha256: str | None = None) -> LoadedLog:
-    """Load and validate one ``log.pt``.
-
-    ``expect`` (optional) holds the store's ``n_test``, ``n_train``, ``classes`` and
-    ``dtype``; the file must agree. ``sha256``, when given, must match the file's bytes.
-    Raises :class:`BadInputError` naming the file and the first problem found.
-    """
+def _load_object(path: Path, label: str):
+    """``torch.load`` with ``weights_only`` (no pickle beyond plain tensors), memory-mapped
+    when the file is in the zip format, so that no copy of its bytes is made."""
     import torch
 
-    path = Path(path)
-    label = name or str(path)
     try:
-        data = path.read_bytes()
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # the legacy (non-zip) format cannot be mapped: load it from its bytes
+            return torch.load(io.BytesIO(path.read_bytes()), map_location="cpu",
+                              weights_only=True)
     except OSError as e:
-        raise BadInputError(f"{label}: cannot read ({e.strerror})") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and digest != sha256:
-        raise BadInputError(f"{label}: sha256 mismatch (expected {sha256}, got {digest}); "
-                            "the file is corrupt or was changed")
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        raise BadInputError(f"{label}: cannot read ({e.strerror or e})") from None
     except Exception as e:  # torch raises many types for bad bytes; all mean the same here
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -84,6 +80,46 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
                                 f"plain tensors ({text[:160]})") from None
         raise BadInputError(f"{label}: not a readable torch file ({type(e).__name__}: "
                             f"{text[:160]})") from None
+
+
+def first_non_finite(label: str, key: str, a: np.ndarray) -> BadInputError | None:
+    """The error naming the first non-finite value of ``a`` (runs, examples, classes)."""
+    finite = np.isfinite(a)
+    if finite.all():
+        return None
+    bad = int(a.size - np.count_nonzero(finite))
+    r, i, c = (int(v[0]) for v in np.nonzero(~finite))
+    return BadInputError(f"{label}: {key!r} has {bad} non-finite value(s), first at "
+                         f"[run {r}, example {i}, class {c}]")
+
+
+def load_log(path: str | os.PathLike, name: str | None = None, *,
+             expect: dict | None = None, sha256: str | None = None,
+             check_finite: bool = True) -> LoadedLog:
+    """Load and validate one ``log.pt``.
+
+    ``expect`` (optional) holds the store's ``n_test``, ``n_train``, ``classes`` and
+    ``dtype``; the file must agree. ``sha256``, when given, must match the file's bytes
+    (hashed on a second thread while the file is loaded). ``check_finite=False`` leaves
+    the finiteness check to the caller (ingest finds non-finite values from the
+    statistics it computes anyway, then names the first with :func:`first_non_finite`).
+    Raises :class:`BadInputError` naming the file and the first problem found.
+    """
+    import torch
+
+    path = Path(path)
+    label = name or str(path)
+    with ThreadPoolExecutor(1, thread_name_prefix="kernelscale-sha256") as pool:
+        hashing = pool.submit(sha256_file, path)
+        obj = _load_object(path, label)
+        try:
+            digest = hashing.result()
+            size = path.stat().st_size
+        except OSError as e:
+            raise BadInputError(f"{label}: cannot read ({e.strerror})") from None
+    if sha256 is not None and digest != sha256:
+        raise BadInputError(f"{label}: sha256 mismatch (expected {sha256}, got {digest}); "
+                            "the file is corrupt or was changed")
     if not isinstance(obj, dict):
         raise BadInputError(f"{label}: expected a dict with 'logits' and 'logits_train', "
                             f"got {type(obj).__name__}")
@@ -129,11 +165,9 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
         if expect.get("dtype") and str(test.dtype) != expect["dtype"]:
             raise BadInputError(f"{label}: dtype {test.dtype}, but the store holds "
                                 f"{expect['dtype']}")
-    for key, a in (("logits", test), ("logits_train", train)):
-        finite = np.isfinite(a)
-        if not finite.all():
-            bad = int(a.size - np.count_nonzero(finite))
-            r, i, c = (int(v[0]) for v in np.nonzero(~finite))
-            raise BadInputError(f"{label}: {key!r} has {bad} non-finite value(s), first at "
-                                f"[run {r}, example {i}, class {c}]")
-    return LoadedLog(label, digest, len(data), test, train)
+    if check_finite:
+        for key, a in (("logits", test), ("logits_train", train)):
+            err = first_non_finite(label, key, a)
+            if err is not None:
+                raise err
+    return LoadedLog(label, digest, size, test, train)

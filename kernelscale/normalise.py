@@ -19,7 +19,7 @@ class Normaliser:
     BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 256 << 20}
 
     def __init__(self, st: RunningStats, rng: tuple[int, int], classes: list[int] | None,
-                 device, log_softmax: bool, log_softmax_fp32: bool = False):
+                 device, transform: str):
         import torch
 
         mean = st.mean[rng[0]:rng[1]]
@@ -29,8 +29,7 @@ class Normaliser:
         self.mean = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float64)).to(device)
         self.inv = torch.from_numpy(np.ascontiguousarray(inv, dtype=np.float64)).to(device)
         self.classes = (torch.tensor(classes, device=device) if classes is not None else None)
-        self.log_softmax = log_softmax
-        self.log_softmax_fp32 = log_softmax_fp32
+        self.transform = transform
         self.device = device
         self._out = None
 
@@ -50,7 +49,7 @@ class Normaliser:
 
     def _standardise(self, raw):
         """raw (b, n, C) store dtype -> standardised float64 (b, n, C')."""
-        x = transform64(raw, self.log_softmax, self.log_softmax_fp32)
+        x = transform64(raw, self.transform)
         if self.classes is not None:
             x = x.index_select(-1, self.classes)
         return x.sub_(self.mean).mul_(self.inv)
@@ -61,9 +60,10 @@ class Normaliser:
         ``raw``: on this normaliser's device, or moved there first.
         ``out``: a float32 (n, >= k*C') operand to write into (columns past k*C' are left
         as they are, e.g. zero padding); by default a buffer reused across calls.
-        log-softmax and standardisation run in float64 (see :func:`stats.log_softmax64`
-        for why) over sub-blocks of runs; only the standardised values, O(1) in size,
-        are rounded to float32, written straight into the GEMM operand.
+        The transform's values (see :func:`stats.log_softmax_log1p32` for why their
+        precision matters) are standardised in float64 over sub-blocks of runs; only
+        the standardised values, O(1) in size, are rounded to float32, written straight
+        into the GEMM operand.
         """
         import torch
 

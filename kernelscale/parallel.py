@@ -1,11 +1,13 @@
-"""CPU-parallel ingest on dask.distributed: many files converted at once, one writer.
+"""Parallel conversion for ingest: many files converted at once, one writer.
 
 A *preparer* maps the fetched files of a source, in order, to ``(fetched, result)``
-pairs. :func:`serial_preparer` converts in the calling process; :func:`dask_preparer`
-runs the pure per-file work (:func:`~kernelscale.convert.convert_or_bad`: safe load, full
-validation, the file's own float64 statistics) on dask workers, while the
-caller still commits the results one file at a time in source order. The store written
-is therefore the same as a serial ingest's, bit for bit.
+pairs. :func:`serial_preparer` converts in the calling thread; :func:`thread_preparer` on
+threads of this process (the load, hash and statistics release the GIL), for every
+source, while downloads run ahead and the writer commits; :func:`dask_preparer` runs the
+pure per-file work (:func:`~kernelscale.convert.convert_or_bad`: safe load, full
+validation, the file's own statistics) on dask workers. The caller commits the results
+one file at a time in source order, so the store written is the same as a serial
+ingest's, bit for bit.
 
 Memory: at most ``window`` prepared files exist at once (on the workers or in transit),
 each holding its logits (``runs * (n_test + n_train) * classes`` of the file's dtype)
@@ -19,18 +21,73 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
-from .convert import BadFile, PreparedFile, convert_or_bad
+from .convert import BadFile, ConvertSpec, PreparedFile, convert_or_bad
 from .errors import ConfigError
 from .sources.base import Fetched
 
 Prepared = tuple[Fetched, PreparedFile | BadFile]
-Preparer = Callable[[Iterator[Fetched], dict | None], Iterator[Prepared]]
+Preparer = Callable[[Iterator[Fetched], ConvertSpec], Iterator[Prepared]]
 
 
-def serial_preparer(fetched: Iterator[Fetched], expect: dict | None) -> Iterator[Prepared]:
+def serial_preparer(fetched: Iterator[Fetched], spec: ConvertSpec) -> Iterator[Prepared]:
     for f in fetched:
-        yield f, convert_or_bad(f.path, f.file, expect)
+        yield f, convert_or_bad(f.path, f.file, spec)
+
+
+def _in_order(submit, fetched: Iterator[Fetched], window: int) -> Iterator[Prepared]:
+    """Keep ``window`` files submitted ahead; yield results in the order of ``fetched``.
+
+    An error getting a file (a download that gave up) is raised where that file would
+    have been yielded, so the files before it are still committed.
+    """
+    todo = iter(fetched)
+    inflight: deque = deque()
+    error: list[Exception] = []
+
+    def top_up() -> None:
+        while not error and len(inflight) < window:
+            try:
+                f = next(todo, None)
+            except Exception as e:  # noqa: BLE001 -- re-raised in order below
+                error.append(e)
+                return
+            if f is None:
+                return
+            inflight.append((f, submit(f)))
+
+    try:
+        top_up()
+        while inflight:
+            f, fut = inflight.popleft()
+            result = fut.result()
+            release = getattr(fut, "release", None)
+            if release is not None:
+                release()  # a dask worker may drop its copy now
+            top_up()
+            yield f, result
+        if error:
+            raise error[0]
+    finally:
+        # the writer stopped early (bad file, --max-runs): drop work nobody will use
+        for _, fut in inflight:
+            fut.cancel()
+
+
+def thread_preparer(threads: int, window: int | None = None) -> Preparer:
+    """A preparer converting on ``threads`` threads of this process, at most ``window``
+    files (default ``threads + 1``) ahead of the one the writer waits for."""
+    if threads < 1:
+        raise ConfigError(f"--converters must be >= 1, not {threads}")
+
+    def prepare(fetched: Iterator[Fetched], spec: ConvertSpec) -> Iterator[Prepared]:
+        with ThreadPoolExecutor(threads, thread_name_prefix="kernelscale-convert") as pool:
+            yield from _in_order(
+                lambda f: pool.submit(convert_or_bad, f.path, f.file, spec), fetched,
+                window or threads + 1)
+
+    return prepare
 
 
 def dask_preparer(client, window: int) -> Preparer:
@@ -42,31 +99,11 @@ def dask_preparer(client, window: int) -> Preparer:
     if window < 1:
         raise ConfigError(f"dask window must be >= 1, not {window}")
 
-    def prepare(fetched: Iterator[Fetched], expect: dict | None) -> Iterator[Prepared]:
-        todo = iter(fetched)
-        inflight: deque = deque()
-
-        def top_up() -> None:
-            while len(inflight) < window:
-                f = next(todo, None)
-                if f is None:
-                    return
-                # pure=False: two files with equal arguments must still both be prepared
-                inflight.append((f, client.submit(convert_or_bad, f.path, f.file, expect,
-                                                  pure=False)))
-
-        try:
-            top_up()
-            while inflight:
-                f, fut = inflight.popleft()
-                result = fut.result()
-                fut.release()  # the worker may drop its copy now
-                top_up()
-                yield f, result
-        finally:
-            # the writer stopped early (bad file, --max-runs): drop work nobody will use
-            for _, fut in inflight:
-                fut.cancel()
+    def prepare(fetched: Iterator[Fetched], spec: ConvertSpec) -> Iterator[Prepared]:
+        # pure=False: two files with equal arguments must still both be prepared
+        yield from _in_order(
+            lambda f: client.submit(convert_or_bad, f.path, f.file, spec, pure=False),
+            fetched, window)
 
     return prepare
 
@@ -109,8 +146,9 @@ def dask_client(workers: int | None, scheduler: str | None) -> Iterator:
 
 @contextlib.contextmanager
 def parallel_preparer(workers: int | None, scheduler: str | None = None,
-                      window: int | None = None) -> Iterator[Preparer]:
-    """The preparer for ``--workers``/``--scheduler``; serial for 1 worker.
+                      window: int | None = None, converters: int = 1) -> Iterator[Preparer]:
+    """The preparer for ``--workers``/``--scheduler`` (dask processes), else for
+    ``--converters`` (threads; serial for 1).
 
     ``window`` defaults to the workers' thread count plus two, so every worker has a file
     queued while the writer commits.
@@ -118,7 +156,7 @@ def parallel_preparer(workers: int | None, scheduler: str | None = None,
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be >= 1, not {workers}")
     if not scheduler and (workers is None or workers == 1):
-        yield serial_preparer
+        yield serial_preparer if converters == 1 else thread_preparer(converters, window)
         return
     with dask_client(workers, scheduler) as client:
         threads = sum(client.nthreads().values()) or 1

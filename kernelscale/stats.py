@@ -73,62 +73,145 @@ class RunningStats:
         return int(np.count_nonzero(self.m2 == 0)) if self.count >= 2 else 0
 
 
-def log_softmax64(block: np.ndarray) -> np.ndarray:
-    """log_softmax over the last axis, evaluated in float64.
+#: The value transforms. A store's statistics are of one of the first two (recorded in
+#: its manifest; stores without the field predate the first); the kernel's ablations
+#: take the other two.
+LOG1P32 = "log_softmax_log1p32"  #: float32 log-softmax, the top class through log1p
+FLOAT64 = "log_softmax64"  #: torch.log_softmax of the float64 values
+PUBLISHED32 = "log_softmax32"  #: the published code's float32 log_softmax (ablation)
+LOGITS = "logits"  #: the raw logits (ablation)
+TRANSFORMS = (LOG1P32, FLOAT64, PUBLISHED32, LOGITS)
+STORE_TRANSFORMS = (LOG1P32, FLOAT64)
 
-    ``block``: (runs, examples, classes) float16/float32 -> float64 of the same shape.
+#: Where a row's others-sum is below this (a margin past ~69 nats), float32 ``exp`` of
+#: its smaller terms is near or past the end of its normal range (1.2e-38) and the row
+#: is evaluated in float64 instead.
+_TINY32 = 1e-30
 
-    Why float64: for a confident prediction the top class's log-softmax is ``-sum exp(-d)``
-    with margins ``d`` of 15-20, i.e. 1e-7..1e-9. float32 rounds it to 0 or a few ulps, and
-    standardising by its tiny std across runs turns that rounding into O(1) z-scores:
-    measured on simulated confident logits (2000 runs, 1000 x 5000), a float32 log-softmax
-    moves the kernel by 6.1e-3 against the float64 evaluation of the same formula (top-3
-    neighbour sets 99.3% equal). The logits themselves (float16) convert exactly.
+
+def value_transform(store_transform: str, log_softmax: bool = True,
+                    log_softmax_fp32: bool = False) -> str:
+    """The transform a kernel applies: the store's own, or one of the two ablations."""
+    if not log_softmax:
+        return LOGITS
+    return PUBLISHED32 if log_softmax_fp32 else store_transform
+
+
+def _log1p_form(x):
+    """In place on ``x`` (..., C): ``d - log1p(s)``; returns (x, s) with ``s`` (..., 1)."""
+    top, idx = x.max(-1, keepdim=True)
+    x.sub_(top)
+    e = x.exp()
+    e.scatter_(-1, idx, 0.0)  # ties: the other top class stays, exp(0) = 1, exactly right
+    others = e.sum(-1, keepdim=True)
+    del e
+    return x.sub_(others.log1p()), others
+
+
+def log_softmax_log1p32(raw):
+    """log-softmax over the last axis, computed in float32 to every class's relative
+    precision; returned as float64.
+
+    ``raw``: torch tensor (..., C), any float dtype and device -> float64, same shape.
+
+    With ``d = x - max(x)`` (exact for float16 logits) and ``s`` the sum of ``exp(d)``
+    over all classes but the top one, the values are ``d - log1p(s)``. The top class's
+    value ``-log1p(s)`` is ~1e-8 for a confident prediction: ``log_softmax`` in float32
+    rounds it through ``log(1 + s)`` to 0 or a few ulps, and its tiny std across runs
+    turns that into O(1) z-scores; summing the others apart and ``log1p`` keep it to
+    float32's relative precision (measured: 1.8e-6 relative against float64, where
+    float32 ``log_softmax`` is off by 4.9e-3). Rows whose ``s`` leaves float32's normal
+    range (margins past ~69 nats) are evaluated the same way in float64, which also
+    keeps top-class values float32 cannot hold (below 1e-38); float64 ``log_softmax``
+    would round those to 0.
     """
-    return values64(block)
+    import torch
+
+    v, others = _log1p_form(raw.to(torch.float32, copy=True))
+    out = v.double()
+    del v
+    tiny = (others < _TINY32).squeeze(-1)
+    if bool(tiny.any()):
+        out[tiny] = _log1p_form(raw[tiny].double())[0]
+    return out
 
 
-def values64(block, log_softmax: bool = True,
-             log_softmax_fp32: bool = False) -> np.ndarray:
-    """The values the statistics and the kernel are taken of, float64 on the CPU.
+def transform64(raw, transform: str = LOG1P32):
+    """``raw`` torch tensor (..., classes), any float dtype and device -> float64 values.
 
-    ``block``: (runs, examples, classes), a numpy array or a torch tensor (any device) of
-    any float dtype. ``log_softmax``: evaluated in float64 (see :func:`log_softmax64`), or
-    in float32 as the published code does with ``log_softmax_fp32``; else the raw logits.
+    The one definition of each transform, shared by ingest statistics and the kernel
+    engine so both see bitwise the same values on one device. :data:`FLOAT64` is
+    ``torch.log_softmax`` of the float64 values, not ``x - logsumexp(x)``: the fused
+    form keeps the top class of a confident prediction to full relative precision, where
+    the subtraction loses about one ulp of it.
     """
+    import torch
+
+    if transform == LOG1P32:
+        return log_softmax_log1p32(raw)
+    if transform == FLOAT64:
+        return torch.log_softmax(raw.double(), -1)
+    if transform == PUBLISHED32:
+        return raw.float().log_softmax(-1).double()
+    if transform == LOGITS:
+        return raw.to(torch.float64, copy=True)  # callers work in place on the result
+    raise ValueError(f"unknown transform {transform!r}; one of {', '.join(TRANSFORMS)}")
+
+
+def values64(block, transform: str = LOG1P32) -> np.ndarray:
+    """:func:`transform64` of ``block`` (runs, examples, classes), a numpy array or a
+    torch tensor on any device, as a float64 numpy array."""
     import torch
 
     t = torch.as_tensor(np.ascontiguousarray(block) if isinstance(block, np.ndarray)
-                        else block).detach().to("cpu")
-    return transform64(t, log_softmax, log_softmax_fp32).numpy()
+                        else block).detach()
+    return transform64(t, transform).cpu().numpy()
 
 
-def transform64(raw, log_softmax: bool = True, log_softmax_fp32: bool = False):
-    """``raw`` torch tensor (..., classes), any float dtype and device -> float64 values.
+class NonFiniteValues(ValueError):
+    """The values of a block are not all finite (a non-finite logit, or an overflow)."""
 
-    The one definition of the transform, shared by ingest statistics and the kernel
-    engine so both see bitwise the same values. ``torch.log_softmax`` of the float64
-    values, not ``x - logsumexp(x)``: the fused form keeps the top class of a confident
-    prediction (log-softmax ~1e-8) to full relative precision, where the subtraction
-    loses about one ulp of it (measured against long double on confident fp16 logits:
-    z error 3.2e-6 vs 1.2e-5).
+
+#: float32 bytes of one block of :func:`stats_of_logits` per device: the CPU's stay in
+#: cache (measured fastest at 2-8 MB on 2 cores); a GPU's fill the device.
+STATS_BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 512 << 20}
+
+
+def stats_of_logits(logits, transform: str = LOG1P32, device=None) -> RunningStats:
+    """Statistics of ``transform64(logits)`` over axis 0 (runs), in bounded memory.
+
+    ``logits``: (runs, examples, classes) numpy array or torch tensor of any float dtype;
+    ``device``: where to compute (default: the CPU). Returns float64 (examples, classes).
+
+    One pass of shifted sums in float64: with ``v0`` the first run's values,
+    ``S1 = sum(v - v0)`` and ``S2 = sum((v - v0)^2)`` give ``mean = v0 + S1/n`` and
+    ``m2 = S2 - S1^2/n``. The shift keeps the cancellation at ``eps64 * z0^2`` relative
+    (``z0`` the first run's z-score), and an entry constant over the runs gets ``m2``
+    exactly 0 and its mean exactly that value, so it is a zero-variance entry, not noise.
+    Raises :class:`NonFiniteValues` when any value is not finite (found from the sums,
+    without a pass of its own).
     """
     import torch
 
-    if log_softmax and log_softmax_fp32:
-        return raw.float().log_softmax(-1).double()
-    x = raw.double()
-    return torch.log_softmax(x, -1) if log_softmax else x
-
-
-def stats_of_logits(logits: np.ndarray, block_runs: int = 32) -> RunningStats:
-    """Statistics of log_softmax(logits) (float64) over axis 0, in bounded memory.
-
-    ``logits``: (runs, examples, classes). Blocks of ``block_runs`` runs keep the float64
-    temporaries small (a 500-run CIFAR file would otherwise need 2.4 GB per copy).
-    """
-    runs, examples, classes = logits.shape
-    acc = RunningStats.empty(examples, classes)
-    for s in range(0, runs, block_runs):
-        acc = acc.merge(RunningStats.from_block(log_softmax64(logits[s:s + block_runs])))
-    return acc
+    x = torch.as_tensor(logits)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    runs, examples, classes = x.shape
+    per_run = max(1, examples * classes * 4)
+    block = max(1, STATS_BLOCK_BYTES.get(dev.type, STATS_BLOCK_BYTES["cuda"]) // per_run)
+    v0 = s1 = s2 = None
+    for s in range(0, runs, block):
+        v = transform64(x[s:s + block].to(dev, non_blocking=True), transform)
+        if v0 is None:
+            v0 = v[0].clone()
+            s1 = torch.zeros_like(v0)
+            s2 = torch.zeros_like(v0)
+        v.sub_(v0)
+        s1 += v.sum(0)
+        s2 += v.square_().sum(0)
+    if v0 is None:
+        return RunningStats.empty(examples, classes)
+    mean = v0 + s1 / runs
+    m2 = (s2 - s1 * s1 / runs).clamp_(min=0.0)  # rounding can take a ~0 m2 below 0
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+        raise NonFiniteValues("non-finite values")
+    return RunningStats(runs, mean.cpu().numpy(), m2.cpu().numpy())

@@ -2,7 +2,8 @@
 
 Layout of ``STORE/`` (a Zarr v3 group)::
 
-    zarr.json                 group attributes: schema, n_test, n_train, classes, dtype
+    zarr.json                 group attributes: schema, n_test, n_train, classes, dtype,
+                              run_chunk, transform (of the statistics; absent: float64)
     logits/test               (runs, n_test, classes)  source dtype, chunks (run_chunk, n_test, C)
     logits/train              (runs, n_train, classes) source dtype, chunks (run_chunk, n_train, C)
     stats/g<k>/<split>_mean   (examples, classes) float64
@@ -47,7 +48,7 @@ from zarr.storage import LocalStore
 from .atomic import atomic_write_bytes, atomic_write_json, check_output_dir, read_json
 from .errors import StoreError
 from .rawchunks import chunk_path, plain_chunks, read_exact
-from .stats import RunningStats
+from .stats import FLOAT64, LOG1P32, STORE_TRANSFORMS, RunningStats
 from .units import format_bytes
 
 SCHEMA = "kernelscale-store"
@@ -77,10 +78,23 @@ class DurableLocalStore(LocalStore):
         await asyncio.to_thread(atomic_write_bytes, path, value.as_buffer_like())
 
 
-def auto_run_chunk(n_examples: int, classes: int, itemsize: int) -> int:
-    """Runs per store chunk so that one chunk of the larger split is ~32 MB."""
+def auto_run_chunk(n_examples: int, classes: int, itemsize: int,
+                   file_runs: int | None = None) -> int:
+    """Runs per store chunk so that one chunk of the larger split is ~32 MB.
+
+    With ``file_runs`` (the runs of the files to come), the largest divisor of it not
+    above that size, when one is at least half of it: every file then fills whole chunks
+    and a commit never rewrites a chunk an earlier file began.
+    """
     per_run = max(1, n_examples * classes * itemsize)
-    return int(max(1, min(4096, TARGET_CHUNK_BYTES // per_run)))
+    target = int(max(1, min(4096, TARGET_CHUNK_BYTES // per_run)))
+    if file_runs:
+        if file_runs <= target:
+            return file_runs
+        best = max(d for d in range(1, target + 1) if file_runs % d == 0)
+        if 2 * best >= target:
+            return best
+    return target
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,9 @@ class Store:
         a = group.attrs
         self.shape = StoreShape(int(a["n_test"]), int(a["n_train"]), int(a["classes"]),
                                 str(a["dtype"]), int(a["run_chunk"]))
+        #: the log-softmax the statistics are of (:data:`~kernelscale.stats.FLOAT64`
+        #: in stores from before the float32 log1p form)
+        self.transform = str(a.get("transform", FLOAT64))
         self._stats_cache: dict[tuple[str, int], RunningStats] = {}
         self._raw: dict[str, bool] = {}
 
@@ -122,20 +139,26 @@ class Store:
 
     @classmethod
     def create(cls, path: str | os.PathLike, *, n_test: int, n_train: int, classes: int,
-               dtype: str, run_chunk: int | None = None) -> Store:
+               dtype: str, run_chunk: int | None = None, file_runs: int | None = None,
+               transform: str = LOG1P32) -> Store:
+        """A new empty store; ``run_chunk`` by default from the shape and ``file_runs``
+        (:func:`auto_run_chunk`); ``transform``: the log-softmax of its statistics."""
         root = check_output_dir(path, "--store")
         if cls.exists(root):
             raise StoreError(f"{root}: a store already exists here")
         if root.exists() and any(root.iterdir()):
             raise StoreError(f"{root}: exists and is not an empty directory or a store")
+        if transform not in STORE_TRANSFORMS:
+            raise StoreError(f"{root}: unknown transform {transform!r}")
         itemsize = np.dtype(dtype).itemsize
-        run_chunk = run_chunk or auto_run_chunk(max(n_test, n_train), classes, itemsize)
+        run_chunk = run_chunk or auto_run_chunk(max(n_test, n_train), classes, itemsize,
+                                                file_runs)
         root.mkdir(parents=True, exist_ok=True)
         zs = DurableLocalStore(root)
         g = zarr.open_group(store=zs, mode="w", zarr_format=3)
         g.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
                         "n_test": n_test, "n_train": n_train, "classes": classes,
-                        "dtype": dtype, "run_chunk": run_chunk})
+                        "dtype": dtype, "run_chunk": run_chunk, "transform": transform})
         lg = g.create_group("logits")
         for split, n in (("test", n_test), ("train", n_train)):
             lg.create_array(split, shape=(0, n, classes), chunks=(run_chunk, n, classes),
@@ -336,7 +359,10 @@ class Store:
             arr = self.array(split)
             # Shrinking first drops whatever a crashed writer left past the committed runs.
             arr.resize((stop, *arr.shape[1:]))
-            arr[start:stop] = data
+            if self._raw_chunks(split) and data.dtype == np.dtype(self.shape.dtype):
+                self._write_runs(split, start, np.ascontiguousarray(data))
+            else:
+                arr[start:stop] = data
         gen = int(self.manifest["stats_generation"]) + 1
         sg = self.group["stats"].create_group(f"g{gen}", overwrite=True)
         digest = hashlib.sha256()
@@ -359,6 +385,32 @@ class Store:
         shutil.rmtree(self.root / "stats" / f"g{gen - 1}", ignore_errors=True)
         return rec
 
+    def _write_runs(self, split: str, start: int, data: np.ndarray) -> None:
+        """Write runs ``[start, start + len(data))`` of ``split`` chunk file by chunk file
+        (plain bytes, see :mod:`kernelscale.rawchunks`), each atomically and fsynced.
+
+        A chunk begun by an earlier commit is read and completed; the rest of a chunk
+        this commit does not fill is the fill value, as Zarr writes it. Zarr would do the
+        same through its codec pipeline with two more copies of every byte.
+        """
+        per_run = self._run_bytes(split)
+        rc = self.shape.run_chunk
+        stop = start + data.shape[0]
+        src = data.reshape(-1).view(np.uint8)
+        base = self.root / "logits" / split
+        for c in range(start // rc, -(-stop // rc)):
+            lo, hi = max(start, c * rc), min(stop, (c + 1) * rc)
+            piece = src[(lo - start) * per_run:(hi - start) * per_run]
+            path = chunk_path(base, (c, 0, 0))
+            if lo == c * rc and hi == (c + 1) * rc:
+                atomic_write_bytes(path, piece)
+                continue
+            chunk = np.zeros(rc * per_run, dtype=np.uint8)
+            if lo > c * rc:  # runs an earlier commit wrote into this chunk
+                read_exact(path, 0, chunk[:(lo - c * rc) * per_run])
+            chunk[(lo - c * rc) * per_run:(hi - c * rc) * per_run] = piece
+            atomic_write_bytes(path, chunk)
+
     def record_rejected(self, name: str, reason: str, sha256: str | None = None) -> None:
         m = json.loads(json.dumps(self.manifest))
         m["rejected"] = [r for r in m["rejected"] if r["name"] != name]
@@ -379,7 +431,7 @@ class Store:
         s = self.shape
         lines = [f"store {self.root}",
                  f"  runs {self.runs}  test {s.n_test}  train {s.n_train}  classes {s.classes}"
-                 f"  dtype {s.dtype}  run_chunk {s.run_chunk}",
+                 f"  dtype {s.dtype}  run_chunk {s.run_chunk}  statistics of {self.transform}",
                  f"  fingerprint {self.fingerprint()}"]
         if self.runs >= 2:
             zt, zr = self.stats("test").zero_variance(), self.stats("train").zero_variance()

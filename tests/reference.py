@@ -19,6 +19,29 @@ def log_softmax64(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def log_softmax_exact64(x: np.ndarray) -> np.ndarray:
+    """log-softmax to float64's relative precision in every class, the top one included:
+    ``d - log1p(sum of exp(d) over the other classes)``, ``d = x - max(x)``."""
+    x = np.asarray(x, dtype=np.float64)
+    d = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(d)
+    top = np.argmax(x, axis=-1)[..., None]
+    np.put_along_axis(e, top, 0.0, axis=-1)
+    return d - np.log1p(e.sum(axis=-1, keepdims=True))
+
+
+def confident_logits(runs: int, n: int, classes: int, seed: int,
+                     margin: tuple[float, float] = (15.0, 25.0)) -> np.ndarray:
+    """float16 logits of confident predictions: the top class ahead by ``margin`` nats,
+    so its log-softmax is ~1e-7..1e-11 and varies across runs only in those digits."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(runs, n, classes))
+    top = rng.integers(0, classes, size=(1, n, 1)).repeat(runs, 0)
+    gap = rng.uniform(*margin, size=(runs, n, 1))
+    np.put_along_axis(x, top, x.max(axis=-1, keepdims=True) + gap, axis=-1)
+    return x.astype(np.float16)
+
+
 def normalise64(logits: np.ndarray, log_softmax: bool = True) -> np.ndarray:
     """(R, n, C) -> z (R, n, C) float64; zero-variance entries give 0."""
     x = log_softmax64(logits) if log_softmax else np.asarray(logits, dtype=np.float64)

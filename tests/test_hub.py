@@ -420,10 +420,11 @@ def test_dead_endpoint_fails_fast(tmp_path):
 
 def test_download_disk_stays_bounded(hub, tmp_path, monkeypatch):
     """Sampled while the server sends and after every download: the download folder
-    never holds more than (workers + 1) x the largest file; with --keep-downloads it
-    would grow to all files, which the same sampling sees."""
+    never holds more than (download workers + converters + 2) x the largest file (the
+    converters' window of converters + 1 files, and the one being committed); with
+    --keep-downloads it would grow to all files, which the same sampling sees."""
     src = tmp_path / "src"
-    runs = [9, 3, 12, 5, 8, 2, 11, 6]
+    runs = [9, 3, 12, 5, 8, 2, 11, 6, 7, 4, 10, 3]
     write_files(src, {f"logs_saveoutputs_main/r{i}/log.pt": r for i, r in enumerate(runs)},
                 n_train=400)
     hub.add_commit(REPO, src)
@@ -443,16 +444,19 @@ def test_download_disk_stays_bounded(hub, tmp_path, monkeypatch):
         return p
 
     monkeypatch.setattr(hubmod, "hf_hub_download", download_and_sample)
-    workers = 2
-    ingest(hub, tmp_path / "store", tmp_path, workers=workers, cache_dir=cache)
-    assert 0 < peak[0] <= (workers + 1) * max(sizes)
+    workers, converters = 2, 1
+    runs_ = sum(runs)
+    ingest(hub, tmp_path / "store", tmp_path, workers=workers, cache_dir=cache,
+           converters=converters)
+    assert 0 < peak[0] <= (workers + converters + 2) * max(sizes)
     assert download_dir_bytes(cache) == 0
     peak[0] = 0
     cache = tmp_path / "cache2"
     ingest(hub, tmp_path / "kept", tmp_path, workers=workers, keep_downloads=True,
-           cache_dir=cache)
+           cache_dir=cache, converters=converters)
     sample()
-    assert peak[0] == sum(sizes) > (workers + 1) * max(sizes)
+    assert peak[0] == sum(sizes) > (workers + converters + 2) * max(sizes)
+    assert Store.open(tmp_path / "kept").runs == runs_
 
 
 # ---------------------------------------------------------------- CLI, tokens, jobs

@@ -1,9 +1,19 @@
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscale.stats import RunningStats, stats_of_logits
-from tests.reference import log_softmax64
+from kernelscale import stats
+from kernelscale.stats import (
+    FLOAT64,
+    LOG1P32,
+    PUBLISHED32,
+    NonFiniteValues,
+    RunningStats,
+    stats_of_logits,
+    values64,
+)
+from tests.reference import confident_logits, log_softmax_exact64
 
 
 @settings(max_examples=60, deadline=None)
@@ -32,10 +42,65 @@ def test_constant_entries_have_exactly_zero_m2_and_zero_inverse_std():
     assert acc.zero_variance() == 1
 
 
-def test_stats_of_logits_is_log_softmax_statistics():
-    rng = np.random.default_rng(1)
-    logits = (rng.normal(size=(37, 11, 5)) * 4).astype(np.float16)
-    s = stats_of_logits(logits, block_runs=8)
-    x = log_softmax64(logits)
-    np.testing.assert_allclose(s.mean, x.mean(0), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(s.std(), x.std(0, ddof=1), rtol=1e-10, atol=1e-12)
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float((np.abs(got - want) / np.maximum(np.abs(want), 1e-300)).max())
+
+
+@pytest.mark.parametrize("transform", [LOG1P32, FLOAT64])
+def test_stats_of_logits_is_log_softmax_statistics(transform):
+    logits = (np.random.default_rng(1).normal(size=(37, 11, 5)) * 4).astype(np.float16)
+    s = stats_of_logits(logits, transform)
+    x = log_softmax_exact64(logits)
+    assert s.count == 37
+    assert _rel(s.mean, x.mean(0)) <= 1e-6
+    assert _rel(s.std(), x.std(0, ddof=1)) <= 1e-6
+
+
+@pytest.mark.parametrize("margin", [(15.0, 25.0), (60.0, 120.0)])
+def test_log1p32_keeps_confident_top_classes_to_1e_6(margin):
+    """The float32 form's mean and std stay within 1e-6 relative of the exact float64
+    evaluation on confident logits (margins past ~87 nats: the float64 fallback rows),
+    where the published float32 log_softmax is orders of magnitude off."""
+    logits = confident_logits(300, 40, 10, 3, margin)
+    want = log_softmax_exact64(logits)
+    s = stats_of_logits(logits, LOG1P32)
+    assert _rel(s.mean, want.mean(0)) <= 1e-6
+    assert _rel(s.std(), want.std(0, ddof=1)) <= 1e-6
+    naive = stats_of_logits(logits, PUBLISHED32)
+    assert _rel(naive.std(), want.std(0, ddof=1)) > 1e-3
+
+
+def test_log1p32_values_match_exact_float64_and_handle_ties():
+    logits = confident_logits(20, 30, 10, 4)
+    logits[0, 0, :2] = 7.0  # a tie at the top: both classes get log(1/2) + ...
+    logits[0, 0, 2:] = -20.0
+    got = values64(logits, LOG1P32)
+    want = log_softmax_exact64(logits)
+    assert _rel(got, want) <= 2e-6
+    assert abs(got[0, 0, 0] - np.log(0.5)) < 1e-6
+
+
+def test_stats_are_the_same_for_any_block_size(monkeypatch):
+    logits = (np.random.default_rng(2).normal(size=(50, 13, 4)) * 3).astype(np.float16)
+    whole = stats_of_logits(logits)
+    monkeypatch.setitem(stats.STATS_BLOCK_BYTES, "cpu", 3 * 13 * 4 * 4)  # 3-run blocks
+    blocks = stats_of_logits(logits)
+    np.testing.assert_allclose(blocks.mean, whole.mean, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(blocks.m2, whole.m2, rtol=1e-10, atol=1e-15)
+
+
+def test_stats_of_identical_runs_have_exactly_zero_m2():
+    one = (np.random.default_rng(3).normal(size=(1, 6, 5)) * 5).astype(np.float16)
+    s = stats_of_logits(np.repeat(one, 9, axis=0))
+    assert (s.m2 == 0).all() and s.zero_variance() == 30
+    np.testing.assert_array_equal(s.mean, values64(one)[0])
+
+
+def test_non_finite_values_are_found_from_the_sums():
+    logits = np.zeros((5, 4, 3), dtype=np.float32)
+    logits[3, 2, 1] = np.nan
+    with pytest.raises(NonFiniteValues):
+        stats_of_logits(logits)
+    logits[3, 2, 1] = -np.inf
+    with pytest.raises(NonFiniteValues):
+        stats_of_logits(logits)

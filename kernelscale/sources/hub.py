@@ -292,16 +292,18 @@ class HubSource(Source):
     def fetch(self, files: Iterable[SourceFile]) -> Iterator[Fetched]:
         """Download ``files`` ahead with the workers; yield each, in order.
 
-        The next download starts when the consumer asks for the next file; a consumer
-        that releases each file before asking for the next (the ingest's single writer
-        does) has at most ``download_workers`` files downloading or waiting at once and
-        one being committed, so the download folder stays within
-        ``(download_workers + 1) x`` the largest file. Files fetched and not released
-        when the iteration stops are released (deleted unless kept) then.
+        The next download starts when the consumer asks for the next file, so a
+        consumer holding at most ``h`` files it has not released (the ingest: its
+        converters' window and the file being committed) keeps the download folder
+        within ``(download_workers + h) x`` the largest file. When the consumer closes
+        the iteration early, the files fetched and not released are released (deleted
+        unless kept); after the last file, or a download that failed, they stay the
+        consumer's to release.
         """
         pending: deque[Future] = deque()
         todo = iter(files)
         handed: list[_Download] = []
+        stopped_early = False
         self._cancel.clear()
         self._t0 = time.monotonic()
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hub-download")
@@ -314,10 +316,13 @@ class HubSource(Source):
                 d = pending.popleft().result()
                 handed = [h for h in handed if not h.released] + [d]
                 yield d
+        except GeneratorExit:
+            stopped_early = True
+            raise
         finally:
             self._cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
-            for d in handed:
+            for d in handed if stopped_early else ():
                 self.release(d)
             for fut in pending:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:

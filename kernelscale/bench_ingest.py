@@ -1,0 +1,131 @@
+"""``kernelscale bench --ingest``: ingest and files -> kernel against their floors.
+
+Measured in one invocation, on the same ``log.pt`` files (``simulate``-shaped, 500 runs
+per file) and machine:
+
+* **floors**: reading the files' bytes cold (page cache dropped) and warm, and
+  ``torch.load`` of every file alone (a subprocess, files cached);
+* **ingest**: ``kernelscale ingest`` with 1 and 2 converters (a subprocess each, files
+  dropped from the page cache first): GB/s, and the ratio to the ``torch.load`` floor;
+* **files -> kernel**: ``ingest`` then ``kernel`` (two processes, wall time and peak RSS
+  of each) against the published method on the same files (one process).
+
+Results are printed and written to ``OUT/bench-ingest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .bench import (
+    BASELINE,
+    REFERENCE,
+    _claim,
+    _machine,
+    drop_cache,
+    run_measured,
+    write_synthetic,
+)
+
+#: ``torch.load`` of every file, timed in the child: the floor of any ingest's loading
+LOAD_ALONE = r'''
+import json, sys, time
+import torch
+files = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+for f in files:
+    obj = torch.load(f, map_location="cpu", weights_only=True)
+    del obj
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+'''
+
+
+def _read_all(files: list[Path]) -> float:
+    t0 = time.perf_counter()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(view):
+                pass
+    return time.perf_counter() - t0
+
+
+def run_ingest_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes: int,
+                     device: str, skip_reference: bool, keep: bool) -> dict:
+    """Write the files, measure every figure above, print and save them."""
+    py = sys.executable
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    _claim(out)
+    src = out / "src"
+    t0 = time.perf_counter()
+    files = write_synthetic(src, runs, n_test, n_train, classes)
+    nbytes = sum(f.stat().st_size for f in files)
+    gb = nbytes / 1e9
+    print(f"bench: {len(files)} file(s), {runs} runs, test {n_test}, train {n_train}, "
+          f"classes {classes}, {gb:.3f} GB ({time.perf_counter() - t0:.1f} s to write)",
+          flush=True)
+    r: dict = {"machine": _machine(device), "shape": [n_test, n_train, classes],
+               "runs": runs, "files": len(files), "bytes": nbytes, "device": device}
+    base = run_measured([py, "-c", BASELINE], env).peak_rss
+    r["baseline_rss"] = base
+
+    drop_cache([src])
+    r["read_cold_s"] = _read_all(files)
+    r["read_warm_s"] = _read_all(files)
+    load = run_measured([py, "-c", LOAD_ALONE, json.dumps([str(f) for f in files])], env)
+    r["torch_load_s"] = json.loads(load.stdout.strip().splitlines()[-1])["seconds"]
+    print(f"bench: floors: read cold {gb / r['read_cold_s']:.2f} GB/s, warm "
+          f"{gb / r['read_warm_s']:.2f} GB/s; torch.load alone {gb / r['torch_load_s']:.3f} "
+          f"GB/s ({r['torch_load_s']:.2f} s)", flush=True)
+
+    def ingest(store: Path, converters: int) -> dict:
+        shutil.rmtree(store, ignore_errors=True)
+        drop_cache([src])
+        m = run_measured([py, "-m", "kernelscale", "-q", "ingest", str(src), "--store",
+                          str(store), "--converters", str(converters), "--device", device],
+                         env)
+        return {"seconds": m.seconds, "gb_s": gb / m.seconds,
+                "peak_rss_above_baseline": m.peak_rss - base,
+                "summary": (m.stdout + m.stderr).strip().splitlines()[-1]}
+
+    r["ingest"] = {}
+    for n in (1, 2):
+        d = ingest(out / "store", n)
+        r["ingest"][n] = d
+        print(f"bench: ingest, {n} converter(s): {d['seconds']:.2f} s = {d['gb_s']:.3f} GB/s "
+              f"(whole process) = {gb / d['seconds'] / (gb / r['torch_load_s']):.2f} x the "
+              f"torch.load floor; peak RSS above baseline "
+              f"{d['peak_rss_above_baseline'] / 1e9:.3f} GB", flush=True)
+        print(f"bench:   {d['summary']}", flush=True)
+
+    kout = out / "kernel"
+    shutil.rmtree(kout, ignore_errors=True)
+    drop_cache([out / "store"])
+    k = run_measured([py, "-m", "kernelscale", "-q", "kernel", "--store", str(out / "store"),
+                      "--out", str(kout), "--device", device], env)
+    ing = r["ingest"][2]
+    r["kernel"] = {"seconds": k.seconds, "peak_rss_above_baseline": k.peak_rss - base}
+    total = ing["seconds"] + k.seconds
+    peak = max(ing["peak_rss_above_baseline"], k.peak_rss - base)
+    r["files_to_kernel"] = {"seconds": total, "peak_rss_above_baseline": peak}
+    print(f"bench: files -> kernel: ingest {ing['seconds']:.2f} s + kernel {k.seconds:.2f} s "
+          f"= {total:.2f} s; peak RSS above baseline {peak / 1e9:.3f} GB", flush=True)
+    if not skip_reference:
+        drop_cache([src])
+        m = run_measured([py, "-c", REFERENCE, json.dumps([str(f) for f in files]), device,
+                          str(out / "reference.npy")], env)
+        r["reference"] = {"seconds": m.seconds, "peak_rss_above_baseline": m.peak_rss - base}
+        print(f"bench: published method: {m.seconds:.2f} s, peak RSS above baseline "
+              f"{(m.peak_rss - base) / 1e9:.3f} GB; files -> kernel / published = "
+              f"{total / m.seconds:.3f}", flush=True)
+        (out / "reference.npy").unlink(missing_ok=True)
+    (out / "bench-ingest.json").write_text(json.dumps(r, indent=1))
+    if not keep:
+        for p in (src, out / "store", kout):
+            shutil.rmtree(p, ignore_errors=True)
+    return r

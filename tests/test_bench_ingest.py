@@ -1,0 +1,21 @@
+import json
+
+from tests.conftest import run_cli
+
+
+def test_ingest_bench_measures_every_figure(tmp_path):
+    out = tmp_path / "b"
+    r = run_cli("bench", "--ingest", "--out", str(out), "--runs", "1000", "--n-test", "20",
+                "--n-train", "60", "--classes", "3")
+    assert r.returncode == 0, r.stderr
+    d = json.loads((out / "bench-ingest.json").read_text())
+    assert d["files"] == 2 and d["runs"] == 1000
+    for key in ("read_cold_s", "read_warm_s", "torch_load_s"):
+        assert d[key] > 0
+    for n in ("1", "2"):
+        assert d["ingest"][n]["gb_s"] > 0
+        assert "bottleneck:" in d["ingest"][n]["summary"]
+    assert d["files_to_kernel"]["seconds"] > d["kernel"]["seconds"] > 0
+    assert d["reference"]["seconds"] > 0
+    assert "files -> kernel / published" in r.stdout
+    assert not (out / "src").exists() and not (out / "store").exists()
