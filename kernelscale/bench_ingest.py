@@ -3,8 +3,9 @@
 Measured in one invocation, on the same ``log.pt`` files (``simulate``-shaped, 500 runs
 per file) and machine:
 
-* **floors**: reading the files' bytes cold (page cache dropped) and warm, and
-  ``torch.load`` of every file alone (a subprocess, files cached);
+* **floors**: reading the files' bytes cold (page cache dropped) and warm,
+  ``torch.load`` of every file alone (a subprocess, files cached), and the statistics of
+  one file computed from memory (times the number of files): the compute any ingest pays;
 * **ingest**: ``kernelscale ingest`` with 1 and 2 converters (a subprocess each, files
   dropped from the page cache first): GB/s, and the ratio to the ``torch.load`` floor;
 * **files -> kernel**: ``ingest`` then ``kernel`` (two processes, wall time and peak RSS
@@ -55,6 +56,25 @@ def _read_all(files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def _stats_floor(path: Path, device: str) -> float:
+    """Seconds of one file's statistics (both splits) computed from memory, best of 3:
+    the compute every ingest of that file pays, whatever its I/O."""
+    import torch
+
+    from .device import resolve_device
+    from .stats import stats_of_logits
+
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    dev = resolve_device(device)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for key in ("logits", "logits_train"):
+            stats_of_logits(obj[key], device=dev)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def run_ingest_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes: int,
                      device: str, skip_reference: bool, keep: bool) -> dict:
     """Write the files, measure every figure above, print and save them."""
@@ -79,9 +99,11 @@ def run_ingest_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes
     r["read_warm_s"] = _read_all(files)
     load = run_measured([py, "-c", LOAD_ALONE, json.dumps([str(f) for f in files])], env)
     r["torch_load_s"] = json.loads(load.stdout.strip().splitlines()[-1])["seconds"]
+    r["stats_s"] = _stats_floor(files[0], device) * len(files)
     print(f"bench: floors: read cold {gb / r['read_cold_s']:.2f} GB/s, warm "
           f"{gb / r['read_warm_s']:.2f} GB/s; torch.load alone {gb / r['torch_load_s']:.3f} "
-          f"GB/s ({r['torch_load_s']:.2f} s)", flush=True)
+          f"GB/s ({r['torch_load_s']:.2f} s); statistics alone (one file in memory, all "
+          f"cores) {gb / r['stats_s']:.3f} GB/s", flush=True)
 
     def ingest(store: Path, converters: int) -> dict:
         shutil.rmtree(store, ignore_errors=True)
@@ -98,8 +120,9 @@ def run_ingest_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes
         d = ingest(out / "store", n)
         r["ingest"][n] = d
         print(f"bench: ingest, {n} converter(s): {d['seconds']:.2f} s = {d['gb_s']:.3f} GB/s "
-              f"(whole process) = {gb / d['seconds'] / (gb / r['torch_load_s']):.2f} x the "
-              f"torch.load floor; peak RSS above baseline "
+              f"(whole process) = {r['torch_load_s'] / d['seconds']:.2f} x the torch.load "
+              f"floor, {r['stats_s'] / d['seconds']:.2f} x the statistics floor; peak RSS "
+              f"above baseline "
               f"{d['peak_rss_above_baseline'] / 1e9:.3f} GB", flush=True)
         print(f"bench:   {d['summary']}", flush=True)
 

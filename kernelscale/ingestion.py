@@ -93,10 +93,12 @@ class IngestSummary:
         hashes, statistics) or getting the files (the download, or reading them)."""
         if self.seconds <= 0 or self.files_ingested == 0:
             return "none"
+        busy = self.t_convert / max(1, self.converters)
+        if self.converters == 1 and busy >= 0.8 * self.t_wait:
+            return "conversion"  # serial: the writer waits while the file is converted
         if self.t_commit >= self.t_wait:
             return "commit"
-        busy = self.t_convert / max(1, self.converters)
-        if busy >= 0.8 * self.t_wait + 0.5 * self.t_commit:
+        if busy >= 0.8 * (self.t_wait + self.t_commit):  # converters never idle
             return "conversion"
         return "download" if self.bytes_downloaded else "reading the files"
 

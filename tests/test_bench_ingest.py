@@ -10,7 +10,7 @@ def test_ingest_bench_measures_every_figure(tmp_path):
     assert r.returncode == 0, r.stderr
     d = json.loads((out / "bench-ingest.json").read_text())
     assert d["files"] == 2 and d["runs"] == 1000
-    for key in ("read_cold_s", "read_warm_s", "torch_load_s"):
+    for key in ("read_cold_s", "read_warm_s", "torch_load_s", "stats_s"):
         assert d[key] > 0
     for n in ("1", "2"):
         assert d["ingest"][n]["gb_s"] > 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernelscale.errors import BadInputError
-from kernelscale.ingestion import DuplicateFileWarning
+from kernelscale.ingestion import DuplicateFileWarning, IngestSummary
 from kernelscale.stats import LOG1P32
 from kernelscale.store import Store
 from tests.conftest import ROOT, ingest_dir, run_cli
@@ -270,3 +270,17 @@ def test_declared_shape_is_checked_for_every_file(tmp_path, small_source):
     assert s.files_ingested == 3
     with pytest.raises(BadInputError, match=r"not the expected \(40, 96, 6\)"):
         ingest_dir(src, tmp_path / "store", shape=(40, 96, 6), show_progress=False)
+
+
+@pytest.mark.parametrize("fields,want", [
+    ({"converters": 1, "t_wait": 10.0, "t_convert": 9.5, "t_commit": 2.0}, "conversion"),
+    ({"converters": 2, "t_wait": 1.0, "t_convert": 8.0, "t_commit": 6.0}, "commit"),
+    ({"converters": 2, "t_wait": 6.0, "t_convert": 14.0, "t_commit": 2.0}, "conversion"),
+    ({"converters": 2, "t_wait": 6.0, "t_convert": 2.0, "t_commit": 1.0}, "reading the files"),
+    ({"converters": 2, "t_wait": 6.0, "t_convert": 2.0, "t_commit": 1.0,
+      "bytes_downloaded": 10}, "download"),
+])
+def test_summary_names_the_bottleneck(fields, want):
+    s = IngestSummary(files_ingested=3, seconds=12.0, bytes_read=3 << 20, **fields)
+    assert s.bottleneck() == want
+    assert s.line().endswith(f"bottleneck: {want}")
