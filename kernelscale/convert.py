@@ -9,13 +9,14 @@ worker never raises across a process boundary for what is a property of the inpu
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadInputError
-from .logfile import first_non_finite, load_log
+from .logfile import first_non_finite, load_log, sha256_file
 from .sources.base import SourceFile
 from .stats import LOG1P32, NonFiniteValues, RunningStats, stats_of_logits
 
@@ -62,25 +63,45 @@ class BadFile:
 def convert(path: Path, file: SourceFile, spec: ConvertSpec | None = None) -> PreparedFile:
     """Load, validate and summarise the local copy ``path`` of ``file``.
 
-    ``file.sha256``, when the source knows it, must match the bytes. Non-finite logits
+    ``file.sha256``, when the source knows it, must match the bytes (hashed beside the
+    load and the statistics). Non-finite logits
     are found from the statistics (a non-finite value makes its entry's sums
     non-finite), so the common, valid file costs no pass of its own for them. Raises
     :class:`BadInputError` naming the file and the problem.
     """
     t0 = time.perf_counter()
     spec = spec or ConvertSpec()
-    log = load_log(path, file.name, expect=spec.expect, sha256=file.sha256,
-                   check_finite=False)
-    st = {}
-    for split, key, a in (("test", "logits", log.test), ("train", "logits_train", log.train)):
+    # The hash runs beside the load and the statistics (hashlib and torch release the
+    # GIL). A file whose bytes are not the listed ones is reported as that, whatever
+    # else is wrong with it.
+    problem: BadInputError | None = None
+    st: dict[str, RunningStats] = {}
+    log = None
+    with ThreadPoolExecutor(1, thread_name_prefix="kernelscale-sha256") as pool:
+        hashing = pool.submit(sha256_file, path)
         try:
-            st[split] = stats_of_logits(a, spec.transform, spec.device)
-        except NonFiniteValues:
-            err = first_non_finite(log.name, key, a)
-            raise err or BadInputError(f"{log.name}: {key!r} overflows the log-softmax "
-                                       "(logits too large for float32)") from None
-    return PreparedFile(file, log.sha256, log.test, log.train, st,
-                        time.perf_counter() - t0)
+            log = load_log(path, file.name, expect=spec.expect, check_finite=False)
+            for split, key, a in (("test", "logits", log.test),
+                                  ("train", "logits_train", log.train)):
+                try:
+                    st[split] = stats_of_logits(a, spec.transform, spec.device)
+                except NonFiniteValues:
+                    err = first_non_finite(log.name, key, a)
+                    raise err or BadInputError(f"{log.name}: {key!r} overflows the "
+                                               "log-softmax (logits too large for float32)"
+                                               ) from None
+        except BadInputError as e:
+            problem = e
+        try:
+            digest = hashing.result()
+        except OSError as e:
+            raise BadInputError(f"{file.name}: cannot read ({e.strerror})") from None
+    if file.sha256 is not None and digest != file.sha256:
+        raise BadInputError(f"{file.name}: sha256 mismatch (expected {file.sha256}, got "
+                            f"{digest}); the file is corrupt or was changed")
+    if problem is not None:
+        raise problem
+    return PreparedFile(file, digest, log.test, log.train, st, time.perf_counter() - t0)
 
 
 def convert_or_bad(path: Path, file: SourceFile,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,6 @@ class LoadedLog:
     """
 
     name: str
-    sha256: str
     size: int
     test: np.ndarray
     train: np.ndarray
@@ -94,32 +92,25 @@ def first_non_finite(label: str, key: str, a: np.ndarray) -> BadInputError | Non
 
 
 def load_log(path: str | os.PathLike, name: str | None = None, *,
-             expect: dict | None = None, sha256: str | None = None,
-             check_finite: bool = True) -> LoadedLog:
+             expect: dict | None = None, check_finite: bool = True) -> LoadedLog:
     """Load and validate one ``log.pt``.
 
     ``expect`` (optional) holds the store's ``n_test``, ``n_train``, ``classes`` and
-    ``dtype``; the file must agree. ``sha256``, when given, must match the file's bytes
-    (hashed on a second thread while the file is loaded). ``check_finite=False`` leaves
-    the finiteness check to the caller (ingest finds non-finite values from the
-    statistics it computes anyway, then names the first with :func:`first_non_finite`).
-    Raises :class:`BadInputError` naming the file and the first problem found.
+    ``dtype``; the file must agree. ``check_finite=False`` leaves the finiteness check
+    to the caller (ingest finds non-finite values from the statistics it computes
+    anyway, then names the first with :func:`first_non_finite`). The file's sha256 is
+    the caller's to check (:func:`sha256_file`; ingest hashes while it loads and
+    computes). Raises :class:`BadInputError` naming the file and the first problem.
     """
     import torch
 
     path = Path(path)
     label = name or str(path)
-    with ThreadPoolExecutor(1, thread_name_prefix="kernelscale-sha256") as pool:
-        hashing = pool.submit(sha256_file, path)
-        obj = _load_object(path, label)
-        try:
-            digest = hashing.result()
-            size = path.stat().st_size
-        except OSError as e:
-            raise BadInputError(f"{label}: cannot read ({e.strerror})") from None
-    if sha256 is not None and digest != sha256:
-        raise BadInputError(f"{label}: sha256 mismatch (expected {sha256}, got {digest}); "
-                            "the file is corrupt or was changed")
+    obj = _load_object(path, label)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise BadInputError(f"{label}: cannot read ({e.strerror})") from None
     if not isinstance(obj, dict):
         raise BadInputError(f"{label}: expected a dict with 'logits' and 'logits_train', "
                             f"got {type(obj).__name__}")
@@ -170,4 +161,4 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
             err = first_non_finite(label, key, a)
             if err is not None:
                 raise err
-    return LoadedLog(label, digest, size, test, train)
+    return LoadedLog(label, size, test, train)
