@@ -183,6 +183,31 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .integrity import repair_kernel, repair_store, verify
+
+    rep = verify(a.path)
+    for p in rep.problems:
+        print(p.line())
+    print(rep.line())
+    if a.repair is None or not rep.problems:
+        return 1 if rep.problems else 0
+    if rep.kind == "store":
+        if not a.repair:
+            raise ConfigError("--repair needs SOURCE for a store: the folder it was ingested "
+                              "from (each file is checked against the recorded sha256)")
+        n = repair_store(rep.path, a.repair, rep)
+        print(f"verify: rewrote {n} damaged item(s) of {rep.path} from {a.repair}")
+    else:
+        n = repair_kernel(rep.path, rep)
+        print(f"verify: {n} tile(s) of {rep.path} marked for recomputation; run the same "
+              "`kernelscale kernel` command to recompute them")
+    after = verify(a.path)
+    print(after.line())
+    return 1 if after.problems else 0
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .bundled import job_path
     from .pipeline import run_job
@@ -442,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _sub(sub, "info", "what a store or kernel holds", cmd_info)
     s.add_argument("path", help="a store or a kernel")
+
+    s = _sub(sub, "verify", "check every chunk, checksum and count of a store or kernel",
+             cmd_verify)
+    s.add_argument("path", help="a store or a kernel")
+    s.add_argument("--repair", nargs="?", const="", metavar="SOURCE",
+                   help="a store: rewrite damaged chunks from the source files under SOURCE; "
+                   "a kernel: mark the tiles holding damaged chunks for recomputation")
 
     s = _sub(sub, "bench", "benchmark the kernel engine against the published method",
              cmd_bench)

@@ -221,7 +221,7 @@ def score_ablations(inputs: KernelInputs, kernels: Sequence[tuple[str, Path]],
         if ident.get("runs") != inputs.runs:
             raise KernelOutputError(f"{path}: runs {ident.get('runs')} differ from the test "
                                     f"kernel's {inputs.runs}")
-        nb = top_neighbours(kern.array, kmax, workers=workers, show_progress=show_progress)
+        nb = top_neighbours(kern.reader, kmax, workers=workers, show_progress=show_progress)
         table = candidates(nb, lab.train, lab.test, grid, inputs.classes)
         cls = ident.get("classes")
         rows.append(Ablation(name, str(path), cls[0] if cls and len(cls) == 1 else None,
@@ -353,7 +353,7 @@ def evaluate_inputs(inputs: KernelInputs, setting: Setting, *, select: bool = Fa
     if setting.k > n_train:
         raise ConfigError(f"--k {setting.k} exceeds the {n_train} train examples")
     grid = grid or Grid()
-    nb = top_neighbours(inputs.kernel.array, max(setting.k, max(grid.ks)), workers=workers,
+    nb = top_neighbours(inputs.kernel.reader, max(setting.k, max(grid.ks)), workers=workers,
                         show_progress=show_progress)
     abl = []
     if ablations_dir is not None:
@@ -378,7 +378,7 @@ def evaluate_inputs(inputs: KernelInputs, setting: Setting, *, select: bool = Fa
                     neighbours=nb)
     if train_kernel is not None:
         tk = open_train_kernel(train_kernel, inputs)
-        tnb = top_neighbours(tk.array, nb.kmax, exclude_diagonal=True, workers=workers,
+        tnb = top_neighbours(tk.reader, nb.kmax, exclude_diagonal=True, workers=workers,
                              show_progress=show_progress)
         ev.selection = replace(leave_one_out(tnb, lab.train, table, grid, C),
                                train_kernel=str(train_kernel))

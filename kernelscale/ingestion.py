@@ -36,10 +36,6 @@ class DuplicateFileWarning(UserWarning):
     """A file with the same sha256 as an ingested one was skipped."""
 
 
-class ChangedUpstreamWarning(UserWarning):
-    """A file already in the store has other content in the source being ingested."""
-
-
 @dataclass
 class IngestConfig:
     """Everything one ingest needs. ``source``: a directory or an ``hf://`` spec."""
@@ -143,7 +139,7 @@ def ingest(cfg: IngestConfig, *, source: Source | None = None,
             raise KernelscaleError(f"{src}: no files match {cfg.glob!r}")
         if cfg.max_files is not None:
             files = files[:cfg.max_files]
-        _warn_changed(Path(cfg.store), files, src)
+        _check_unchanged(Path(cfg.store), files, src)
         if preparer is not None:
             return ingest_files(src, files, cfg, preparer)
         with parallel_preparer(cfg.workers, cfg.scheduler,
@@ -153,16 +149,30 @@ def ingest(cfg: IngestConfig, *, source: Source | None = None,
         src.close()
 
 
-def _warn_changed(store_path: Path, files: list[SourceFile], src: Source) -> None:
+def _check_unchanged(store_path: Path, files: list[SourceFile], src: Source) -> None:
+    """Refuse a source whose file under an ingested name is not the ingested one: a
+    different sha256 where the source lists it (the Hub), a different size otherwise.
+    Ingesting around it would silently keep a version the source no longer has."""
     if not Store.exists(store_path):
         return
     ingested = {f["name"]: f for f in Store.open(store_path).manifest["files"]}
     for f in files:
         old = ingested.get(f.name)
-        if old and f.sha256 and old.get("sha256") != f.sha256:
-            where = f" at commit {old['commit']}" if old.get("commit") else ""
-            warnings.warn(f"{src}: {f.name}: changed upstream since it was ingested{where}; "
-                          "kept the ingested version", ChangedUpstreamWarning, stacklevel=3)
+        if not old:
+            continue
+        where = f" (ingested at commit {old['commit']})" if old.get("commit") else ""
+        if f.sha256 and old.get("sha256") != f.sha256 and old.get("lfs_sha256", f.sha256) \
+                != f.sha256:
+            raise BadInputError(f"{src}: {f.name}: sha256 {f.sha256} differs from the "
+                                f"ingested {old.get('lfs_sha256') or old['sha256']}{where}; "
+                                "a store holds one version of each file: ingest this "
+                                "revision into a new store, or leave the file out with "
+                                "--glob")
+        if not f.sha256 and old.get("size") is not None and f.size != old["size"]:
+            raise BadInputError(f"{src}: {f.name}: {f.size} bytes, but the ingested file "
+                                f"(sha256 {old['sha256']}) had {old['size']}; a store holds "
+                                "one version of each file: ingest the changed files into a "
+                                "new store")
 
 
 def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,

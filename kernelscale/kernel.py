@@ -77,6 +77,7 @@ from .output import (
     load_checkpoint,
     pass_key,
     save_checkpoint,
+    writer_lock,
 )
 from .plan import Plan, Tile, plan
 from .progress import progress
@@ -302,13 +303,8 @@ def engine_plan(cfg: KernelConfig, budget: int | None = None,
 
 def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     """Compute (or resume) the kernel ``cfg`` describes; see the module docstring."""
-    import torch
-
     t_start = time.monotonic()
     res = setup_kernel(cfg)
-    store, runs, classes, shape, region = (res.store, res.runs, res.classes, res.shape,
-                                           res.region)
-    rsplit, csplit = PAIRS[cfg.pairs]
     device = resolve_device(cfg.device)
     budget = cfg.max_memory or default_budget(device)
 
@@ -316,7 +312,18 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     # budget, a region off the chunk grid) must fail without leaving a directory behind.
     engine_plan(cfg, budget, res=res)
     out = create_output(cfg, res)
+    with writer_lock(out.path, res.region):
+        return _compute(cfg, res, out, device, budget, t_start)
 
+
+def _compute(cfg: KernelConfig, res: KernelSetup, out: KernelOutput, device, budget: int,
+             t_start: float) -> KernelSummary:
+    """The body of :func:`compute_kernel`, under the region's writer lock."""
+    import torch
+
+    store, runs, classes, shape, region = (res.store, res.runs, res.classes, res.shape,
+                                           res.region)
+    rsplit, csplit = PAIRS[cfg.pairs]
     summary = KernelSummary(str(cfg.out), cfg.pairs, shape, runs, str(device), cfg.precision)
     grid = out.done_grid()
     region_chunks = grid[region.r0 // out.chunks[0]:-(-region.r1 // out.chunks[0]),

@@ -61,6 +61,14 @@ def _load_object(path: Path, label: str):
     import torch
 
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise BadInputError(f"{label}: cannot read ({e.strerror or e})") from None
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise BadInputError(f"{label}: not a torch file (neither torch.save's zip format "
+                            "nor its legacy pickle format)")
+    try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
@@ -129,7 +137,17 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
         if dt not in ALLOWED_DTYPES:
             raise BadInputError(f"{label}: {key!r} has dtype {dt}, expected one of "
                                 f"{', '.join(ALLOWED_DTYPES)}")
-        arrays[key] = t.contiguous().numpy()
+        # A tensor is data of this file: dense, and no larger than the file. A view
+        # declaring more values than its storage holds (a stride-0 expand of one value
+        # to 100,000 x 100,000 x 10) would otherwise be materialised here.
+        nbytes = t.numel() * t.element_size()
+        if nbytes > t.untyped_storage().nbytes() or nbytes > size:
+            raise BadInputError(f"{label}: {key!r} declares {tuple(t.shape)} = {nbytes} "
+                                f"bytes, not stored densely in the file's {size} bytes")
+        if 0 in t.shape:
+            raise BadInputError(f"{label}: {key!r} has an empty dimension, shape "
+                                f"{tuple(t.shape)}")
+        arrays[key] = t.contiguous().numpy()  # a copy only for a permuted layout
     test, train = arrays["logits"], arrays["logits_train"]
     if test.shape[0] != train.shape[0]:
         raise BadInputError(f"{label}: 'logits' has {test.shape[0]} runs but 'logits_train' "

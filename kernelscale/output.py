@@ -8,6 +8,8 @@ Layout of ``KERNEL/``::
                                (DIMENSION_NAMES: test-train -> test, train)
     .done/<tile>.json          one per finished tile (atomic), written after its data
     .checkpoints/pass-*.npz    accumulators of passes in flight (atomic, no pickle)
+    .lock                      shared by every writer, exclusive for a removal (flock)
+    .locks/<region>.lock       exclusive per region being computed; names its holder
 
 The identity (store fingerprint, runs, pairs, precision, transform, classes, shape) is
 what a partial output, a checkpoint or a done-marker must match to be reused.
@@ -15,19 +17,24 @@ what a partial output, a checkpoint or a done-marker must match to be reused.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from .atomic import atomic_open, atomic_write_json, check_output_dir, read_json
 from .errors import CheckpointMismatchError, KernelOutputError
 from .plan import Tile
-from .rawchunks import chunk_path, plain_chunks, write_chunk
+from .rawchunks import CRC_BYTES, chunk_path, raw_layout, write_chunk
 
 KERNEL_SCHEMA = "kernelscale-kernel"
 KERNEL_SCHEMA_VERSION = 1
@@ -61,6 +68,11 @@ class KernelOutput:
         return self.group["kernel"]
 
     @property
+    def reader(self) -> CheckedArray:
+        """The kernel array for reading, with checksum failures as one-line errors."""
+        return CheckedArray(self.path, self.array)
+
+    @property
     def chunks(self) -> tuple[int, int]:
         return tuple(self.array.chunks)  # type: ignore[return-value]
 
@@ -84,6 +96,14 @@ class KernelOutput:
         finished one) or ``restart`` (a partial one); a directory that is not a
         kernelscale kernel is never removed. ``store``: the store's path, for messages."""
         check_output_dir(path, "--out")
+        if store is not None:
+            st, out = Path(store).resolve(), path.resolve()
+            if out == st or out in st.parents or st in out.parents:
+                raise KernelOutputError(f"{path}: is the store {store}, a folder inside it "
+                                        "or one holding it; choose another --out")
+        if path.is_symlink():
+            raise KernelOutputError(f"{path}: is a symbolic link; give the folder it points "
+                                    f"to ({os.path.realpath(path)}) as --out")
         if path.exists() and any(path.iterdir()):
             try:
                 existing = cls.open(path, mode="r+")
@@ -111,13 +131,13 @@ class KernelOutput:
                     f"{path}: holds a partial kernel of different inputs ({diff}) -- the "
                     "store or options changed since it was started; pass --restart to "
                     "discard it and start again")
-            shutil.rmtree(path)
+            _remove_kernel(path)
         chunks = tuple(chunks or (min(shape[0], DEFAULT_CHUNKS[0]),
                                   min(shape[1], DEFAULT_CHUNKS[1])))
-        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        g = zarr.open_group(str(path), mode="a", zarr_format=3)  # never clears the folder
         dims = DIMENSION_NAMES.get(identity.get("pairs"), ("row", "col"))
         g.create_array("kernel", shape=shape, chunks=chunks, dtype="float32",
-                       compressors=None, fill_value=0.0, dimension_names=dims)
+                       compressors=[Crc32cCodec()], fill_value=0.0, dimension_names=dims)
         g.attrs.update({"schema": KERNEL_SCHEMA, "schema_version": KERNEL_SCHEMA_VERSION,
                         "identity": identity, "complete": False})
         return cls(path, g)
@@ -133,7 +153,8 @@ class KernelOutput:
         (n, m), (cr, cc) = arr.shape, self.chunks
         on_grid = (r0 % cr == 0 and c0 % cc == 0 and (r1 % cr == 0 or r1 == n)
                    and (c1 % cc == 0 or c1 == m))
-        if not (on_grid and block.dtype == np.float32 and plain_chunks(arr)):
+        layout = raw_layout(arr)
+        if not (on_grid and block.dtype == np.float32 and layout is not None):
             arr[r0:r1, c0:c1] = block
             return
         for i in range(r0 // cr, -(-r1 // cr)):
@@ -144,7 +165,7 @@ class KernelOutput:
                     full = np.zeros((cr, cc), dtype=np.float32)
                     full[:sub.shape[0], :sub.shape[1]] = sub
                     sub = full
-                write_chunk(chunk_path(self.path / "kernel", (i, j)), sub)
+                write_chunk(chunk_path(self.path / "kernel", (i, j)), sub, layout.checksum)
 
     def computed_from(self, store: str | os.PathLike) -> str:
         """Which store this kernel was computed from, said against ``store``: the kernel
@@ -232,6 +253,77 @@ class KernelOutput:
         return True
 
 
+#: What a kernel folder holds; removing a kernel removes these and nothing else (its
+#: ``.lock`` stays: the lock a removal holds must stay the one the next writer takes).
+KERNEL_MEMBERS = ("kernel", ".done", ".checkpoints", "zarr.json", ".locks")
+
+
+def _holders(path: Path) -> str:
+    """Who holds region locks of the kernel at ``path`` (from the lock files' notes)."""
+    notes = []
+    for f in sorted((path / ".locks").glob("*.lock")) if (path / ".locks").is_dir() else []:
+        with contextlib.suppress(OSError):
+            text = f.read_text().strip()
+            if text:
+                notes.append(text)
+    return "; ".join(notes) or "another process"
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int, refusal: str):
+    """Hold ``flock(mode)`` on ``path`` (created) for the block; ``refusal`` is the
+    error when another process holds a conflicting lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 -- held for the whole block
+    try:
+        try:
+            fcntl.flock(fh, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KernelOutputError(refusal) from None
+        yield fh
+    finally:
+        fh.close()
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path, region: Tile):
+    """Held while a process computes ``region`` of the kernel at ``path``: a shared lock
+    on the kernel (many Slurm tasks write disjoint regions at once) and an exclusive one
+    on the region, so a second writer of the same region, or a ``--restart`` or
+    ``--overwrite`` of the kernel, is refused with one line naming the holder."""
+    with _flock(path / ".lock", fcntl.LOCK_SH,
+                f"{path}: being removed or replaced by another process (--restart or "
+                "--overwrite)"):
+        lock = path / ".locks" / f"{region.key}.lock"
+        with _flock(lock, fcntl.LOCK_EX,
+                    f"{path}: rows {region.r0}:{region.r1}, cols {region.c0}:{region.c1} are "
+                    f"being computed by {_holders(path)}") as fh:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            fh.flush()
+            yield
+
+
+def _remove_kernel(path: Path) -> None:
+    """Remove the kernel at ``path``: its own members only, so a file a user keeps in
+    the folder stays (and the folder with it). Refused while any process writes it."""
+    with _flock(path / ".lock", fcntl.LOCK_EX,
+                f"{path}: being computed by {_holders(path)}; --restart/--overwrite "
+                "waits until it has stopped"):
+        _remove_members(path)
+
+
+def _remove_members(path: Path) -> None:
+    for name in KERNEL_MEMBERS:
+        p = path / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
 # ------------------------------------------------------------------------- checkpoints
 
 def pass_key(tiles: list[Tile]) -> str:
@@ -253,12 +345,46 @@ def load_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
     return meta, accs
 
 
+class CheckedArray:
+    """A kernel array whose reads fail with one line naming the kernel, not Zarr's
+    checksum error: what ``top_neighbours`` and other readers are given."""
+
+    def __init__(self, path: Path, array):
+        self.path, self.array = path, array
+        self.shape, self.chunks, self.dtype = array.shape, array.chunks, array.dtype
+
+    def __getitem__(self, sel):
+        try:
+            return self.array[sel]
+        except ValueError as e:
+            if "checksum" not in str(e).lower():
+                raise
+            raise KernelOutputError(f"{self.path}: a chunk fails its checksum (the file is "
+                                    f"corrupt); `kernelscale verify {self.path}` names it "
+                                    "and `--repair` marks its tile for recomputation"
+                                    ) from None
+
+
 def load_kernel(path: str | os.PathLike, require_complete: bool = True) -> KernelOutput:
-    """Open a saved kernel for reading; refuses an unfinished one by default."""
+    """Open a saved kernel for reading; refuses an unfinished one by default, and one
+    whose finished chunks are not all on disk at their size (Zarr would read a missing
+    chunk as zeros). Read it through :meth:`KernelOutput.reader`, which turns a checksum
+    failure into one line."""
     k = KernelOutput.open(path, mode="r")
     if require_complete and not k.attrs.get("complete"):
         raise KernelOutputError(f"{path}: the kernel is not complete (re-run `kernelscale "
                                 "kernel` with the same options to finish it)")
+    layout = raw_layout(k.array)
+    if layout is not None:
+        cr, cc = k.chunks
+        want = cr * cc * 4 + (CRC_BYTES if layout.checksum else 0)
+        for i, j in zip(*np.nonzero(k.done_grid()), strict=True):
+            chunk = chunk_path(Path(path) / "kernel", (int(i), int(j)))
+            size = chunk.stat().st_size if chunk.is_file() else None
+            if size != want:
+                what = "missing" if size is None else f"{size} bytes, not {want}"
+                raise KernelOutputError(f"{chunk}: chunk file {what}; `kernelscale verify "
+                                        f"{path} --repair` marks its tile for recomputation")
     return k
 
 

@@ -1,35 +1,71 @@
-"""Direct reads and writes of uncompressed Zarr v3 chunk files.
+"""Direct reads and writes of uncompressed Zarr v3 chunk files, checksummed or not.
 
-A Zarr v3 array with the single ``bytes`` codec (little endian), C order, fill value 0
-and the default ``c/i/j`` chunk keys stores each chunk as its plain C-order bytes, always
-at the full chunk shape (edge chunks padded with the fill value). For such arrays the
-kernel engine reads store chunks straight into pinned buffers and writes kernel chunks
-from them, skipping the codec pipeline's copies; Zarr reads the files back unchanged
-(tested against Zarr's own reads and writes).
+A Zarr v3 array with the ``bytes`` codec (little endian), C order, fill value 0 and the
+default ``c/i/j`` chunk keys stores each chunk as its plain C-order bytes, always at the
+full chunk shape (edge chunks padded with the fill value). With Zarr's ``crc32c`` codec
+after it (every array kernelscale creates), the file is those bytes followed by their
+CRC-32C, 4 bytes little endian. For such arrays the kernel engine reads store chunks
+straight into pinned buffers, and writes kernel chunks, skipping the codec pipeline's
+copies; the checksum is computed over the bytes in place (~11 GiB/s, google-crc32c) and
+a mismatch is an error naming the file. Zarr reads the files back unchanged and checks
+the same checksum (tested against Zarr's own reads and writes).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_open
 from .errors import StoreError
 
+CRC_BYTES = 4
 
-def plain_chunks(arr) -> bool:
-    """Whether ``arr`` (a ``zarr.Array``) stores its chunks as plain bytes (see above)."""
-    from zarr.codecs import BytesCodec
+
+class ChunkDamaged(StoreError):
+    """A chunk file is missing, short, or fails its checksum."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    """How an array's chunk files can be read and written directly."""
+
+    checksum: bool  #: a CRC-32C follows the chunk's bytes
+
+
+def raw_layout(arr) -> RawLayout | None:
+    """The direct layout of ``arr`` (a ``zarr.Array``), or None when its chunks are
+    encoded otherwise (compressed, big endian, other chunk keys)."""
+    from zarr.codecs import BytesCodec, Crc32cCodec
     from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
     m = arr.metadata
-    codecs = getattr(m, "codecs", ())
-    return (len(codecs) == 1 and isinstance(codecs[0], BytesCodec)
-            and (codecs[0].endian is None or codecs[0].endian.value == "little")
-            and isinstance(m.chunk_key_encoding, DefaultChunkKeyEncoding)
+    codecs = tuple(getattr(m, "codecs", ()))
+    if not codecs or not isinstance(codecs[0], BytesCodec):
+        return None
+    if codecs[0].endian is not None and codecs[0].endian.value != "little":
+        return None
+    rest = codecs[1:]
+    if rest and not (len(rest) == 1 and isinstance(rest[0], Crc32cCodec)):
+        return None
+    if not (isinstance(m.chunk_key_encoding, DefaultChunkKeyEncoding)
             and m.chunk_key_encoding.separator == "/"
-            and arr.order == "C" and float(m.fill_value) == 0.0)
+            and arr.order == "C" and float(m.fill_value) == 0.0):
+        return None
+    return RawLayout(checksum=bool(rest))
+
+
+def plain_chunks(arr) -> bool:
+    """Whether ``arr``'s chunk files can be read and written directly (see above)."""
+    return raw_layout(arr) is not None
 
 
 def chunk_path(array_dir: Path, index: tuple[int, ...]) -> Path:
@@ -37,36 +73,99 @@ def chunk_path(array_dir: Path, index: tuple[int, ...]) -> Path:
     return array_dir.joinpath("c", *(str(i) for i in index))
 
 
+def crc32c(data: np.ndarray) -> bytes:
+    """CRC-32C of a C-contiguous array's bytes, 4 bytes little endian (Zarr's codec)."""
+    import google_crc32c
+
+    c = google_crc32c.Checksum()
+    c.update(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    return int.from_bytes(c.digest(), "big").to_bytes(CRC_BYTES, "little")
+
+
+def _read_into(fh, path: Path, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = fh.readinto(view[got:])
+        if not n:
+            raise ChunkDamaged(path, "chunk file shorter than its array says")
+        got += n
+
+
 def read_exact(path: Path, offset: int, dest: np.ndarray) -> None:
-    """Fill the uint8 buffer ``dest`` from ``path`` at ``offset`` (zeros if no file)."""
+    """Fill the uint8 buffer ``dest`` from the plain chunk file ``path`` at ``offset``.
+
+    A missing file is :class:`ChunkDamaged`: it is only ever read for committed data.
+    """
     try:
         fh = open(path, "rb", buffering=0)  # noqa: SIM115
     except FileNotFoundError:
-        dest[...] = 0
-        return
+        raise ChunkDamaged(path, "chunk file missing") from None
     with fh:
         fh.seek(offset)
-        view = memoryview(dest)
-        got = 0
-        while got < len(view):
-            n = fh.readinto(view[got:])
-            if not n:
-                raise StoreError(f"{path}: chunk file shorter than its array says")
-            got += n
+        _read_into(fh, path, memoryview(dest))
 
 
-def write_chunk(path: Path, data: np.ndarray) -> None:
-    """Write one full chunk (C-contiguous, little endian) as the file ``path``.
+def read_checked(path: Path, chunk_bytes: int, offset: int, dest: np.ndarray) -> None:
+    """Fill the uint8 buffer ``dest`` with bytes ``[offset, offset + len(dest))`` of the
+    checksummed chunk file ``path`` (``chunk_bytes`` of data and their CRC-32C), after
+    verifying the whole chunk. A whole-chunk request is read straight into ``dest``;
+    a part goes through a temporary chunk-sized buffer, as the checksum covers all."""
+    whole = offset == 0 and len(dest) == chunk_bytes
+    buf = dest if whole else np.empty(chunk_bytes, dtype=np.uint8)
+    tail = bytearray(CRC_BYTES)
+    try:
+        fh = open(path, "rb", buffering=0)  # noqa: SIM115
+    except FileNotFoundError:
+        raise ChunkDamaged(path, "chunk file missing") from None
+    with fh:
+        _read_into(fh, path, memoryview(buf))
+        _read_into(fh, path, memoryview(tail))
+        if fh.read(1):
+            raise ChunkDamaged(path, "chunk file longer than its array says")
+    if crc32c(buf) != bytes(tail):
+        raise ChunkDamaged(path, "checksum mismatch (the file is corrupt)")
+    if not whole:
+        dest[...] = buf[offset:offset + len(dest)]
 
-    Not atomic by itself: a kernel tile's done-marker, written after all its chunks, is
-    what commits them, and a tile without one is recomputed and rewritten.
+
+def verify_chunk(path: Path, chunk_bytes: int, checksum: bool) -> str | None:
+    """The problem with one chunk file, or None: missing, wrong size, bad checksum."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "chunk file missing"
+    want = chunk_bytes + (CRC_BYTES if checksum else 0)
+    if size != want:
+        return f"chunk file has {size} bytes, its array says {want}"
+    if checksum:
+        try:
+            read_checked(path, chunk_bytes, 0, np.empty(chunk_bytes, dtype=np.uint8))
+        except ChunkDamaged as e:
+            return e.problem
+    return None
+
+
+def write_chunk(path: Path, data: np.ndarray, checksum: bool, durable: bool = False) -> None:
+    """Write one full chunk (C-contiguous, little endian) as the file ``path``, its
+    CRC-32C after it when ``checksum``.
+
+    ``durable``: through a temp file, fsynced and renamed (a store's commit). Otherwise
+    in place: a kernel tile's done-marker, written after all its chunks, is what commits
+    them, and a tile without one is recomputed and rewritten.
     """
+    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    tail = crc32c(data) if checksum else b""
+    if durable:
+        with atomic_open(path, "wb") as fh:
+            fh.write(view)
+            fh.write(tail)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        view = memoryview(np.ascontiguousarray(data)).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done:])
+        for part in (view, memoryview(tail)):
+            done = 0
+            while done < len(part):
+                done += os.write(fd, part[done:])
     finally:
         os.close(fd)

@@ -43,11 +43,12 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 from zarr.storage import LocalStore
 
 from .atomic import atomic_write_bytes, atomic_write_json, check_output_dir, read_json
 from .errors import StoreError
-from .rawchunks import chunk_path, plain_chunks, read_exact
+from .rawchunks import ChunkDamaged, chunk_path, raw_layout, read_checked, read_exact, write_chunk
 from .stats import FLOAT64, LOG1P32, STORE_TRANSFORMS, RunningStats
 from .units import format_bytes
 
@@ -162,7 +163,7 @@ class Store:
         lg = g.create_group("logits")
         for split, n in (("test", n_test), ("train", n_train)):
             lg.create_array(split, shape=(0, n, classes), chunks=(run_chunk, n, classes),
-                            dtype=dtype, compressors=None, fill_value=0,
+                            dtype=dtype, compressors=[Crc32cCodec()], fill_value=0,
                             dimension_names=("run", split, "class"))
         g.create_group("stats")
         # The manifest is written last: its presence is what makes the directory a store.
@@ -204,8 +205,9 @@ class Store:
         return self.array(split)[start:stop, sel, :]
 
     def _raw_chunks(self, split: str) -> bool:
-        """Whether ``split``'s chunk files are the plain little-endian C-order bytes of
-        whole runs (:func:`rawchunks.plain_chunks`, one chunk across examples and classes).
+        """Whether ``split``'s chunk files hold the little-endian C-order bytes of whole
+        runs (:func:`rawchunks.raw_layout`, one chunk across examples and classes),
+        with or without their CRC-32C.
 
         True for every store this module creates; then :meth:`read_into` reads chunk
         files straight into the caller's buffer instead of through Zarr's codec pipeline.
@@ -213,9 +215,14 @@ class Store:
         if split not in self._raw:
             arr = self.array(split)
             m = arr.metadata
-            self._raw[split] = (plain_chunks(arr)
-                                and tuple(m.chunk_grid.chunk_shape[1:]) == tuple(m.shape[1:]))
-        return self._raw[split]
+            layout = raw_layout(arr)
+            ok = layout is not None and tuple(m.chunk_grid.chunk_shape[1:]) == tuple(m.shape[1:])
+            self._raw[split] = layout if ok else None
+        return self._raw[split] is not None
+
+    def checksummed(self, split: str) -> bool:
+        """Whether ``split``'s chunk files carry a CRC-32C (stores from before do not)."""
+        return self._raw_chunks(split) and self._raw[split].checksum
 
     def read_into(self, split: str, start: int, stop: int, out: np.ndarray,
                   pool=None) -> None:
@@ -247,9 +254,36 @@ class Store:
             return None
         per_run = self._run_bytes(split)
         dest = out.reshape(-1).view(np.uint8)
-        return [functools.partial(read_exact, path, offset,
+        if self.checksummed(split):
+            size = self.shape.run_chunk * per_run
+            return [functools.partial(self._read_chunk, read_checked, path, size, offset,
+                                      dest[(lo - start) * per_run:(hi - start) * per_run])
+                    for path, offset, lo, hi in self._chunk_spans(split, start, stop,
+                                                                  per_run)]
+        return [functools.partial(self._read_chunk, read_exact, path, offset,
                                   dest[(lo - start) * per_run:(hi - start) * per_run])
                 for path, offset, lo, hi in self._chunk_spans(split, start, stop, per_run)]
+
+    def _read_chunk(self, read, path: Path, *args) -> None:
+        try:
+            read(path, *args)
+        except ChunkDamaged as e:
+            raise ChunkDamaged(e.path, f"{e.problem}; {self.repair_hint(path)}") from None
+
+    def repair_hint(self, chunk: Path) -> str:
+        """How to repair a damaged logits chunk file: the source files of its runs."""
+        try:
+            split = chunk.relative_to(self.root / "logits").parts[0]
+            ci = int(chunk.relative_to(self.root / "logits" / split).parts[1])
+        except (ValueError, IndexError):
+            return "re-create the store"
+        rc = self.shape.run_chunk
+        lo, hi = ci * rc, (ci + 1) * rc
+        names = [f["name"] for f in self.manifest["files"]
+                 if f["run_start"] < hi and f["run_stop"] > lo]
+        return (f"runs {lo}:{min(hi, self.runs)} of {split} come from "
+                f"{', '.join(names) or 'no ingested file'}; repair with `kernelscale "
+                f"verify {self.root} --repair SOURCE`")
 
     def _run_bytes(self, split: str) -> int:
         """Bytes of one run of ``split`` (examples x classes in the store dtype)."""
@@ -294,8 +328,15 @@ class Store:
             if gen == 0:
                 st = RunningStats.empty(n, self.shape.classes)
             else:
-                sg = self.group["stats"][f"g{gen}"]
-                st = RunningStats(self.runs, sg[f"{split}_mean"][...], sg[f"{split}_m2"][...])
+                try:
+                    sg = self.group["stats"][f"g{gen}"]
+                    st = RunningStats(self.runs, sg[f"{split}_mean"][...],
+                                      sg[f"{split}_m2"][...])
+                except (KeyError, ValueError) as e:  # a missing array, a bad checksum
+                    raise StoreError(f"{self.root}/stats/g{gen}/{split}_*: unreadable "
+                                     f"({str(e).splitlines()[0][:100]}); recompute with "
+                                     f"`kernelscale verify {self.root} --repair SOURCE`"
+                                     ) from None
             self._stats_cache[key] = st
         return self._stats_cache[key]
 
@@ -370,7 +411,8 @@ class Store:
             merged = self.stats(split).merge(file_stats[split])
             for name, val in (("mean", merged.mean), ("m2", merged.m2)):
                 sg.create_array(f"{split}_{name}", data=val, chunks=val.shape,
-                                compressors=None, dimension_names=(split, "class"))
+                                compressors=[Crc32cCodec()],
+                                dimension_names=(split, "class"))
                 digest.update(val.tobytes())
         m = json.loads(json.dumps(self.manifest))
         rec = dict(entry, runs=runs, run_start=start, run_stop=stop,
@@ -387,7 +429,8 @@ class Store:
 
     def _write_runs(self, split: str, start: int, data: np.ndarray) -> None:
         """Write runs ``[start, start + len(data))`` of ``split`` chunk file by chunk file
-        (plain bytes, see :mod:`kernelscale.rawchunks`), each atomically and fsynced.
+        (bytes and their CRC-32C, see :mod:`kernelscale.rawchunks`), each atomically
+        and fsynced.
 
         A chunk begun by an earlier commit is read and completed; the rest of a chunk
         this commit does not fill is the fill value, as Zarr writes it. Zarr would do the
@@ -395,6 +438,7 @@ class Store:
         """
         per_run = self._run_bytes(split)
         rc = self.shape.run_chunk
+        checksum = self.checksummed(split)
         stop = start + data.shape[0]
         src = data.reshape(-1).view(np.uint8)
         base = self.root / "logits" / split
@@ -403,13 +447,17 @@ class Store:
             piece = src[(lo - start) * per_run:(hi - start) * per_run]
             path = chunk_path(base, (c, 0, 0))
             if lo == c * rc and hi == (c + 1) * rc:
-                atomic_write_bytes(path, piece)
+                write_chunk(path, piece, checksum, durable=True)
                 continue
             chunk = np.zeros(rc * per_run, dtype=np.uint8)
             if lo > c * rc:  # runs an earlier commit wrote into this chunk
-                read_exact(path, 0, chunk[:(lo - c * rc) * per_run])
+                head = chunk[:(lo - c * rc) * per_run]
+                if checksum:
+                    self._read_chunk(read_checked, path, rc * per_run, 0, head)
+                else:
+                    self._read_chunk(read_exact, path, 0, head)
             chunk[(lo - c * rc) * per_run:(hi - c * rc) * per_run] = piece
-            atomic_write_bytes(path, chunk)
+            write_chunk(path, chunk, checksum, durable=True)
 
     def record_rejected(self, name: str, reason: str, sha256: str | None = None) -> None:
         m = json.loads(json.dumps(self.manifest))

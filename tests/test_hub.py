@@ -5,6 +5,7 @@ is imported, so in-process tests pass ``endpoint=``/``cache_dir=`` explicitly an
 the library's constants; subprocess tests get the variables in their environment.
 """
 
+import hashlib
 import os
 import socket
 import time
@@ -606,3 +607,44 @@ def test_dask_workers_are_for_local_folders_only(tmp_path):
         with pytest.raises(ConfigError, match="--workers/--scheduler convert local folders"):
             run_ingest(IngestConfig(SPEC, tmp_path / "store", **kw))
     assert not (tmp_path / "store").exists()
+
+
+def test_a_rewritten_path_is_an_error_naming_both_hashes(hub, tmp_path):
+    """A newer revision that rewrites an ingested path is not silently skipped: the
+    ingest stops naming both sha256s and leaves the store as it was."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    name = "logs_saveoutputs_main/run00/log.pt"
+    write_files(a_dir, {name: 4}, seed=1)
+    write_files(b_dir, {name: 4}, seed=2)  # same path, other content
+    hub.add_commit(REPO, a_dir)
+    store = tmp_path / "store"
+    ingest(hub, store, tmp_path)
+    before = Store.open(store).manifest
+    old_sha = before["files"][0]["sha256"]
+    hub.add_commit(REPO, b_dir)
+    with pytest.raises(BadInputError) as ei:
+        ingest(hub, store, tmp_path)
+    msg = str(ei.value)
+    new_sha = hashlib.sha256((b_dir / name).read_bytes()).hexdigest()
+    assert name in msg and old_sha in msg and new_sha in msg and "\n" not in msg
+    assert Store.open(store).manifest == before
+
+
+def test_files_another_tool_downloaded_into_the_cache_are_never_deleted(hub, tmp_path):
+    """Pointed at a shared cache, ingest deletes only what it downloaded itself."""
+    src = tmp_path / "src"
+    write_files(src, dict(list(FILES_A.items())[:3]))
+    commit = hub.add_commit(REPO, src)
+    cache = tmp_path / "shared-cache"
+    theirs = sorted(FILES_A)[1]
+    # another tool downloaded one of the files before
+    p = Path(hubmod.hf_hub_download("local/sim", theirs, repo_type="dataset",
+                                    revision=commit, cache_dir=cache, endpoint=hub.url))
+    blob = Path(os.path.realpath(p))
+    before = (p.read_bytes(), blob.stat().st_mtime_ns)
+    s = ingest(hub, tmp_path / "store", tmp_path, cache_dir=cache)
+    assert s.files_ingested == 3
+    assert p.exists() and blob.exists()
+    assert (p.read_bytes(), blob.stat().st_mtime_ns) == before
+    left = [q for q in (cache / "datasets--local--sim" / "blobs").iterdir()]
+    assert left == [blob]  # the two files this ingest downloaded are gone

@@ -160,7 +160,7 @@ def _bad_files():
             "run mismatch": (run_mismatch, "3 runs but 'logits_train' has 4"),
             "non-finite": (nonfinite, "non-finite"),
             "truncated": (truncated, "not a readable torch file"),
-            "not torch": (not_torch, "not a readable torch file"),
+            "not torch": (not_torch, "not a torch file"),
             "evil pickle": (evil_pickle, "refused"),
             "plain pickle": (plain_pickle, "")}
 
@@ -284,3 +284,43 @@ def test_summary_names_the_bottleneck(fields, want):
     s = IngestSummary(files_ingested=3, seconds=12.0, bytes_read=3 << 20, **fields)
     assert s.bottleneck() == want
     assert s.line().endswith(f"bottleneck: {want}")
+
+
+def test_a_changed_local_file_under_an_ingested_name_is_an_error(small_source, tmp_path):
+    src, test, train = small_source
+    store = tmp_path / "s"
+    ingest_dir(src, store, show_progress=False)
+    before = Store.open(store).manifest
+    f = sorted(src.rglob("log.pt"))[1]
+    write_log(f, test[:3], train[:3])  # same name, fewer runs: another size
+    with pytest.raises(BadInputError, match="bytes, but the ingested file"):
+        ingest_dir(src, store, show_progress=False)
+    assert Store.open(store).manifest == before
+
+
+def test_hostile_files_cost_nothing(tmp_path):
+    """A 1.5 kB file declaring a 100,000 x 100,000 x 10 tensor, random bytes, and empty
+    dimensions are each refused with one line, quickly, and leave no store behind."""
+    cases = {}
+    big = torch.zeros(1, dtype=torch.float16).expand(100000, 100000, 10)
+    cases["big"] = ({"logits": big, "logits_train": big}, "not stored densely")
+    empty = torch.zeros(3, 0, 10, dtype=torch.float16)
+    cases["empty"] = ({"logits": empty, "logits_train": empty}, "empty dimension")
+    for name, (obj, want) in cases.items():
+        f = tmp_path / name / "a" / "log.pt"
+        f.parent.mkdir(parents=True)
+        torch.save(obj, f)
+        assert f.stat().st_size < 4096
+        t0 = time.monotonic()
+        r = run_cli("ingest", str(tmp_path / name), "--store", str(tmp_path / f"s-{name}"),
+                    check=False)
+        assert r.returncode != 0 and want in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert time.monotonic() - t0 < 30
+        assert not (tmp_path / f"s-{name}").exists()
+    f = tmp_path / "rand" / "a" / "log.pt"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(np.random.default_rng(0).bytes(1500))
+    r = run_cli("ingest", str(tmp_path / "rand"), "--store", str(tmp_path / "s-rand"),
+                check=False)
+    assert r.returncode != 0 and "not a torch file" in r.stderr and "Traceback" not in r.stderr

@@ -10,7 +10,7 @@ from kernelscale.errors import (
     ConfigError,
     KernelOutputError,
 )
-from kernelscale.kernel import KernelConfig, compute_kernel
+from kernelscale.kernel import KernelConfig, compute_kernel, create_output
 from tests.conftest import ingest_dir
 from tests.reference import random_source, reference_kernel, top_sets, write_log
 
@@ -264,11 +264,26 @@ def test_overwrite_never_removes_a_directory_that_is_not_a_kernel(small_store, t
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    for target in (mine, store):
-        with pytest.raises(KernelOutputError, match="is not a kernelscale kernel"):
+    with pytest.raises(KernelOutputError, match="is not a kernelscale kernel"):
+        run(store, mine, overwrite=True)
+    for target in (store, store / "inside", store.parent):
+        with pytest.raises(KernelOutputError, match="is the store"):
             run(store, target, overwrite=True)
     assert (mine / "notes.txt").read_text() == "keep me"
-    assert (store / "manifest.json").is_file()
+    assert (store / "manifest.json").is_file() and not (store / "inside").exists()
+    # a kernel folder: --overwrite removes the kernel, never a file a user keeps there
+    k = tmp_path / "k"
+    run(store, k)
+    (k / "notes.txt").write_text("mine too")
+    run(store, k, runs=11, overwrite=True)
+    assert (k / "notes.txt").read_text() == "mine too"
+    assert zarr.open_group(str(k), mode="r").attrs["runs"] == 11
+    # a symbolic link is not followed into a removal
+    link = tmp_path / "link"
+    link.symlink_to(k)
+    with pytest.raises(KernelOutputError, match="symbolic link"):
+        run(store, link, runs=12, overwrite=True)
+    assert zarr.open_group(str(k), mode="r").attrs["runs"] == 11
 
 
 def test_a_kernel_of_another_store_names_it(small_store, tmp_path):
@@ -362,3 +377,39 @@ def test_engine_plan_counts_padding_and_fixed_temporaries(small_store, tmp_path)
     rows = max(t.r1 for t in tiles) - min(t.r0 for t in tiles)
     cols = max(t.c1 for t in tiles) - min(t.c0 for t in tiles)
     assert pass_bytes(tiles, 3, 5, 2, 32) - pass_bytes(tiles, 3, 5, 2, 1) == (rows + cols) * 68
+
+
+def test_a_second_writer_or_a_restart_is_refused_naming_the_holder(small_store, tmp_path):
+    """While one process computes a region, a second writer of that region and a
+    --restart/--overwrite of the kernel are refused with one line; another region of
+    the same kernel (a Slurm array's task) may still be computed."""
+    import multiprocessing as mp
+
+    from kernelscale.output import writer_lock
+    from kernelscale.plan import Tile
+
+    store, *_ = small_store
+    out = tmp_path / "k"
+    create_output(KernelConfig(store=store, out=out, chunks=(16, 32), show_progress=False))
+    ready, stop = mp.Event(), mp.Event()
+
+    def hold() -> None:
+        with writer_lock(out, Tile(0, 40, 0, 96)):
+            ready.set()
+            stop.wait(30)
+
+    proc = mp.get_context("fork").Process(target=hold)
+    proc.start()
+    try:
+        assert ready.wait(10)
+        with pytest.raises(KernelOutputError, match=r"are being computed by pid \d+ on "):
+            run(store, out, chunks=(16, 32))
+        with pytest.raises(KernelOutputError, match="being computed by pid"):
+            run(store, out, runs=11, chunks=(16, 32), restart=True)
+        # a disjoint region is another task's work
+        run(store, out, chunks=(16, 32), rows=(16, 32), cols=(0, 96))
+    finally:
+        stop.set()
+        proc.join(10)
+    K = run(store, out, chunks=(16, 32))
+    assert K.shape == (40, 96)

@@ -27,7 +27,7 @@ LAYERS = [
     ("stages", {"convert", "parallel", "ingestion", "reader", "accumulate", "kernel",
                 "evaluation", "curve",
                 "interpret", "figures", "report", "simulation", "bench", "bench_ingest",
-                "arrays", "provenance"}),
+                "integrity", "arrays", "provenance"}),
     ("orchestration", {"config", "pipeline", "api", "slurm", "slurm.geometry",
                        "slurm.scripts", "slurm.queue", "slurm.commands"}),
     ("command line", {"cli", "__main__"}),

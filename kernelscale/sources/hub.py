@@ -84,6 +84,8 @@ class _Download(Fetched):
     the bytes (the path itself when not a symlink)."""
 
     blob: Path | None = None
+    #: the cache held the file before this run: it is another tool's, never deleted
+    preexisting: bool = False
 
 
 class HubSource(Source):
@@ -249,6 +251,9 @@ class HubSource(Source):
     def download(self, f: HubFile) -> _Download:
         """Download one file at the resolved commit (retrying); return where it lies."""
         commit = self.pin()
+        repo_dir = self.cache_dir / f"datasets--{self.spec.repo_id.replace('/', '--')}"
+        preexisting = ((repo_dir / "snapshots" / commit / f.path).exists()
+                       or (f.sha256 is not None and (repo_dir / "blobs" / f.sha256).exists()))
         # Same cache_dir on every attempt and run: the library resumes partial downloads
         # there (within the call in 2.x; from `<blob>.incomplete` on the next call before).
         p = self._attempts(self.spec.label(f.path), lambda: hf_hub_download(
@@ -259,11 +264,13 @@ class HubSource(Source):
         blob = Path(os.path.realpath(path))
         with self._lock:
             self._blobs[blob] += 1
-        return _Download(SourceFile(f.path, f.size, f.sha256), path, blob=blob)
+        return _Download(SourceFile(f.path, f.size, f.sha256), path, blob=blob,
+                         preexisting=preexisting)
 
     def release(self, d: Fetched, bad: bool = False) -> None:
         """Forget a download; delete its file unless kept. A rejected file whose bytes do
-        not match the listing's sha256 always goes: the cache would serve it again."""
+        not match the listing's sha256 goes too (the cache would serve it again), unless
+        the cache held it before this run: then it is another tool's and stays."""
         if d.released or not isinstance(d, _Download):
             return
         corrupt = (bad and d.file.sha256 is not None and d.blob.exists()
@@ -274,8 +281,8 @@ class HubSource(Source):
             in_use = self._blobs[d.blob] > 0
             if not in_use:
                 del self._blobs[d.blob]
-        if in_use or (self.keep_downloads and not corrupt):
-            return
+        if in_use or d.preexisting or (self.keep_downloads and not corrupt):
+            return  # a file this run did not download is not this run's to delete
         for p in (d.path, d.blob):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

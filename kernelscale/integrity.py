@@ -1,0 +1,267 @@
+"""``kernelscale verify``: every chunk, statistic and count of a store or a kernel checked,
+each problem reported with its path and how to repair it; and the two repairs.
+
+A store is checked for: the manifest's file run ranges covering ``0..runs`` in order;
+both logits arrays holding at least the committed runs; every chunk file of the
+committed runs present, of its array's size and matching its CRC-32C; the statistics
+generation the manifest names readable (Zarr checks their CRC-32C) and matching the
+manifest's ``stats_sha256``. A kernel is checked for: every chunk file of its finished
+tiles present, of its size and matching its CRC-32C; its done-markers on the chunk grid.
+
+Repairs, without starting over: :func:`repair_store` rewrites damaged logits chunks from
+the source files of their runs (each checked against the sha256 the manifest recorded);
+:func:`repair_kernel` removes the done-markers of the tiles holding damaged chunks, so
+the same ``kernelscale kernel`` command recomputes exactly those tiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError, KernelscaleError, StoreError
+from .rawchunks import ChunkDamaged, chunk_path, raw_layout, verify_chunk, write_chunk
+from .store import SPLITS, Store
+
+
+@dataclass
+class Problem:
+    """One damaged thing: its path, what is wrong, how to repair it."""
+
+    path: Path
+    problem: str
+    repair: str = ""
+
+    def line(self) -> str:
+        return f"{self.path}: {self.problem}" + (f"; {self.repair}" if self.repair else "")
+
+
+@dataclass
+class Report:
+    """What :func:`verify` found in ``path`` (a ``store`` or a ``kernel``)."""
+
+    path: Path
+    kind: str
+    checked: int = 0  #: chunk files and arrays checked
+    checksummed: bool = True  #: whether its chunks carry CRC-32Cs (older outputs do not)
+    problems: list[Problem] = field(default_factory=list)
+
+    def line(self) -> str:
+        crc = "" if self.checksummed else " (written without checksums: sizes only)"
+        return (f"verify: {self.kind} {self.path}: {self.checked} item(s) checked{crc}, "
+                f"{len(self.problems)} problem(s)")
+
+
+def verify(path: str | Path) -> Report:
+    """Check the store or kernel at ``path``; see the module docstring."""
+    p = Path(path)
+    if Store.exists(p):
+        return verify_store(p)
+    if (p / "kernel" / "zarr.json").is_file():
+        return verify_kernel(p)
+    raise BadInputError(f"{p}: neither a kernelscale store nor a kernel")
+
+
+def _chunk_runs(store: Store, chunk: Path) -> tuple[int, int]:
+    ci = int(chunk.parts[-3])
+    rc = store.shape.run_chunk
+    return ci * rc, min((ci + 1) * rc, store.runs)
+
+
+def verify_store(path: Path) -> Report:
+    store = Store.open(path)
+    rep = Report(path, "store")
+    m = store.manifest
+    at = 0
+    for f in m["files"]:
+        if f["run_start"] != at or f["run_stop"] <= f["run_start"]:
+            rep.problems.append(Problem(path / "manifest.json", f"file {f['name']} holds runs "
+                                        f"{f['run_start']}:{f['run_stop']}, expected to start "
+                                        f"at {at}", "re-create the store"))
+        at = f["run_stop"]
+    if at != store.runs:
+        rep.problems.append(Problem(path / "manifest.json", f"files cover {at} runs, the "
+                                    f"manifest says {store.runs}", "re-create the store"))
+    rc = store.shape.run_chunk
+    for split in SPLITS:
+        arr = store.array(split)
+        rep.checksummed &= store.checksummed(split)
+        if arr.shape[0] < store.runs:
+            rep.problems.append(Problem(path / "logits" / split, f"holds {arr.shape[0]} "
+                                        f"runs, the manifest {store.runs}",
+                                        "re-create the store"))
+            continue
+        layout = raw_layout(arr)
+        size = rc * store._run_bytes(split)
+        for ci in range(-(-store.runs // rc)):
+            chunk = chunk_path(path / "logits" / split, (ci, 0, 0))
+            rep.checked += 1
+            if layout is None:
+                continue
+            problem = verify_chunk(chunk, size, layout.checksum)
+            if problem:
+                rep.problems.append(Problem(chunk, problem, store.repair_hint(chunk)))
+    if store.runs:
+        gen = int(m["stats_generation"])
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            for name in ("mean", "m2"):
+                where = path / "stats" / f"g{gen}" / f"{split}_{name}"
+                rep.checked += 1
+                try:
+                    val = store.group["stats"][f"g{gen}"][f"{split}_{name}"][...]
+                except (KeyError, ValueError, OSError) as e:
+                    rep.problems.append(Problem(where, f"unreadable ({_why(e)})",
+                                                f"recompute with `kernelscale verify {path} "
+                                                "--repair SOURCE`"))
+                    digest = None
+                    break
+                if digest is not None:
+                    digest.update(np.ascontiguousarray(val).tobytes())
+            if digest is None:
+                break
+        if digest is not None and digest.hexdigest() != m["stats_sha256"]:
+            rep.problems.append(Problem(path / "stats" / f"g{gen}", "statistics do not match "
+                                        "the manifest's stats_sha256",
+                                        f"repair with `kernelscale verify {path} --repair "
+                                        "SOURCE`"))
+    return rep
+
+
+def _why(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return "checksum mismatch" if "checksum" in text.lower() else text[:120]
+
+
+def verify_kernel(path: Path) -> Report:
+    from .output import KernelOutput
+
+    k = KernelOutput.open(path, mode="r")
+    rep = Report(path, "kernel")
+    try:
+        k.check_markers()
+    except KernelscaleError as e:
+        rep.problems.append(Problem(path / ".done", str(e), "remove the marker and re-run "
+                                    "`kernelscale kernel`"))
+    layout = raw_layout(k.array)
+    rep.checksummed = layout is not None and layout.checksum
+    (cr, cc) = k.chunks
+    grid = k.done_grid()
+    for i, j in zip(*np.nonzero(grid), strict=True):
+        chunk = chunk_path(path / "kernel", (int(i), int(j)))
+        rep.checked += 1
+        if layout is None:
+            continue
+        problem = verify_chunk(chunk, cr * cc * 4, layout.checksum)
+        if problem:
+            rep.problems.append(Problem(chunk, problem, f"recompute its tile with `kernelscale "
+                                        f"verify {path} --repair` then the same `kernelscale "
+                                        "kernel` command"))
+    return rep
+
+
+def repair_kernel(path: Path, rep: Report) -> int:
+    """Remove the done-markers of the finished tiles that hold a damaged chunk; returns
+    how many. The same ``kernelscale kernel`` command then recomputes those tiles."""
+    from .output import KernelOutput
+
+    k = KernelOutput.open(path, mode="a")
+    cr, cc = k.chunks
+    bad = set()
+    for p in rep.problems:
+        if p.path.parent.parent.name == "c":
+            bad.add((int(p.path.parent.name), int(p.path.name)))
+    removed = 0
+    for t in k.done_tiles():
+        cells = {(i, j) for i in range(t.r0 // cr, -(-t.r1 // cr))
+                 for j in range(t.c0 // cc, -(-t.c1 // cc))}
+        if cells & bad:
+            (k.done_dir / f"{t.key}.json").unlink(missing_ok=True)
+            removed += 1
+    if removed and k.attrs.get("complete"):
+        k.group.attrs["complete"] = False
+    return removed
+
+
+def repair_store(path: Path, source: str | Path, rep: Report) -> int:
+    """Rewrite every damaged logits chunk of the store at ``path`` from the local copies
+    under ``source`` of the files its runs came from; returns the chunks rewritten.
+
+    Each source file must have the sha256 the manifest recorded; its runs are written
+    back exactly as ingested. Statistics are not touched: a damaged statistics
+    generation is recomputed from the (repaired) logits.
+    """
+    from .logfile import load_log, sha256_file
+
+    store = Store.open(path, mode="a")
+    src = Path(source)
+    rewritten = 0
+    with store.writer():
+        for p in rep.problems:
+            rel = p.path.relative_to(path).parts
+            if rel[0] != "logits" or len(rel) < 4:
+                continue
+            split = rel[1]
+            lo, hi = _chunk_runs(store, p.path)
+            rc, per_run = store.shape.run_chunk, store._run_bytes(split)
+            chunk = np.zeros(rc * per_run, dtype=np.uint8)
+            for f in store.manifest["files"]:
+                a, b = max(lo, f["run_start"]), min(hi, f["run_stop"])
+                if a >= b:
+                    continue
+                local = src / f["name"]
+                if not local.is_file() or sha256_file(local) != f["sha256"]:
+                    raise BadInputError(f"{local}: not the file ingested as {f['name']} "
+                                        f"(sha256 {f['sha256']}); point --repair at the "
+                                        "source the store was ingested from")
+                log = load_log(local, f["name"])
+                x = log.test if split == "test" else log.train
+                part = np.ascontiguousarray(x[a - f["run_start"]:b - f["run_start"]])
+                chunk[(a - lo) * per_run:(b - lo) * per_run] = part.reshape(-1).view(np.uint8)
+            write_chunk(p.path, chunk, store.checksummed(split), durable=True)
+            rewritten += 1
+        if any(p.path.relative_to(path).parts[0] == "stats" for p in rep.problems):
+            _recompute_stats(store)
+            rewritten += 1
+    return rewritten
+
+
+def _recompute_stats(store: Store) -> None:
+    """Recompute the current statistics generation from the logits, file by file and
+    merged in order as ingest did; record their digest in the manifest (equal to the
+    old one when computed on the same kind of device as the ingest)."""
+    from .atomic import atomic_write_json
+    from .stats import RunningStats, stats_of_logits
+
+    gen = int(store.manifest["stats_generation"])
+    g = store.group["stats"][f"g{gen}"]
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        st = RunningStats.empty(store.shape.examples(split), store.shape.classes)
+        for f in store.manifest["files"]:
+            st = st.merge(stats_of_logits(store.read(split, f["run_start"], f["run_stop"]),
+                                          store.transform))
+        for name, val in (("mean", st.mean), ("m2", st.m2)):
+            g[f"{split}_{name}"][...] = val
+            digest.update(np.ascontiguousarray(val).tobytes())
+    if digest.hexdigest() != store.manifest["stats_sha256"]:
+        m = dict(store.manifest, stats_sha256=digest.hexdigest())
+        atomic_write_json(store.root / "manifest.json", m)
+        store.manifest = m
+        print(f"verify: {store.root}: statistics recomputed; they differ from the ingested "
+              "ones by rounding, so the store's fingerprint changed (kernels of it need "
+              "--restart)")
+
+
+def check_readable(path: Path) -> None:
+    """Raise :class:`StoreError` naming the first damaged item of ``path``, if any."""
+    rep = verify(path)
+    if rep.problems:
+        raise StoreError(rep.problems[0].line())
+
+
+__all__ = ["ChunkDamaged", "Problem", "Report", "check_readable", "repair_kernel",
+           "repair_store", "verify", "verify_kernel", "verify_store"]
