@@ -26,6 +26,11 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+def dir_umask() -> int:
+    """The process's umask (read once at import)."""
+    return _UMASK
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a directory entry so a rename inside it survives a power loss."""
     fd = os.open(os.fspath(path), os.O_RDONLY)

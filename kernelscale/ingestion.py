@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .convert import BadFile, ConvertSpec, PreparedFile
 from .device import resolve_device
@@ -60,6 +60,10 @@ class IngestConfig:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, not {v}")
+        g = PurePosixPath(self.glob)
+        if g.is_absolute() or ".." in g.parts or not self.glob.strip():
+            raise ConfigError(f"--glob {self.glob!r}: must be a pattern inside SOURCE "
+                              "(relative, without '..')")
         if not is_local_spec(self.source) and (self.scheduler or (self.workers or 1) > 1):
             # dask workers would hold files downloaded ahead past the documented disk
             # bound, and a remote scheduler's workers cannot read this host's cache

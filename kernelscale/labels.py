@@ -65,6 +65,14 @@ def load_labels(spec: str, *, n_train: int | None = None, n_test: int | None = N
         names = tuple(tr.classes)
     else:
         try:
+            with open(spec, "rb") as fh:
+                magic = fh.read(6)
+        except OSError as e:
+            raise BadInputError(f"{spec}: cannot read the labels ({e.strerror})") from None
+        if magic == b"\x93NUMPY":
+            raise BadInputError(f"{spec}: a single .npy array; labels are an .npz with int "
+                                "arrays 'train' and 'test' (np.savez), or cifar10:ROOT")
+        try:
             with np.load(spec, allow_pickle=False) as z:
                 missing = [k for k in ("train", "test") if k not in z.files]
                 if missing:

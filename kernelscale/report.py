@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_json, fsync_dir
+from .atomic import atomic_write_json, dir_umask, fsync_dir
 from .curve import Curve, load_curve
 from .errors import KernelscaleError
 from .evaluation import Evaluation, evaluate_inputs, open_inputs
@@ -322,7 +322,11 @@ def _temp_dir(out: Path) -> Path:
         raise ReportError(f"{out}: exists and is not a kernelscale report; choose another "
                           "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    # mkdtemp makes 0700 folders; the published report must be readable as a plain
+    # mkdir would have made it (by the group, on a shared file system)
+    tmp.chmod(0o777 & ~dir_umask())
+    return tmp
 
 
 def _publish(tmp: Path, out: Path) -> None:

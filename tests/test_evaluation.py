@@ -469,3 +469,12 @@ def test_curve_ensemble_ahead_at_few_runs_kernel_ahead_at_many(tmp_path):
     assert prov["kernel"] is None and prov["device"] == "cpu"
     assert prov["command"].startswith("kernelscale -q curve --store ")
     assert not any(isinstance(v, list) for p in raw["points"] for v in p.values())
+
+
+def test_labels_as_a_single_npy_array_get_one_clear_line(tmp_path):
+    from kernelscale.errors import BadInputError
+    from kernelscale.labels import load_labels
+
+    np.save(tmp_path / "labels.npy", np.zeros(10, dtype=np.int64))
+    with pytest.raises(BadInputError, match="a single .npy array; labels are an .npz"):
+        load_labels(str(tmp_path / "labels.npy"))

@@ -324,3 +324,12 @@ def test_hostile_files_cost_nothing(tmp_path):
     r = run_cli("ingest", str(tmp_path / "rand"), "--store", str(tmp_path / "s-rand"),
                 check=False)
     assert r.returncode != 0 and "not a torch file" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("glob", ["../**/log.pt", "/etc/*", "a/../../x/log.pt"])
+def test_a_glob_that_leaves_the_source_is_refused(small_source, tmp_path, glob):
+    src, *_ = small_source
+    r = run_cli("ingest", str(src), "--store", str(tmp_path / "s"), "--glob", glob,
+                check=False)
+    assert r.returncode != 0 and "must be a pattern inside SOURCE" in r.stderr
+    assert not (tmp_path / "s").exists()

@@ -298,3 +298,21 @@ def test_report_cli_one_line_errors(tmp_path, small_kernel):
                 "--labels", str(d / "sim" / "labels.npz"), "--out", str(tmp_path / "r"),
                 "--weighting", "softmax", "--temperature", "0", check=False)
     assert p.returncode == 2 and "--temperature must be > 0" in p.stderr
+
+
+def test_report_folder_is_readable_as_a_plain_mkdir_would_make_it(tmp_path, small_kernel):
+    import os
+    import stat
+
+    from kernelscale import report
+
+    d = small_kernel
+    old = os.umask(0o022)
+    try:
+        cfg = report.ReportConfig(store=d / "store", kernel=d / "kernel",
+                                  labels=str(d / "sim" / "labels.npz"), out=tmp_path / "r")
+        report.build_report(cfg)
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "r").stat().st_mode)
+    assert mode == 0o777 & ~0o022, oct(mode)  # not mkdtemp's 0700
