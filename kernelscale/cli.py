@@ -543,6 +543,22 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+def _os_error_line(e: OSError) -> str:
+    import errno
+
+    where = f"{e.filename}: " if e.filename else ""
+    what = e.strerror or str(e)
+    hint = {errno.ENOSPC: "free space and re-run the same command: what was committed "
+                          "is kept and the rest resumes",
+            errno.EDQUOT: "free quota and re-run the same command: what was committed is "
+                          "kept and the rest resumes",
+            errno.EACCES: "check the permissions of the folder",
+            errno.EPERM: "check the permissions of the folder",
+            errno.EROFS: "the file system is read-only; choose a writable location"}.get(
+                e.errno)
+    return f"{where}{what}" + (f"; {hint}" if hint else "")
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -562,6 +578,11 @@ def _main(argv: list[str] | None) -> int:
     except KernelscaleError as e:
         print(f"kernelscale: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # the file system said no: one line, what it was and what to do
+        print(f"kernelscale: error: {_os_error_line(e)}", file=sys.stderr)
+        return 74  # EX_IOERR
     except KeyboardInterrupt:
         print("kernelscale: interrupted", file=sys.stderr)
         return 130

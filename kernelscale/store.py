@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +47,14 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.storage import LocalStore
 
-from .atomic import atomic_write_bytes, atomic_write_json, check_output_dir, read_json
+from .atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output_dir,
+    dir_umask,
+    fsync_dir,
+    read_json,
+)
 from .errors import StoreError
 from .rawchunks import ChunkDamaged, chunk_path, raw_layout, read_checked, read_exact, write_chunk
 from .stats import FLOAT64, LOG1P32, STORE_TRANSFORMS, RunningStats
@@ -77,6 +85,16 @@ class DurableLocalStore(LocalStore):
         if exclusive and path.exists():
             raise FileExistsError(path)
         await asyncio.to_thread(atomic_write_bytes, path, value.as_buffer_like())
+
+
+def _sweep_creations(root: Path, max_age: float = 600.0) -> None:
+    """Remove the temp folders of creations of ``root`` killed more than ``max_age``
+    seconds ago (a live creation takes well under a second)."""
+    now = time.time()
+    for p in root.parent.glob(f".{root.name}.creating-*"):
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime > max_age:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def auto_run_chunk(n_examples: int, classes: int, itemsize: int,
@@ -154,7 +172,30 @@ class Store:
         itemsize = np.dtype(dtype).itemsize
         run_chunk = run_chunk or auto_run_chunk(max(n_test, n_train), classes, itemsize,
                                                 file_runs)
-        root.mkdir(parents=True, exist_ok=True)
+        # Built in a temp folder beside it and renamed into place: a creation killed
+        # half-way leaves no half-store at the path (only a temp folder, swept by the
+        # next creation), and of two racing creations exactly one rename succeeds.
+        root.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_creations(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.creating-", dir=root.parent))
+        tmp.chmod(0o777 & ~dir_umask())
+        try:
+            cls._build(tmp, n_test, n_train, classes, dtype, run_chunk, transform)
+            try:
+                os.rename(tmp, root)  # over an empty folder too; fails over a non-empty one
+            except OSError:
+                raise StoreError(f"{root}: created by another process at the same time (a "
+                                 "concurrent first ingest); re-run to ingest into it"
+                                 ) from None
+            fsync_dir(root.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(root, mode="a")
+
+    @staticmethod
+    def _build(root: Path, n_test: int, n_train: int, classes: int, dtype: str,
+               run_chunk: int, transform: str) -> None:
         zs = DurableLocalStore(root)
         g = zarr.open_group(store=zs, mode="w", zarr_format=3)
         g.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
@@ -168,7 +209,6 @@ class Store:
         g.create_group("stats")
         # The manifest is written last: its presence is what makes the directory a store.
         atomic_write_json(root / "manifest.json", _empty_manifest())
-        return cls.open(root, mode="a")
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> Store:
@@ -333,6 +373,10 @@ class Store:
                     st = RunningStats(self.runs, sg[f"{split}_mean"][...],
                                       sg[f"{split}_m2"][...])
                 except (KeyError, ValueError) as e:  # a missing array, a bad checksum
+                    if not (self.root / "stats" / f"g{gen}").is_dir():
+                        raise StoreError(f"{self.root}: changed while being read (a "
+                                         "concurrent ingest committed twice); re-run"
+                                         ) from None
                     raise StoreError(f"{self.root}/stats/g{gen}/{split}_*: unreadable "
                                      f"({str(e).splitlines()[0][:100]}); recompute with "
                                      f"`kernelscale verify {self.root} --repair SOURCE`"
@@ -374,11 +418,12 @@ class Store:
 
     def _cleanup(self) -> None:
         """Remove what a crashed writer may have left: stray generations, temp files."""
-        keep = f"g{self.manifest['stats_generation']}"
+        gen = int(self.manifest["stats_generation"])
+        keep = {f"g{gen}", f"g{gen - 1}"}  # the previous one: see commit_file
         sdir = self.root / "stats"
         if sdir.is_dir():
             for child in sdir.iterdir():
-                if child.is_dir() and child.name != keep:
+                if child.is_dir() and child.name not in keep:
                     shutil.rmtree(child, ignore_errors=True)
         for tmp in self.root.rglob(".*.tmp"):
             with contextlib.suppress(FileNotFoundError):
@@ -424,7 +469,10 @@ class Store:
         atomic_write_json(self.root / "manifest.json", m)  # the commit point
         self.manifest = m
         self._stats_cache.clear()
-        shutil.rmtree(self.root / "stats" / f"g{gen - 1}", ignore_errors=True)
+        # The generation before the previous one goes: a reader that opened the store
+        # before this commit still finds its generation (it reads it right after
+        # opening; a reader two commits behind is told the store changed).
+        shutil.rmtree(self.root / "stats" / f"g{gen - 2}", ignore_errors=True)
         return rec
 
     def _write_runs(self, split: str, start: int, data: np.ndarray) -> None:

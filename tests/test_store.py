@@ -52,3 +52,63 @@ def test_store_files_are_readable_by_others(small_store):
     s = Store.open(small_store[0])
     for p in [s.root / "manifest.json", *(s.root / "logits").rglob("c/*/0/0")]:
         assert p.stat().st_mode & stat.S_IRGRP, p
+
+
+def test_a_creation_that_fails_half_way_leaves_nothing_at_the_path(tmp_path, monkeypatch):
+    def half(root, *a):
+        (root / "zarr.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Store, "_build", staticmethod(half))
+    with pytest.raises(OSError):
+        Store.create(tmp_path / "s", n_test=3, n_train=4, classes=2, dtype="float16")
+    assert not (tmp_path / "s").exists()
+    assert not list(tmp_path.glob(".s.creating-*"))
+
+
+def test_the_loser_of_two_racing_creations_is_told(tmp_path, monkeypatch):
+    build = Store._build
+
+    def racing(root, *a):
+        build(root, *a)
+        # the other process: creates the store while this one is still building
+        monkeypatch.setattr(Store, "_build", staticmethod(build))
+        Store.create(tmp_path / "s", n_test=3, n_train=4, classes=2, dtype="float16")
+
+    monkeypatch.setattr(Store, "_build", staticmethod(racing))
+    with pytest.raises(StoreError, match="created by another process at the same time"):
+        Store.create(tmp_path / "s", n_test=3, n_train=4, classes=2, dtype="float16")
+    assert Store.open(tmp_path / "s").runs == 0
+    assert not list(tmp_path.glob(".s.creating-*"))
+
+
+def test_a_killed_creation_is_swept_and_the_store_created(tmp_path):
+    import os
+    import time
+
+    stale = tmp_path / ".s.creating-abc123"
+    (stale / "logits").mkdir(parents=True)
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    Store.create(tmp_path / "s", n_test=3, n_train=4, classes=2, dtype="float16")
+    assert not stale.exists() and Store.exists(tmp_path / "s")
+
+
+def test_a_reader_keeps_its_statistics_while_an_ingest_appends(tmp_path):
+    from tests.reference import random_source
+
+    src = tmp_path / "src"
+    random_source(src, [5, 6, 7, 8])
+    files = sorted(src.rglob("log.pt"))
+    ingest_dir(src, tmp_path / "s", max_files=1, show_progress=False)
+    reader = Store.open(tmp_path / "s")  # opened at 5 runs, statistics not read yet
+    want = Store.open(tmp_path / "s").stats("train").mean.copy()
+    ingest_dir(src, tmp_path / "s", max_files=2, show_progress=False)  # one commit later
+    st = reader.stats("train")
+    assert st.count == 5
+    np.testing.assert_array_equal(st.mean, want)
+    late = Store.open(tmp_path / "s")
+    ingest_dir(src, tmp_path / "s", max_files=4, show_progress=False)  # two more commits
+    with pytest.raises(StoreError, match="changed while being read"):
+        late.stats("test")
+    assert len(files) == 4
