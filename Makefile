@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 
-.PHONY: demo test lint clean
+.PHONY: demo test faults lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the fault-injection cases alone, with their table (also printed by `make test`)
+faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m fault
 
 lint: $(STAMP)
 	$(BIN)/ruff check kernelscale tests

@@ -11,6 +11,29 @@ sys.path.insert(0, str(ROOT))
 
 from tests.reference import random_source  # noqa: E402
 
+_FAULTS: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Collect the verdict of every fault-injection case (marker ``fault``)."""
+    if "fault" not in report.keywords:
+        return
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _FAULTS[report.nodeid] = report.outcome
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's table: one line per case with its verdict, and the totals."""
+    if not _FAULTS:
+        return
+    tr = terminalreporter
+    tr.section("fault suite")
+    for nodeid, outcome in _FAULTS.items():
+        tr.write_line(f"{outcome.upper():8s} {nodeid}")
+    counts = {o: list(_FAULTS.values()).count(o) for o in ("passed", "failed", "skipped")}
+    tr.write_line(f"fault suite: {len(_FAULTS)} case(s), {counts['passed']} passed, "
+                  f"{counts['failed']} failed, {counts['skipped']} skipped")
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

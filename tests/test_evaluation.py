@@ -471,6 +471,7 @@ def test_curve_ensemble_ahead_at_few_runs_kernel_ahead_at_many(tmp_path):
     assert not any(isinstance(v, list) for p in raw["points"] for v in p.values())
 
 
+@pytest.mark.fault
 def test_labels_as_a_single_npy_array_get_one_clear_line(tmp_path):
     from kernelscale.errors import BadInputError
     from kernelscale.labels import load_labels

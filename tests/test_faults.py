@@ -12,6 +12,8 @@ from kernelscale.store import Store
 from tests.conftest import ingest_dir, run_cli
 from tests.reference import random_source
 
+pytestmark = pytest.mark.fault
+
 
 def _mount_tmpfs(path, size: str) -> str | None:
     """Mount a tmpfs of ``size`` at ``path``; the reason it cannot be done, or None."""

@@ -297,6 +297,7 @@ def test_500_then_success_is_retried(hub, tmp_path, nth):
                                   snapshot(tmp_path / "ref")["test"])
 
 
+@pytest.mark.fault
 def test_persistent_500_gives_up_after_retries(hub, tmp_path, capsys):
     src = tmp_path / "src"
     write_files(src, FILES_A)
@@ -314,6 +315,7 @@ def test_persistent_500_gives_up_after_retries(hub, tmp_path, capsys):
     assert snapshot(tmp_path / "store")["names"] == sorted(FILES_A)[:1]
 
 
+@pytest.mark.fault
 def test_cut_download_resumes_with_range(hub, tmp_path):
     """The connection drops half-way through a 24 MB file; the client resumes with a
     Range request and the store holds exactly the file's runs."""
@@ -336,6 +338,7 @@ def test_cut_download_resumes_with_range(hub, tmp_path):
     assert st.manifest["files"][0]["sha256"] == st.manifest["files"][0]["lfs_sha256"]
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("where", ["first", "middle"])
 def test_corrupt_byte_is_rejected(hub, tmp_path, where):
     """A flipped byte (loads fine as torch, wrong values) fails the LFS sha256 check:
@@ -609,6 +612,7 @@ def test_dask_workers_are_for_local_folders_only(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.fault
 def test_a_rewritten_path_is_an_error_naming_both_hashes(hub, tmp_path):
     """A newer revision that rewrites an ingested path is not silently skipped: the
     ingest stops naming both sha256s and leaves the store as it was."""
@@ -630,6 +634,7 @@ def test_a_rewritten_path_is_an_error_naming_both_hashes(hub, tmp_path):
     assert Store.open(store).manifest == before
 
 
+@pytest.mark.fault
 def test_files_another_tool_downloaded_into_the_cache_are_never_deleted(hub, tmp_path):
     """Pointed at a shared cache, ingest deletes only what it downloaded itself."""
     src = tmp_path / "src"

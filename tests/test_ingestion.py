@@ -165,6 +165,7 @@ def _bad_files():
             "plain pickle": (plain_pickle, "")}
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("case", list(_bad_files()))
 def test_bad_file_is_refused_and_store_unchanged(small_store, case, tmp_path):
     store, *_ = small_store
@@ -233,6 +234,7 @@ def test_fp32_file_into_fp16_store_is_refused(small_store, tmp_path):
 
 # ------------------------------------------------------------------------- kill -9
 
+@pytest.mark.fault
 def test_ingest_killed_then_rerun_equals_uninterrupted(tmp_path):
     runs = [3] * 14
     random_source(tmp_path / "src", runs, n_test=300, n_train=2000, classes=10, seed=4)
@@ -286,6 +288,7 @@ def test_summary_names_the_bottleneck(fields, want):
     assert s.line().endswith(f"bottleneck: {want}")
 
 
+@pytest.mark.fault
 def test_a_changed_local_file_under_an_ingested_name_is_an_error(small_source, tmp_path):
     src, test, train = small_source
     store = tmp_path / "s"
@@ -298,6 +301,7 @@ def test_a_changed_local_file_under_an_ingested_name_is_an_error(small_source, t
     assert Store.open(store).manifest == before
 
 
+@pytest.mark.fault
 def test_hostile_files_cost_nothing(tmp_path):
     """A 1.5 kB file declaring a 100,000 x 100,000 x 10 tensor, random bytes, and empty
     dimensions are each refused with one line, quickly, and leave no store behind."""
@@ -326,6 +330,7 @@ def test_hostile_files_cost_nothing(tmp_path):
     assert r.returncode != 0 and "not a torch file" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("glob", ["../**/log.pt", "/etc/*", "a/../../x/log.pt"])
 def test_a_glob_that_leaves_the_source_is_refused(small_source, tmp_path, glob):
     src, *_ = small_source

@@ -15,6 +15,8 @@ from kernelscale.store import Store
 from tests.conftest import run_cli
 from tests.reference import labels_file, reference_kernel
 
+pytestmark = pytest.mark.fault
+
 
 def _flip(path, offset=10):
     b = bytearray(path.read_bytes())

@@ -151,6 +151,7 @@ def test_finished_kernel_of_other_inputs_needs_overwrite(small_store, tmp_path):
     assert np.abs(K - reference_kernel(test[:12], train[:12])).max() <= 1e-5
 
 
+@pytest.mark.fault
 def test_partial_kernel_of_changed_store_needs_restart(small_store, tmp_path):
     store, test, train = small_store
     run(store, tmp_path / "k", chunks=(16, 32), rows=(0, 16))
@@ -259,6 +260,7 @@ def test_log_softmax_fp32_reproduces_the_published_method(tmp_path):
     assert ident["log_softmax_fp32"] is True
 
 
+@pytest.mark.fault
 def test_overwrite_never_removes_a_directory_that_is_not_a_kernel(small_store, tmp_path):
     store, *_ = small_store
     mine = tmp_path / "mine"
@@ -379,6 +381,7 @@ def test_engine_plan_counts_padding_and_fixed_temporaries(small_store, tmp_path)
     assert pass_bytes(tiles, 3, 5, 2, 32) - pass_bytes(tiles, 3, 5, 2, 1) == (rows + cols) * 68
 
 
+@pytest.mark.fault
 def test_a_second_writer_or_a_restart_is_refused_naming_the_holder(small_store, tmp_path):
     """While one process computes a region, a second writer of that region and a
     --restart/--overwrite of the kernel are refused with one line; another region of

@@ -64,6 +64,7 @@ def test_clean_run_matches_reference(resume_store):
     assert np.abs(K - reference_kernel(test, train)).max() <= 1e-5
 
 
+@pytest.mark.fault
 def test_kill9_at_several_points_then_resume_is_bitwise_identical(resume_store, tmp_path):
     d, clean, *_ = resume_store
     out = tmp_path / "killed"
@@ -94,6 +95,7 @@ def test_kill9_at_several_points_then_resume_is_bitwise_identical(resume_store, 
     assert not (out / ".checkpoints").exists(), "checkpoints are removed when complete"
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_stop_signal_checkpoints_and_exits_75_then_resumes(resume_store, tmp_path, sig):
     d, clean, *_ = resume_store
@@ -113,6 +115,7 @@ def test_stop_signal_checkpoints_and_exits_75_then_resumes(resume_store, tmp_pat
     np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["kernel"][...], clean)
 
 
+@pytest.mark.fault
 def test_checkpoint_of_other_precision_is_refused(resume_store, tmp_path):
     d, *_ = resume_store
     out = tmp_path / "prec"

@@ -54,6 +54,7 @@ def test_store_files_are_readable_by_others(small_store):
         assert p.stat().st_mode & stat.S_IRGRP, p
 
 
+@pytest.mark.fault
 def test_a_creation_that_fails_half_way_leaves_nothing_at_the_path(tmp_path, monkeypatch):
     def half(root, *a):
         (root / "zarr.json").write_text("{}")
@@ -66,6 +67,7 @@ def test_a_creation_that_fails_half_way_leaves_nothing_at_the_path(tmp_path, mon
     assert not list(tmp_path.glob(".s.creating-*"))
 
 
+@pytest.mark.fault
 def test_the_loser_of_two_racing_creations_is_told(tmp_path, monkeypatch):
     build = Store._build
 
@@ -82,6 +84,7 @@ def test_the_loser_of_two_racing_creations_is_told(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".s.creating-*"))
 
 
+@pytest.mark.fault
 def test_a_killed_creation_is_swept_and_the_store_created(tmp_path):
     import os
     import time
@@ -94,6 +97,7 @@ def test_a_killed_creation_is_swept_and_the_store_created(tmp_path):
     assert not stale.exists() and Store.exists(tmp_path / "s")
 
 
+@pytest.mark.fault
 def test_a_reader_keeps_its_statistics_while_an_ingest_appends(tmp_path):
     from tests.reference import random_source
 
