@@ -45,3 +45,14 @@ def test_block_off_the_grid_or_compressed_goes_through_zarr(tmp_path):
     g = zarr.open_group(str(tmp_path / "z"), mode="w")
     compressed = g.create_array("a", shape=(4, 4), chunks=(2, 2), dtype="float32")
     assert not plain_chunks(compressed)  # the default codecs compress
+
+
+def test_checked_row_blocks_equal_zarr_reads(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal((100, 300)).astype(np.float32)
+    out = KernelOutput.open_or_create(tmp_path / "k", {"pairs": "test-train"}, (100, 300),
+                                      (32, 64), overwrite=False, restart=False)
+    out.array[...] = data
+    r = out.reader
+    for sel in (slice(0, 64), slice(64, 100), slice(96, 100), slice(10, 20), slice(None)):
+        np.testing.assert_array_equal(r[sel], data[sel])
