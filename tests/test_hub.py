@@ -653,3 +653,8 @@ def test_files_another_tool_downloaded_into_the_cache_are_never_deleted(hub, tmp
     assert (p.read_bytes(), blob.stat().st_mtime_ns) == before
     left = [q for q in (cache / "datasets--local--sim" / "blobs").iterdir()]
     assert left == [blob]  # the two files this ingest downloaded are gone
+    # a file a killed ingest of ours left behind carries our claim: the next one deletes it
+    (cache / ".kernelscale-claims").mkdir(exist_ok=True)
+    (cache / ".kernelscale-claims" / blob.name).touch()
+    ingest(hub, tmp_path / "store2", tmp_path, cache_dir=cache)
+    assert not blob.exists() and not list((cache / ".kernelscale-claims").iterdir())

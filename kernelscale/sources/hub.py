@@ -23,6 +23,7 @@ list records every (repo, revision asked, commit) that contributed files.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import os
 import re
@@ -86,6 +87,8 @@ class _Download(Fetched):
     blob: Path | None = None
     #: the cache held the file before this run: it is another tool's, never deleted
     preexisting: bool = False
+    #: the mark that this tool began the download (removed with the file)
+    claim: Path | None = None
 
 
 class HubSource(Source):
@@ -252,8 +255,15 @@ class HubSource(Source):
         """Download one file at the resolved commit (retrying); return where it lies."""
         commit = self.pin()
         repo_dir = self.cache_dir / f"datasets--{self.spec.repo_id.replace('/', '--')}"
-        preexisting = ((repo_dir / "snapshots" / commit / f.path).exists()
-                       or (f.sha256 is not None and (repo_dir / "blobs" / f.sha256).exists()))
+        # A file the cache holds is another tool's unless a claim of ours says we began
+        # downloading it (a claim outlives a killed run, so its file is still ours).
+        claim = self._claim_path(commit, f)
+        held = ((repo_dir / "snapshots" / commit / f.path).exists()
+                or (f.sha256 is not None and (repo_dir / "blobs" / f.sha256).exists()))
+        preexisting = held and not claim.exists()
+        if not preexisting:
+            claim.parent.mkdir(parents=True, exist_ok=True)
+            claim.touch()
         # Same cache_dir on every attempt and run: the library resumes partial downloads
         # there (within the call in 2.x; from `<blob>.incomplete` on the next call before).
         p = self._attempts(self.spec.label(f.path), lambda: hf_hub_download(
@@ -265,7 +275,13 @@ class HubSource(Source):
         with self._lock:
             self._blobs[blob] += 1
         return _Download(SourceFile(f.path, f.size, f.sha256), path, blob=blob,
-                         preexisting=preexisting)
+                         preexisting=preexisting, claim=None if preexisting else claim)
+
+    def _claim_path(self, commit: str, f: HubFile) -> Path:
+        """Where this tool marks a download it began (``CACHE/.kernelscale-claims``)."""
+        key = f.sha256 or hashlib.sha256(f"{self.spec.repo_id}@{commit}/{f.path}".encode()
+                                         ).hexdigest()
+        return self.cache_dir / ".kernelscale-claims" / key
 
     def release(self, d: Fetched, bad: bool = False) -> None:
         """Forget a download; delete its file unless kept. A rejected file whose bytes do
@@ -283,9 +299,10 @@ class HubSource(Source):
                 del self._blobs[d.blob]
         if in_use or d.preexisting or (self.keep_downloads and not corrupt):
             return  # a file this run did not download is not this run's to delete
-        for p in (d.path, d.blob):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        for p in (d.path, d.blob, d.claim):
+            if p is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
         # Drop the snapshot folders left empty, up to the commit's snapshot folder.
         parent, stop = d.path.parent, self.cache_dir
         while parent != stop and stop in parent.parents and parent.name != self.commit:
