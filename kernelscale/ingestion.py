@@ -210,6 +210,21 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
     known = store.known_names() if store else set()
     todo = [f for f in files if f.name not in known]
     summary.files_skipped = len(files) - len(todo)
+    # Names no file of a store may have (a Hub path with '..' segments): refused before
+    # any download, recorded as rejected with --skip-bad.
+    early_bad: list[BadFile] = []
+    for f in [f for f in todo if src.name_problem(f)]:
+        reason = f"{f.name}: {src.name_problem(f)}"
+        if not cfg.skip_bad:
+            raise BadInputError(f"{src}: {reason}")
+        todo.remove(f)
+        summary.files_rejected += 1
+        summary.errors.append(reason)
+        if store is None:
+            early_bad.append(BadFile(f, reason))
+        else:
+            with store.writer():
+                store.record_rejected(f.name, reason)
     bar = progress(sum(f.size for f in todo), "ingest", "B", unit_scale=True,
                    enabled=cfg.show_progress)
     record = src.record(cfg.glob)
@@ -226,7 +241,6 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
     spec = ConvertSpec(expect, store.transform if store else LOG1P32, device)
     stream = preparer(fetching, spec)
     try:
-        early_bad: list[BadFile] = []
         while True:
             t_wait = time.perf_counter()
             nxt = next(stream, None)

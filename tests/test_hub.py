@@ -658,3 +658,23 @@ def test_files_another_tool_downloaded_into_the_cache_are_never_deleted(hub, tmp
     (cache / ".kernelscale-claims" / blob.name).touch()
     ingest(hub, tmp_path / "store2", tmp_path, cache_dir=cache)
     assert not blob.exists() and not list((cache / ".kernelscale-claims").iterdir())
+
+
+@pytest.mark.fault
+def test_an_unsafe_hub_path_is_rejected_and_the_good_files_go_in(hub, tmp_path):
+    """A listing with a '..' path: refused before any download; with --skip-bad it is
+    recorded as rejected and the good files are ingested."""
+    src = tmp_path / "src"
+    write_files(src, dict(list(FILES_A.items())[:2]))
+    sha = hub.add_commit(REPO, src)
+    files = hub.repos[REPO].commits[sha]
+    evil = "logs_saveoutputs_main/../../evil/log.pt"
+    files[evil] = files[sorted(files)[0]]
+    with pytest.raises(BadInputError, match="unsafe path"):
+        ingest(hub, tmp_path / "s1", tmp_path)
+    assert not (tmp_path / "s1").exists()
+    s = ingest(hub, tmp_path / "s2", tmp_path, skip_bad=True)
+    assert (s.files_ingested, s.files_rejected) == (2, 1)
+    m = Store.open(tmp_path / "s2").manifest
+    assert [r["name"] for r in m["rejected"]] == [evil]
+    assert not any(evil in r["path"] for r in hub.requests("GET"))

@@ -62,6 +62,14 @@ class Source:
         """The consumer is done with ``item`` (``bad``: it was rejected)."""
         item.released = True
 
+    def name_problem(self, file: SourceFile) -> str | None:
+        """Why ``file``'s name cannot be fetched safely (e.g. a '..' path segment that
+        would leave the download folder), or None."""
+        parts = file.name.replace("\\", "/").split("/")
+        if file.name.startswith("/") or ".." in parts:
+            return "unsafe path (absolute or with a '..' segment); not downloaded"
+        return None
+
     def record(self, glob: str) -> dict:
         """The manifest's ``sources`` entry of an ingest from this source."""
         raise NotImplementedError
