@@ -94,7 +94,7 @@ def verify_store(path: Path) -> Report:
                                         f"runs, the manifest {store.runs}",
                                         "re-create the store"))
             continue
-        layout = raw_layout(arr)
+        layout = raw_layout(arr) if store._raw_chunks(split) else None
         size = rc * store._run_bytes(split)
         for ci in range(-(-store.runs // rc)):
             chunk = chunk_path(path / "logits" / split, (ci, 0, 0))
@@ -172,8 +172,9 @@ def repair_kernel(path: Path, rep: Report) -> int:
     cr, cc = k.chunks
     bad = set()
     for p in rep.problems:
-        if p.path.parent.parent.name == "c":
-            bad.add((int(p.path.parent.name), int(p.path.name)))
+        rel = p.path.relative_to(path).parts
+        if rel[:2] == ("kernel", "c") and len(rel) == 4:
+            bad.add((int(rel[2]), int(rel[3])))
     removed = 0
     for t in k.done_tiles():
         cells = {(i, j) for i in range(t.r0 // cr, -(-t.r1 // cr))
@@ -233,11 +234,13 @@ def _recompute_stats(store: Store) -> None:
     """Recompute the current statistics generation from the logits, file by file and
     merged in order as ingest did; record their digest in the manifest (equal to the
     old one when computed on the same kind of device as the ingest)."""
+    from zarr.codecs import Crc32cCodec
+
     from .atomic import atomic_write_json
     from .stats import RunningStats, stats_of_logits
 
     gen = int(store.manifest["stats_generation"])
-    g = store.group["stats"][f"g{gen}"]
+    g = store.group["stats"].require_group(f"g{gen}")  # also when it went missing
     digest = hashlib.sha256()
     for split in SPLITS:
         st = RunningStats.empty(store.shape.examples(split), store.shape.classes)
@@ -245,7 +248,9 @@ def _recompute_stats(store: Store) -> None:
             st = st.merge(stats_of_logits(store.read(split, f["run_start"], f["run_stop"]),
                                           store.transform))
         for name, val in (("mean", st.mean), ("m2", st.m2)):
-            g[f"{split}_{name}"][...] = val
+            g.create_array(f"{split}_{name}", data=val, chunks=val.shape,
+                           compressors=[Crc32cCodec()], dimension_names=(split, "class"),
+                           overwrite=True)
             digest.update(np.ascontiguousarray(val).tobytes())
     if digest.hexdigest() != store.manifest["stats_sha256"]:
         m = dict(store.manifest, stats_sha256=digest.hexdigest())

@@ -66,6 +66,7 @@ from .errors import (
     CheckpointMismatchError,
     ConfigError,
     Interrupted,
+    KernelOutputError,
     KernelscaleError,
     StoreError,
 )
@@ -313,6 +314,11 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     engine_plan(cfg, budget, res=res)
     out = create_output(cfg, res)
     with writer_lock(out.path, res.region):
+        # a --restart of another process may have replaced the kernel before the lock
+        out = KernelOutput.open(out.path, mode="r+")
+        if out.attrs.get("identity") != res.identity:
+            raise KernelOutputError(f"{out.path}: replaced by another process (--restart or "
+                                    "--overwrite) while this one started; re-run")
         return _compute(cfg, res, out, device, budget, t_start)
 
 

@@ -112,7 +112,15 @@ class KernelOutput:
         if path.is_symlink():
             raise KernelOutputError(f"{path}: is a symbolic link; give the folder it points "
                                     f"to ({os.path.realpath(path)}) as --out")
-        if path.exists() and any(path.iterdir()):
+        names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+        if ".lock" in names and names <= {*KERNEL_MEMBERS, ".lock"}:
+            try:
+                cls.open(path, mode="r")
+            except KernelOutputError:
+                # what a replace killed half-way leaves: our lock and a kernel's own
+                # members only (a folder without our .lock is never taken for this)
+                _remove_kernel(path)
+        if path.exists() and any(p.name != ".lock" for p in path.iterdir()):
             try:
                 existing = cls.open(path, mode="r+")
             except KernelOutputError:
@@ -266,10 +274,16 @@ class KernelOutput:
 KERNEL_MEMBERS = ("kernel", ".done", ".checkpoints", "zarr.json", ".locks")
 
 
-def _holders(path: Path) -> str:
-    """Who holds region locks of the kernel at ``path`` (from the lock files' notes)."""
+def _holders(path: Path, lock: Path | None = None) -> str:
+    """Who holds the region lock ``lock``, or every region lock of the kernel at
+    ``path`` (a holder's note is cleared when it lets go)."""
+    if lock is not None:
+        files = [lock]
+    else:
+        files = (sorted((path / ".locks").glob("*.lock")) if (path / ".locks").is_dir()
+                 else [])
     notes = []
-    for f in sorted((path / ".locks").glob("*.lock")) if (path / ".locks").is_dir() else []:
+    for f in files:
         with contextlib.suppress(OSError):
             text = f.read_text().strip()
             if text:
@@ -305,13 +319,17 @@ def writer_lock(path: Path, region: Tile):
         lock = path / ".locks" / f"{region.key}.lock"
         with _flock(lock, fcntl.LOCK_EX,
                     f"{path}: rows {region.r0}:{region.r1}, cols {region.c0}:{region.c1} are "
-                    f"being computed by {_holders(path)}") as fh:
+                    f"being computed by {_holders(path, lock)}") as fh:
             fh.seek(0)
             fh.truncate()
             fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
                      f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
             fh.flush()
-            yield
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()  # the note names a live holder only
 
 
 def _remove_kernel(path: Path) -> None:

@@ -30,6 +30,7 @@ decode time on the kernel's read path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -183,7 +184,10 @@ class Store:
             cls._build(tmp, n_test, n_train, classes, dtype, run_chunk, transform)
             try:
                 os.rename(tmp, root)  # over an empty folder too; fails over a non-empty one
-            except OSError:
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise StoreError(f"{root}: cannot be created there ({e.strerror}); give "
+                                     "a path that is not a link or a mount point") from None
                 raise StoreError(f"{root}: created by another process at the same time (a "
                                  "concurrent first ingest); re-run to ingest into it"
                                  ) from None

@@ -163,3 +163,14 @@ def test_store_without_checksums_still_reads_and_verifies_sizes(small_source, tm
     assert not rep.problems and not rep.checksummed
     chunk_path(store / "logits" / "train", (1, 0, 0)).unlink()
     assert [p.problem for p in verify(store).problems] == ["chunk file missing"]
+
+
+def test_a_missing_statistics_array_is_recomputed(small_source, small_store, tmp_path):
+    src, test, train = small_source
+    store, *_ = small_store
+    gen = Store.open(store).manifest["stats_generation"]
+    shutil.rmtree(store / "stats" / f"g{gen}" / "train_m2")
+    r = run_cli("verify", str(store), "--repair", str(src), check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    K = _kernel(store, tmp_path / "k")
+    assert np.abs(K - reference_kernel(test, train)).max() <= 1e-5

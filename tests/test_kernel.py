@@ -416,3 +416,27 @@ def test_a_second_writer_or_a_restart_is_refused_naming_the_holder(small_store, 
         proc.join(10)
     K = run(store, out, chunks=(16, 32))
     assert K.shape == (40, 96)
+
+
+@pytest.mark.fault
+def test_a_replace_killed_half_way_is_finished_by_the_next_run(small_store, tmp_path):
+    """--overwrite killed after removing the old kernel and before the new one was
+    complete leaves only kernelscale's own members: the next run builds the kernel."""
+    from kernelscale.output import _remove_members
+
+    store, test, train = small_store
+    out = tmp_path / "k"
+    run(store, out)
+    (out / ".lock").touch()
+    _remove_members(out)
+    import zarr as z
+
+    z.open_group(str(out), mode="a")  # a group without its attributes, as if killed
+    K = run(store, out)
+    assert np.abs(K - reference_kernel(test, train)).max() <= 1e-5
+    # a folder without our lock is never taken for such leftovers
+    other = tmp_path / "other"
+    z.open_group(str(other), mode="a")
+    with pytest.raises(KernelOutputError, match="is not a kernelscale kernel"):
+        run(store, other)
+    assert (other / "zarr.json").is_file()

@@ -266,10 +266,16 @@ class HubSource(Source):
             claim.touch()
         # Same cache_dir on every attempt and run: the library resumes partial downloads
         # there (within the call in 2.x; from `<blob>.incomplete` on the next call before).
-        p = self._attempts(self.spec.label(f.path), lambda: hf_hub_download(
-            self.spec.repo_id, f.path, repo_type="dataset", revision=commit,
-            cache_dir=self.cache_dir, endpoint=self.endpoint, token=self.token,
-            **self._bar_kw))
+        try:
+            p = self._attempts(self.spec.label(f.path), lambda: hf_hub_download(
+                self.spec.repo_id, f.path, repo_type="dataset", revision=commit,
+                cache_dir=self.cache_dir, endpoint=self.endpoint, token=self.token,
+                **self._bar_kw))
+        except BaseException:
+            # nothing of ours arrived: a later download by another tool is not ours
+            if not preexisting and not (repo_dir / "snapshots" / commit / f.path).exists():
+                claim.unlink(missing_ok=True)
+            raise
         path = Path(p)
         blob = Path(os.path.realpath(path))
         with self._lock:
