@@ -85,3 +85,29 @@ def test_a_read_only_or_forbidden_folder_is_one_line(tmp_path):
             target.chmod(0o755)
     assert r.returncode == 74 and want in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_disk_full_under_a_kernel_is_one_line_and_the_same_command_resumes(small_disk,
+                                                                           tmp_path):
+    """The kernel's output on a full disk: one line, exit 74; with space again the same
+    command finishes, equal to a kernel computed on a roomy disk."""
+    src = tmp_path / "src"
+    random_source(src, [10, 10], n_test=300, n_train=1000)  # a 1.2 MB kernel, 600 kB disk
+    store = tmp_path / "store"
+    ingest_dir(src, store, show_progress=False)
+    out = small_disk / "k"
+    args = ("kernel", "--store", str(store), "--out", str(out), "--device", "cpu",
+            "--chunks", "32x64", "--tile", "32x64")
+    r = run_cli(*args, check=False)
+    assert r.returncode == 74, r.stderr
+    assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
+    subprocess.run(["mount", "-o", "remount,size=20m", str(small_disk)], check=True)
+    run_cli(*args)
+    ref = tmp_path / "ref"
+    run_cli("kernel", "--store", str(store), "--out", str(ref), "--device", "cpu",
+            "--chunks", "32x64", "--tile", "32x64")
+    import zarr
+
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["kernel"][...],
+                                  zarr.open_group(str(ref), mode="r")["kernel"][...])
+    assert run_cli("verify", str(out)).returncode == 0
