@@ -103,17 +103,15 @@ class IngestSummary:
         return "download" if self.bytes_downloaded else "reading the files"
 
     def line(self) -> str:
-        def rate(sec: float) -> str:
-            return f"{format_bytes(self.bytes_read / sec)}/s" if sec > 0 else "-"
-
         return (f"ingest: {self.files_ingested} file(s) ingested, {self.files_skipped} "
                 f"skipped, {self.files_rejected} rejected; runs +{self.runs_added} = "
                 f"{self.runs_total}; {format_bytes(self.bytes_read)} in {self.seconds:.1f} s "
-                f"({rate(self.seconds)}); "
-                + (f"download {format_bytes(self.bytes_downloaded / self.seconds)}/s, "
-                   if self.bytes_downloaded and self.seconds > 0 else "")
-                + f"convert {rate(self.t_convert / self.converters)} "
-                f"x{self.converters} on {self.device}, commit {rate(self.t_commit)}; "
+                f"({_rate(self.bytes_read, self.seconds)}); "
+                + (f"download {_rate(self.bytes_downloaded, self.seconds)}, "
+                   if self.bytes_downloaded else "")
+                + f"convert {_rate(self.bytes_read, self.t_convert / self.converters)} "
+                f"x{self.converters} on {self.device}, commit "
+                f"{_rate(self.bytes_read, self.t_commit)}; "
                 f"bottleneck: {self.bottleneck()}")
 
 
@@ -213,8 +211,9 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
     # Names no file of a store may have (a Hub path with '..' segments): refused before
     # any download, recorded as rejected with --skip-bad.
     early_bad: list[BadFile] = []
-    for f in [f for f in todo if src.name_problem(f)]:
-        reason = f"{f.name}: {src.name_problem(f)}"
+    unsafe = {f.name: why for f in todo if (why := src.name_problem(f))}
+    for f in [f for f in todo if f.name in unsafe]:
+        reason = f"{f.name}: {unsafe[f.name]}"
         if not cfg.skip_bad:
             raise BadInputError(f"{src}: {reason}")
         todo.remove(f)

@@ -65,12 +65,6 @@ def verify(path: str | Path) -> Report:
     raise BadInputError(f"{p}: neither a kernelscale store nor a kernel")
 
 
-def _chunk_runs(store: Store, chunk: Path) -> tuple[int, int]:
-    ci = int(chunk.parts[-3])
-    rc = store.shape.run_chunk
-    return ci * rc, min((ci + 1) * rc, store.runs)
-
-
 def verify_store(path: Path) -> Report:
     store = Store.open(path)
     rep = Report(path, "store")
@@ -205,8 +199,7 @@ def repair_store(path: Path, source: str | Path, rep: Report) -> int:
             rel = p.path.relative_to(path).parts
             if rel[0] != "logits" or len(rel) < 4:
                 continue
-            split = rel[1]
-            lo, hi = _chunk_runs(store, p.path)
+            split, lo, hi = store.chunk_runs(p.path)
             rc, per_run = store.shape.run_chunk, store._run_bytes(split)
             chunk = np.zeros(rc * per_run, dtype=np.uint8)
             for f in store.manifest["files"]:

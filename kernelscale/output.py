@@ -39,8 +39,7 @@ from .rawchunks import (
     ChunkDamaged,
     chunk_path,
     raw_layout,
-    read_checked,
-    read_exact,
+    read_chunk,
     write_chunk,
 )
 
@@ -411,10 +410,7 @@ class CheckedArray:
             for j in range(-(-m // cc)):
                 path = chunk_path(self.path / "kernel", (i, j))
                 try:
-                    if self.layout.checksum:
-                        read_checked(path, buf.size, 0, buf)
-                    else:
-                        read_exact(path, 0, buf)
+                    read_chunk(path, buf.size, 0, buf, self.layout.checksum)
                 except ChunkDamaged as e:
                     raise KernelOutputError(f"{e.path}: {e.problem}; `kernelscale verify "
                                             f"{self.path} --repair` marks its tile for "

@@ -63,11 +63,6 @@ def raw_layout(arr) -> RawLayout | None:
     return RawLayout(checksum=bool(rest))
 
 
-def plain_chunks(arr) -> bool:
-    """Whether ``arr``'s chunk files can be read and written directly (see above)."""
-    return raw_layout(arr) is not None
-
-
 def chunk_path(array_dir: Path, index: tuple[int, ...]) -> Path:
     """The file of chunk ``index`` of the array stored in ``array_dir``."""
     return array_dir.joinpath("c", *(str(i) for i in index))
@@ -126,6 +121,16 @@ def read_checked(path: Path, chunk_bytes: int, offset: int, dest: np.ndarray) ->
         raise ChunkDamaged(path, "checksum mismatch (the file is corrupt)")
     if not whole:
         dest[...] = buf[offset:offset + len(dest)]
+
+
+def read_chunk(path: Path, chunk_bytes: int, offset: int, dest: np.ndarray,
+               checksum: bool) -> None:
+    """Fill ``dest`` from bytes ``[offset, ...)`` of a chunk file of ``chunk_bytes`` data
+    bytes: verified against its CRC-32C when ``checksum``, else read as it is."""
+    if checksum:
+        read_checked(path, chunk_bytes, offset, dest)
+    else:
+        read_exact(path, offset, dest)
 
 
 def verify_chunk(path: Path, chunk_bytes: int, checksum: bool) -> str | None:

@@ -26,22 +26,6 @@ class RunningStats:
         z = np.zeros((examples, classes), dtype=np.float64)
         return cls(0, z, z.copy())
 
-    @classmethod
-    def from_block(cls, x: np.ndarray) -> RunningStats:
-        """Statistics of a block ``x`` float32/64 (runs, examples, classes)."""
-        x = np.asarray(x, dtype=np.float64)
-        n = x.shape[0]
-        mean = x.mean(axis=0)
-        m2 = ((x - mean) ** 2).sum(axis=0)
-        # An entry that is constant over the block must have m2 exactly 0 and mean exactly
-        # that value, or a zero-variance entry would pick up rounding noise and give a
-        # huge 1/std instead of the documented 0.
-        const = (x == x[0]).all(axis=0)
-        if const.any():
-            mean = np.where(const, x[0], mean)
-            m2 = np.where(const, 0.0, m2)
-        return cls(n, mean, m2)
-
     def merge(self, other: RunningStats) -> RunningStats:
         """Statistics of the union of the two run sets (``self`` first)."""
         if other.count == 0:
@@ -156,16 +140,6 @@ def transform64(raw, transform: str = LOG1P32):
     if transform == LOGITS:
         return raw.to(torch.float64, copy=True)  # callers work in place on the result
     raise ValueError(f"unknown transform {transform!r}; one of {', '.join(TRANSFORMS)}")
-
-
-def values64(block, transform: str = LOG1P32) -> np.ndarray:
-    """:func:`transform64` of ``block`` (runs, examples, classes), a numpy array or a
-    torch tensor on any device, as a float64 numpy array."""
-    import torch
-
-    t = torch.as_tensor(np.ascontiguousarray(block) if isinstance(block, np.ndarray)
-                        else block).detach()
-    return transform64(t, transform).cpu().numpy()
 
 
 class NonFiniteValues(ValueError):

@@ -57,7 +57,7 @@ from .atomic import (
     read_json,
 )
 from .errors import StoreError
-from .rawchunks import ChunkDamaged, chunk_path, raw_layout, read_checked, read_exact, write_chunk
+from .rawchunks import ChunkDamaged, RawLayout, chunk_path, raw_layout, read_chunk, write_chunk
 from .stats import FLOAT64, LOG1P32, STORE_TRANSFORMS, RunningStats
 from .units import format_bytes
 
@@ -150,7 +150,7 @@ class Store:
         #: in stores from before the float32 log1p form)
         self.transform = str(a.get("transform", FLOAT64))
         self._stats_cache: dict[tuple[str, int], RunningStats] = {}
-        self._raw: dict[str, bool] = {}
+        self._raw: dict[str, RawLayout | None] = {}
 
     # ------------------------------------------------------------------ open / create
     @staticmethod
@@ -298,34 +298,38 @@ class Store:
             return None
         per_run = self._run_bytes(split)
         dest = out.reshape(-1).view(np.uint8)
-        if self.checksummed(split):
-            size = self.shape.run_chunk * per_run
-            return [functools.partial(self._read_chunk, read_checked, path, size, offset,
-                                      dest[(lo - start) * per_run:(hi - start) * per_run])
-                    for path, offset, lo, hi in self._chunk_spans(split, start, stop,
-                                                                  per_run)]
-        return [functools.partial(self._read_chunk, read_exact, path, offset,
+        return [functools.partial(self._read_chunk, split, path, offset,
                                   dest[(lo - start) * per_run:(hi - start) * per_run])
                 for path, offset, lo, hi in self._chunk_spans(split, start, stop, per_run)]
 
-    def _read_chunk(self, read, path: Path, *args) -> None:
+    def _read_chunk(self, split: str, path: Path, offset: int, dest: np.ndarray) -> None:
+        """Bytes ``[offset, ...)`` of the logits chunk file ``path`` into ``dest``,
+        verified when the store is checksummed; damage names the files to repair from."""
         try:
-            read(path, *args)
+            read_chunk(path, self.shape.run_chunk * self._run_bytes(split), offset, dest,
+                       self.checksummed(split))
         except ChunkDamaged as e:
             raise ChunkDamaged(e.path, f"{e.problem}; {self.repair_hint(path)}") from None
 
+    def chunk_runs(self, chunk: Path) -> tuple[str, int, int] | None:
+        """(split, first run, end run) the logits chunk file ``chunk`` holds of the
+        committed runs; None for a path that is not one."""
+        try:
+            split, _, ci, *_ = chunk.relative_to(self.root / "logits").parts
+            lo = int(ci) * self.shape.run_chunk
+        except ValueError:
+            return None
+        return split, lo, min(lo + self.shape.run_chunk, self.runs)
+
     def repair_hint(self, chunk: Path) -> str:
         """How to repair a damaged logits chunk file: the source files of its runs."""
-        try:
-            split = chunk.relative_to(self.root / "logits").parts[0]
-            ci = int(chunk.relative_to(self.root / "logits" / split).parts[1])
-        except (ValueError, IndexError):
+        where = self.chunk_runs(chunk)
+        if where is None:
             return "re-create the store"
-        rc = self.shape.run_chunk
-        lo, hi = ci * rc, (ci + 1) * rc
+        split, lo, hi = where
         names = [f["name"] for f in self.manifest["files"]
                  if f["run_start"] < hi and f["run_stop"] > lo]
-        return (f"runs {lo}:{min(hi, self.runs)} of {split} come from "
+        return (f"runs {lo}:{hi} of {split} come from "
                 f"{', '.join(names) or 'no ingested file'}; repair with `kernelscale "
                 f"verify {self.root} --repair SOURCE`")
 
@@ -503,11 +507,7 @@ class Store:
                 continue
             chunk = np.zeros(rc * per_run, dtype=np.uint8)
             if lo > c * rc:  # runs an earlier commit wrote into this chunk
-                head = chunk[:(lo - c * rc) * per_run]
-                if checksum:
-                    self._read_chunk(read_checked, path, rc * per_run, 0, head)
-                else:
-                    self._read_chunk(read_exact, path, 0, head)
+                self._read_chunk(split, path, 0, chunk[:(lo - c * rc) * per_run])
             chunk[(lo - c * rc) * per_run:(hi - c * rc) * per_run] = piece
             write_chunk(path, chunk, checksum, durable=True)
 

@@ -7,7 +7,7 @@ import pytest
 import zarr
 
 from kernelscale.output import KernelOutput
-from kernelscale.rawchunks import plain_chunks
+from kernelscale.rawchunks import raw_layout
 
 
 @pytest.mark.parametrize("shape,chunks", [((100, 300), (32, 64)), ((64, 128), (32, 64)),
@@ -20,7 +20,7 @@ def test_kernel_blocks_written_directly_equal_zarr_writes(tmp_path, shape, chunk
                                        overwrite=False, restart=False)
     theirs = KernelOutput.open_or_create(tmp_path / "theirs", ident, shape, chunks,
                                          overwrite=False, restart=False)
-    assert plain_chunks(ours.array)
+    assert raw_layout(ours.array) is not None
     cr = chunks[0]
     for r in range(0, shape[0], cr):  # row blocks, as the engine writes them
         ours.write_block(r, min(r + cr, shape[0]), 0, shape[1], data[r:r + cr])
@@ -44,7 +44,7 @@ def test_block_off_the_grid_or_compressed_goes_through_zarr(tmp_path):
     np.testing.assert_array_equal(out.array[...], want)
     g = zarr.open_group(str(tmp_path / "z"), mode="w")
     compressed = g.create_array("a", shape=(4, 4), chunks=(2, 2), dtype="float32")
-    assert not plain_chunks(compressed)  # the default codecs compress
+    assert raw_layout(compressed) is None  # the default codecs compress
 
 
 def test_checked_row_blocks_equal_zarr_reads(tmp_path):

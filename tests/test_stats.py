@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -7,11 +8,12 @@ from kernelscale import stats
 from kernelscale.stats import (
     FLOAT64,
     LOG1P32,
+    LOGITS,
     PUBLISHED32,
     NonFiniteValues,
     RunningStats,
     stats_of_logits,
-    values64,
+    transform64,
 )
 from tests.reference import confident_logits, log_softmax_exact64
 
@@ -24,7 +26,7 @@ def test_merge_of_any_split_equals_all_at_once(runs, cuts, seed):
     bounds = sorted({c for c in cuts if c < runs} | {0, runs})
     acc = RunningStats.empty(7, 3)
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        acc = acc.merge(RunningStats.from_block(x[a:b]))
+        acc = acc.merge(stats_of_logits(x[a:b], LOGITS))
     assert acc.count == runs
     np.testing.assert_allclose(acc.mean, x.mean(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(acc.m2, ((x - x.mean(0)) ** 2).sum(0), rtol=1e-10, atol=1e-10)
@@ -36,10 +38,14 @@ def test_constant_entries_have_exactly_zero_m2_and_zero_inverse_std():
     x[:, 1, 2] = 0.1  # not exactly representable: rounding must not make m2 > 0
     acc = RunningStats.empty(4, 3)
     for a, b in ((0, 2), (2, 5), (5, 9)):
-        acc = acc.merge(RunningStats.from_block(x[a:b]))
+        acc = acc.merge(stats_of_logits(x[a:b], LOGITS))
     assert acc.m2[1, 2] == 0.0
     assert acc.inv_std()[1, 2] == 0.0
     assert acc.zero_variance() == 1
+
+
+def _values(logits: np.ndarray, transform: str = LOG1P32) -> np.ndarray:
+    return transform64(torch.from_numpy(logits), transform).numpy()
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -74,7 +80,7 @@ def test_log1p32_values_match_exact_float64_and_handle_ties():
     logits = confident_logits(20, 30, 10, 4)
     logits[0, 0, :2] = 7.0  # a tie at the top: both classes get log(1/2) + ...
     logits[0, 0, 2:] = -20.0
-    got = values64(logits, LOG1P32)
+    got = _values(logits, LOG1P32)
     want = log_softmax_exact64(logits)
     assert _rel(got, want) <= 2e-6
     assert abs(got[0, 0, 0] - np.log(0.5)) < 1e-6
@@ -93,7 +99,7 @@ def test_stats_of_identical_runs_have_exactly_zero_m2():
     one = (np.random.default_rng(3).normal(size=(1, 6, 5)) * 5).astype(np.float16)
     s = stats_of_logits(np.repeat(one, 9, axis=0))
     assert (s.m2 == 0).all() and s.zero_variance() == 30
-    np.testing.assert_array_equal(s.mean, values64(one)[0])
+    np.testing.assert_array_equal(s.mean, _values(one)[0])
 
 
 def test_non_finite_values_are_found_from_the_sums():
