@@ -22,6 +22,10 @@ import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
+from .topk import Neighbours, tile_neighbours
+
 #: operand columns (runs x classes of one chunk) are padded with zeros to a multiple of
 #: this many floats on CUDA: 128-byte rows keep the tensor-core GEMM kernels on their
 #: aligned paths. The zero columns add exact zeros to every dot product.
@@ -256,6 +260,30 @@ def write_tiles(out, tiles, accs, scale: float, device, on_tile_written) -> None
                     f.result()
                     pending[j] = None
             on_tile_written(t)
+
+
+def reduce_tiles(out, tiles, accs, scale: float, on_tile_written) -> None:
+    """Scale each float64 accumulator in place and keep only its rows' top-K (a top-K
+    kernel): the values are the float32 values a full kernel would store, bit for bit.
+
+    Row blocks of one grid chunk row are converted to float32 on the device (the 4 bytes
+    per element the freed chunk product held) and reduced there; only (rows, K) comes
+    back. The tile's partial top-K is stored atomically before ``on_tile_written(tile)``
+    marks it done.
+    """
+    step = out.chunks[0]
+    k, square = out.topk, bool(out.attrs["identity"].get("exclude_self"))
+    for t, a in zip(tiles, accs, strict=True):
+        a.mul_(scale)
+        vals, idx = [], []
+        for r in range(0, t.rows, step):
+            r1 = min(r + step, t.rows)
+            nb = tile_neighbours(a[r:r1].float(), k, t.c0,
+                                 exclude_row0=t.r0 + r if square else None)
+            vals.append(nb.values)
+            idx.append(nb.index)
+        out.save_partial(t, Neighbours(np.concatenate(vals), np.concatenate(idx)))
+        on_tile_written(t)
 
 
 def _store_block(out, r0: int, r1: int, c0: int, c1: int, host, event) -> None:

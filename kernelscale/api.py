@@ -35,8 +35,9 @@ from .ingestion import IngestConfig, IngestSummary
 from .ingestion import ingest as _ingest
 from .kernel import KernelConfig, KernelSummary
 from .kernel import compute_kernel as _compute_kernel
+from .kernelread import kernel_neighbours, load_kernel
 from .labels import Labels, labels_from_arrays, load_labels
-from .output import DIMENSION_NAMES, PAIRS, KernelOutput, load_kernel
+from .output import DIMENSION_NAMES, PAIRS, KernelOutput
 from .simulation import simulate
 from .store import Store
 from .topk import Neighbours, top_neighbours
@@ -101,9 +102,10 @@ def evaluate(store: Store | PathLike, kernel: KernelView | PathLike,
              labels: Labels | PathLike | Mapping, **options: Any) -> Evaluation:
     """Baselines and k-NN accuracies (percent) of a finished test-train kernel of ``store``.
 
-    ``labels``: a :class:`~kernelscale.labels.Labels`, an ``.npz`` path or ``cifar10:ROOT``
-    (checked against the store's sizes and classes), or a mapping with int arrays
-    ``train`` (n_train,) and ``test`` (n_test,). ``options``: keyword arguments of
+    ``labels``: a :class:`~kernelscale.labels.Labels`, a labels path (``.npz``, or a
+    ``.train.npy``/``.test.npy`` pair) or ``cifar10:ROOT`` (checked against the store's
+    sizes and classes), or a mapping with int arrays ``train`` (n_train,) and ``test``
+    (n_test,) and optionally ``class_names`` (C,) strings. ``options``: keyword arguments of
     :func:`kernelscale.evaluation.evaluate` (``k``, ``weighting``, ``power``,
     ``temperature``, ``select``, ``train_kernel``, ...).
     """
@@ -126,7 +128,8 @@ def _labels(labels: Labels | PathLike | Mapping, *, n_train: int | None,
                                 "needs int arrays "
                                 "'train' and 'test')")
         return labels_from_arrays(labels["train"], labels["test"], n_train=n_train,
-                                  n_test=n_test, classes=classes)
+                                  n_test=n_test, classes=classes,
+                                  class_names=labels.get("class_names"))
     if isinstance(labels, str | os.PathLike):
         return load_labels(os.fspath(labels), n_train=n_train, n_test=n_test, classes=classes)
     raise BadInputError(f"labels must be a Labels, a path or a mapping, not "
@@ -144,6 +147,9 @@ class KernelView:
     Dimension names (:attr:`dims`) are the splits of the pairs; a square kernel's columns
     are ``<split>_col``: ``test-train`` -> ``("test", "train")``, ``train-train`` ->
     ``("train", "train_col")``, ``test-test`` -> ``("test", "test_col")``.
+
+    A top-K kernel (:attr:`topk` is K) has no full matrix: :meth:`neighbours` gives its
+    ``values`` float32 and ``indices`` int64 (rows, K); the array methods refuse it.
     """
 
     path: Path
@@ -166,7 +172,23 @@ class KernelView:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+        """(rows, cols) of the kernel (of the full matrix a top-K kernel stands for)."""
+        return self.output.shape
+
+    @property
+    def topk(self) -> int | None:
+        """K of a top-K kernel, None for a full one."""
+        return self.output.topk
+
+    def neighbours(self, k: int | None = None, *, exclude_diagonal: bool = False,
+                   workers: int | None = None) -> Neighbours:
+        """Top-``k`` neighbours of every row (default: all K of a top-K kernel)."""
+        if k is None:
+            if not self.topk:
+                raise ConfigError("neighbours of a full kernel need k")
+            k = self.topk
+        return kernel_neighbours(self.output, k, exclude_diagonal=exclude_diagonal,
+                                 workers=workers)
 
     @property
     def chunks(self) -> tuple[int, int]:
@@ -273,7 +295,9 @@ def neighbours(kernel: KernelView | PathLike | Any, k: int, *,
     """
     if isinstance(kernel, str | os.PathLike):
         kernel = open_kernel(kernel)
-    arr = kernel.array if isinstance(kernel, KernelView) else kernel
+    if isinstance(kernel, KernelView):
+        return kernel.neighbours(k, exclude_diagonal=exclude_diagonal, workers=workers)
+    arr = kernel
     if is_torch(arr):
         arr = arr.detach().cpu().numpy()
     if not hasattr(arr, "__getitem__") or not hasattr(arr, "shape"):

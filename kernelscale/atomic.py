@@ -64,6 +64,34 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
+#: How old the temp file (or folder) of a write must be before another run removes it
+#: as abandoned: a live write renames its temp within seconds, so one this old is what a
+#: killed process left behind, while a younger one may be a concurrent writer's.
+STALE_TEMP_SECONDS = 600.0
+
+
+def remove_stale_temps(path: str | os.PathLike,
+                       max_age: float = STALE_TEMP_SECONDS) -> None:
+    """Remove the temps that killed writes of ``path`` left beside it (``.NAME.*.tmp``,
+    files of :func:`atomic_open`, folders of other writers), when older than ``max_age``
+    seconds. Only names of that pattern are touched; a symbolic link is never followed."""
+    import glob
+    import shutil
+    import time
+
+    path = Path(path)
+    now = time.time()
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            st = p.lstat()
+            if now - st.st_mtime <= max_age:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as fh:
         fh.write(data)

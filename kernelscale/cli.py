@@ -82,7 +82,8 @@ def cmd_simulate(a: argparse.Namespace) -> int:
                  classes=a.classes, seed=a.seed, progress=_progress(a))
     print(f"simulate: {s.runs} runs in {len(s.files)} file(s) to {a.out} "
           f"(train {s.n_train}, test {s.n_test}, classes {s.classes}, seed {s.seed}) in "
-          f"{time.monotonic() - t0:.1f} s")
+          f"{time.monotonic() - t0:.1f} s; labels and class names in "
+          f"{Path(a.out) / 'labels.npz'}")
     return 0
 
 
@@ -106,7 +107,7 @@ def cmd_kernel(a: argparse.Namespace) -> int:
     cfg = _job(kernel=_kernel_table(a)).kernel_config(show_progress=_progress(a))
     if a.create_only:
         out = create_output(cfg)
-        print(f"kernel: output {a.out} ready, shape {tuple(out.array.shape)} chunks "
+        print(f"kernel: output {a.out} ready, shape {out.shape} chunks "
               f"{out.chunks}")
         return 0
     print(compute_kernel(cfg).line())
@@ -170,7 +171,7 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 def cmd_info(a: argparse.Namespace) -> int:
     from .errors import BadInputError
-    from .output import describe_kernel
+    from .kernelread import describe_kernel
     from .store import Store
 
     p = Path(a.path)
@@ -180,6 +181,15 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(Store.open(p).describe())
     else:
         print(describe_kernel(p))
+    return 0
+
+
+def cmd_neighbours(a: argparse.Namespace) -> int:
+    from .neighbours import export_neighbours
+
+    s = export_neighbours(a.kernel, a.k, a.out, overwrite=a.overwrite,
+                          workers=a.read_threads, show_progress=_progress(a))
+    print(s.line())
     return 0
 
 
@@ -201,8 +211,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         print(f"verify: rewrote {n} damaged item(s) of {rep.path} from {a.repair}")
     else:
         n = repair_kernel(rep.path, rep)
-        print(f"verify: {n} tile(s) of {rep.path} marked for recomputation; run the same "
-              "`kernelscale kernel` command to recompute them")
+        print(f"verify: {n} tile(s) (or a top-K kernel's merged arrays) of {rep.path} marked "
+              "for recomputation; run the same `kernelscale kernel` command to recompute them")
     after = verify(a.path)
     print(after.line())
     return 1 if after.problems else 0
@@ -262,6 +272,11 @@ logits into a store, compute the kernel (tiled, resumable, on a GPU or the CPU),
 evaluate its k-NN classifier and write a report. `kernelscale run` runs a whole job file
 (default: the bundled demo); `kernelscale COMMAND --help` explains each command."""
 
+#: what ``--labels`` accepts (kernelscale.labels describes the formats)
+LABELS_HELP = ("LABELS.npz (int arrays train, test; optional class_names), "
+               "LABELS.train.npy with LABELS.test.npy (optional LABELS.class_names.npy), "
+               "or cifar10:ROOT")
+
 #: ``kernelscale submit`` options that override keys of the job's [slurm] table
 SLURM_OVERRIDES = {"partition": str, "account": str, "time": str, "mem": str, "gres": str,
                    "cpus_per_task": int, "tasks": int, "max_parallel": int,
@@ -310,6 +325,9 @@ def add_kernel_options(p: argparse.ArgumentParser, *, out: bool = True) -> None:
                    "(chunk-aligned)")
     p.add_argument("--runs-per-step", type=int, metavar="N",
                    help="runs folded into the kernel per GEMM (default: planned)")
+    p.add_argument("--topk", type=int, metavar="K",
+                   help="save each row's K largest values and their columns instead of the "
+                   "full matrix (a square kernel leaves out each row's own column)")
     p.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
                    help="seconds between checkpoints")
     p.add_argument("--no-log-softmax", action="store_true",
@@ -367,17 +385,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--files", type=int, default=2, help="log.pt files they are split into")
     s.add_argument("--n-train", type=int, default=2000, help="train examples")
     s.add_argument("--n-test", type=int, default=500, help="test examples")
-    s.add_argument("--classes", type=int, default=10, help="classes")
+    s.add_argument("--classes", type=int, default=10,
+                   help="classes, any count >= 2 (named sim-0 .. sim-<C-1> in labels.npz)")
     s.add_argument("--seed", type=int, default=0, help="random seed")
 
-    s = _sub(sub, "ingest", "ingest log.pt files into a Zarr store", cmd_ingest)
-    s.add_argument("source", help="a directory of log.pt files, or "
+    s = _sub(sub, "ingest", "ingest logits files (log.pt, safetensors, .npz/.npy, Zarr) into "
+             "a Zarr store", cmd_ingest)
+    s.add_argument("source", help="a directory of files, "
                    "hf://datasets/OWNER/NAME[@REVISION][/PATH] (endpoint: HF_ENDPOINT, "
-                   "token: HF_TOKEN or `hf auth login`)")
+                   "token: HF_TOKEN or `hf auth login`), or a Zarr group")
     s.add_argument("--store", required=True, help="the store to create or extend")
     s.add_argument("--glob", default="**/log.pt",
                    help="which files under SOURCE (hf://: matched against the path in the "
-                   "repo or below PATH)")
+                   "repo or below PATH), e.g. '**/*.safetensors'; not for a Zarr group")
+    s.add_argument("--format", choices=("auto", "logpt", "safetensors", "npy", "zarr"),
+                   default="auto",
+                   help="how files are read: auto decides each file by its content (and "
+                   "reads a SOURCE that is a Zarr group as one); npy: .npz files, or .npy "
+                   "files paired by name (PREFIX.TEST.npy + PREFIX.TRAIN.npy)")
+    s.add_argument("--keys", metavar="TEST,TRAIN",
+                   help="names of the test and train arrays: safetensors tensors, .npz "
+                   "members, .npy name suffixes, Zarr arrays (default: logits,logits_train; "
+                   "log.pt keeps its own)")
     s.add_argument("--max-files", type=int, metavar="N", help="the first N matching files")
     s.add_argument("--max-runs", type=int, metavar="N",
                    help="stop before a file that would take the store past N runs")
@@ -419,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
              cmd_evaluate)
     s.add_argument("--store", required=True, help="the store the kernel was computed from")
     s.add_argument("--kernel", required=True, help="the test-train kernel")
-    s.add_argument("--labels", required=True, help="labels.npz or cifar10:ROOT")
+    s.add_argument("--labels", required=True, help=LABELS_HELP)
     add_knn_options(s)
     s.add_argument("--select", action="store_true",
                    help="choose k and the weighting without test labels: leave-one-out on "
@@ -436,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "curve", "ensemble and kernel k-NN accuracy against the number of runs",
              cmd_curve)
     add_kernel_options(s, out=False)
-    s.add_argument("--labels", required=True, help="labels.npz or cifar10:ROOT")
+    s.add_argument("--labels", required=True, help=LABELS_HELP)
     s.add_argument("--runs", required=True, metavar="N,N,...",
                    help="run counts, e.g. 10,20,50,100,200,500,all")
     s.add_argument("--out", default="curve",
@@ -444,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=3, help="k of the majority-vote k-NN")
     s.add_argument("--keep-kernels", action="store_true",
                    help="keep each point's kernel (OUT/kernel-runs-N) after scoring it")
+    s.add_argument("--topk", type=int, metavar="K",
+                   help="compute each point's kernel as a top-K kernel (K >= --k): memory "
+                   "and disk do not grow with the train examples")
     s.add_argument("--seed", type=int, default=0, help="seed of the cross-fitting halves")
     _read_threads(s)
     s.add_argument("--json", action="store_true", help="print the curve as one JSON object")
@@ -451,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "report", "one self-contained HTML report of a kernel", cmd_report)
     s.add_argument("--store", required=True, help="the store the kernel was computed from")
     s.add_argument("--kernel", required=True, help="the test-train kernel")
-    s.add_argument("--labels", required=True, help="labels.npz or cifar10:ROOT")
+    s.add_argument("--labels", required=True, help=LABELS_HELP)
     s.add_argument("--out", required=True, help="report directory (index.html + figures)")
     add_knn_options(s)
     s.add_argument("--curve", metavar="JSON", help="curve.json of `kernelscale curve`")
@@ -464,6 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--examples", type=int, default=8, help="rows of each example view")
     s.add_argument("--device", default="auto", help="for --ablations kernels: auto, cpu, "
                    "cuda")
+
+    s = _sub(sub, "neighbours", "the top-K kernel of a full kernel (the format of "
+             "`kernel --topk K`)", cmd_neighbours)
+    s.add_argument("--kernel", required=True, help="a finished full kernel")
+    s.add_argument("--k", type=int, required=True, help="neighbours kept per row")
+    s.add_argument("--out", required=True, help="output Zarr group of the top-K kernel")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing kernel of different inputs")
+    _read_threads(s)
 
     s = _sub(sub, "info", "what a store or kernel holds", cmd_info)
     s.add_argument("path", help="a store or a kernel")

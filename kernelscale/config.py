@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError
+from .formats import DEFAULT_KEYS, FORMATS, check_keys
 from .labels import is_labels_spec
 from .sources.base import FetchOptions, is_local_spec
 from .units import (
@@ -55,6 +56,18 @@ def _parsed(parse: Callable[[Any, str], Any], default: Any = None, *,
 def _negated(default: bool, flag: str) -> Any:
     """A boolean field whose command-line option ``flag`` sets it to ``not default``."""
     return field(default=default, metadata={"flag": flag, "negated": True})
+
+
+def _format(value: Any, where: str) -> str:
+    """An ingest ``format``: one of :data:`kernelscale.formats.FORMATS`."""
+    if value not in FORMATS:
+        raise ConfigError(f"{where} {value!r}: expected one of {', '.join(FORMATS)}")
+    return value
+
+
+def _keys(value: Any, where: str) -> tuple[str, str]:
+    """Ingest ``keys``: ``"TEST,TRAIN"`` or a list of two names."""
+    return check_keys(value, where)
 
 
 def _x(v: Any) -> str:
@@ -120,6 +133,10 @@ class IngestTable:
     source: str = "simulated"
     store: str = "store"
     glob: str = "**/log.pt"
+    #: auto (each file by its content), logpt, safetensors, npy (.npz, .npy pairs), zarr
+    format: str = _parsed(_format, "auto")
+    #: "TEST,TRAIN": names of the two arrays (tensors, members, files, Zarr arrays)
+    keys: tuple[str, str] = _parsed(_keys, DEFAULT_KEYS, show=_comma)
     skip_bad: bool = False
     max_files: int | None = None
     max_runs: int | None = None
@@ -152,6 +169,7 @@ class KernelTable:
     rows: tuple[int, int] | None = _parsed(parse_range, show=_colon)  #: "START:STOP"
     cols: tuple[int, int] | None = _parsed(parse_range, show=_colon)  #: "START:STOP"
     runs_per_step: int | None = None  #: runs folded per GEMM step (default: planned)
+    topk: int | None = None  #: keep each row's K largest values, not the full matrix
     log_softmax: bool = _negated(True, "--no-log-softmax")  #: false: raw logits (ablation)
     log_softmax_fp32: bool = False  #: float32 log-softmax, as the published code
     classes: tuple[int, ...] | None = _parsed(parse_int_list, show=_comma,
@@ -187,6 +205,7 @@ class CurveTable:
     k: int = 3
     keep_kernels: bool = False
     seed: int = 0  #: of the cross-fitting halves
+    topk: int | None = None  #: each point's kernel as a top-K kernel (K >= k)
 
 
 @dataclass
@@ -371,7 +390,7 @@ class JobConfig:
             source=self.path_of(i.source), store=self.path_of(i.store), glob=i.glob,
             max_files=i.max_files, max_runs=i.max_runs, skip_bad=i.skip_bad,
             run_chunk=i.run_chunk, shape=i.shape, workers=i.workers, scheduler=i.scheduler,
-            converters=i.converters, device=i.device,
+            converters=i.converters, device=i.device, format=i.format, keys=i.keys,
             fetch=FetchOptions(revision=i.revision, download_workers=i.download_workers,
                                retries=i.retries, keep_downloads=i.keep_downloads,
                                cache_dir=self.path_of(i.cache_dir) if i.cache_dir else None),
@@ -390,7 +409,8 @@ class JobConfig:
             tile=k.tile, chunks=k.chunks, rows=k.rows, cols=k.cols,
             checkpoint_every=k.checkpoint_every, log_softmax=k.log_softmax,
             log_softmax_fp32=k.log_softmax_fp32, classes=k.classes, overwrite=k.overwrite,
-            restart=k.restart, show_progress=show_progress, runs_per_step=k.runs_per_step)
+            restart=k.restart, show_progress=show_progress, runs_per_step=k.runs_per_step,
+            topk=k.topk)
         return dataclasses.replace(cfg, **changes) if changes else cfg
 
     def curve_config(self, device: str | None = None, show_progress: bool = True):
@@ -402,7 +422,7 @@ class JobConfig:
             store=self.store_path, labels=self.labels_spec(c.labels), runs=c.runs,
             out=Path(self.path_of(c.out)), k=c.k, device=device or k.device,
             precision=k.precision, max_memory=k.max_memory, keep_kernels=c.keep_kernels,
-            seed=c.seed, show_progress=show_progress)
+            seed=c.seed, show_progress=show_progress, topk=c.topk)
 
     def report_config(self, device: str | None = None, show_progress: bool = True):
         from .report import ReportConfig

@@ -6,7 +6,7 @@ the single-model and mean-logit ensemble accuracies of the same runs. The curve 
 to ``OUT/curve.json`` after every point, so an interrupted curve resumes at the next
 ``n`` (points of an earlier call with the same store, labels and options are kept);
 each point's kernel (``OUT/kernel-runs-<n>``) is deleted once scored unless asked to
-be kept.
+be kept (what a killed call left of it is deleted by the next one).
 
 The crossover is the first ``n`` from which the k-NN accuracy (majority vote at ``k``)
 exceeds the ensemble's at that ``n`` and at every larger ``n`` measured; ``None`` when the
@@ -20,13 +20,14 @@ rounded, with the provenance of the last call.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_json, check_output_dir, read_json
+from .atomic import atomic_write_json, check_output_dir, read_json, remove_stale_temps
 from .errors import ConfigError
 from .evaluation import evaluate_inputs, open_inputs
 from .knn import Choice, Grid, Selection, Setting
@@ -111,14 +112,19 @@ class Curve:
     k: int
     precision: str
     seed: int
+    #: each point's kernel kept only each row's top-K (None: full kernels)
+    topk: int | None = None
     points: list[CurvePoint] = field(default_factory=list)
     crossover: int | None = None
     provenance: Provenance | None = None
     path: Path | None = field(default=None, compare=False)
 
     def key(self) -> dict:
-        return {"store_fingerprint": self.store_fingerprint, "labels": self.labels,
-                "k": self.k, "precision": self.precision, "seed": self.seed}
+        key = {"store_fingerprint": self.store_fingerprint, "labels": self.labels,
+               "k": self.k, "precision": self.precision, "seed": self.seed}
+        if self.topk is not None:  # curves of full kernels keep the key they had
+            key["topk"] = self.topk
+        return key
 
     def as_json(self) -> dict:
         """The ``curve.json`` document, floats rounded (``path`` is not part of it)."""
@@ -134,7 +140,7 @@ class Curve:
         return cls(schema=d["schema"], schema_version=int(d.get("schema_version", 1)),
                    store=d["store"], store_fingerprint=d["store_fingerprint"],
                    labels=d["labels"], k=int(d["k"]), precision=d["precision"],
-                   seed=int(d["seed"]),
+                   seed=int(d["seed"]), topk=d.get("topk"),
                    points=[CurvePoint.from_json(p) for p in d.get("points", [])],
                    crossover=d.get("crossover"),
                    provenance=Provenance.from_json(prov) if prov else None,
@@ -155,6 +161,9 @@ class CurveConfig:
     seed: int = 0
     workers: int | None = None
     show_progress: bool = True
+    #: compute each point's kernel as a top-K kernel (memory and disk independent of the
+    #: number of train examples); the oracle's grid of k is then cut to K
+    topk: int | None = None
 
 
 def _point(store: Store, kernel: Path, labels: Labels, n: int, k: int, grid: Grid,
@@ -196,6 +205,8 @@ def compute_curve(cfg: CurveConfig) -> Curve:
 
     if cfg.k < 1:
         raise ConfigError(f"--k must be >= 1, not {cfg.k}")
+    if cfg.topk is not None and cfg.topk < cfg.k:
+        raise ConfigError(f"--topk {cfg.topk} keeps fewer neighbours than --k {cfg.k}")
     store = Store.open(cfg.store)
     runs = run_counts(cfg.runs, store.runs)
     s = store.shape
@@ -205,9 +216,15 @@ def compute_curve(cfg: CurveConfig) -> Curve:
     path = out / "curve.json"
     curve = Curve(store=str(Path(cfg.store).resolve()), store_fingerprint=store.fingerprint(),
                   labels=cfg.labels, k=cfg.k, precision=cfg.precision, seed=cfg.seed,
-                  path=path)
+                  topk=cfg.topk, path=path)
     if path.exists():
         curve.points = _earlier_points(path, curve, store.runs)
+    # what a call killed while recording a point left: the point's kernel already moved
+    # aside for deletion (below), and the temp of curve.json
+    for trash in out.glob(".kernel-runs-*.deleted"):
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+    remove_stale_temps(path)
     done = {p.runs for p in curve.points}
     grid = Grid()
     for n in runs:
@@ -217,15 +234,23 @@ def compute_curve(cfg: CurveConfig) -> Curve:
         summary = compute_kernel(KernelConfig(
             store=Path(cfg.store), out=kpath, runs=n, pairs="test-train", device=cfg.device,
             precision=cfg.precision, max_memory=cfg.max_memory, overwrite=True,
-            show_progress=cfg.show_progress))
+            show_progress=cfg.show_progress, topk=cfg.topk))
         point = _point(store, kpath, labels, n, cfg.k, grid, cfg.seed, cfg.workers,
                        cfg.show_progress, summary.seconds)
         curve.points = sorted([*curve.points, point], key=lambda p: p.runs)
         curve.crossover = crossover(curve.points)
         curve.provenance = _provenance(store, labels, curve.points)
+        # The kernel is moved aside before the point is recorded and deleted after: a
+        # kill in between leaves a name that is garbage by construction (removed by the
+        # next call), not a scored point's kernel that no later call would delete (it
+        # could not tell it from one kept with keep_kernels).
+        trash = out / f".kernel-runs-{n}.deleted"
+        if not cfg.keep_kernels:
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(kpath, trash)
         atomic_write_json(path, curve.as_json())
         if not cfg.keep_kernels:
-            shutil.rmtree(kpath, ignore_errors=True)
+            shutil.rmtree(trash, ignore_errors=True)
         if cfg.show_progress:
             print(f"curve: runs {n}: ensemble {point.ensemble_accuracy:.2f} k-NN "
                   f"{point.knn_accuracy:.2f}", file=sys.stderr)

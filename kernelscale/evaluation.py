@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, KernelOutputError
+from .kernelread import kernel_neighbours, load_kernel
 from .knn import (
     AccuracyByK,
     Choice,
@@ -45,10 +46,10 @@ from .knn import (
     predict,
 )
 from .labels import Labels
-from .output import KernelOutput, load_kernel
+from .output import KernelOutput
 from .provenance import Provenance, make_provenance
 from .store import Store
-from .topk import Neighbours, top_neighbours
+from .topk import Neighbours
 from .units import round_floats
 
 # ------------------------------------------------------------------------- baselines
@@ -221,7 +222,8 @@ def score_ablations(inputs: KernelInputs, kernels: Sequence[tuple[str, Path]],
         if ident.get("runs") != inputs.runs:
             raise KernelOutputError(f"{path}: runs {ident.get('runs')} differ from the test "
                                     f"kernel's {inputs.runs}")
-        nb = top_neighbours(kern.reader, kmax, workers=workers, show_progress=show_progress)
+        nb = kernel_neighbours(kern, kmax, workers=workers, show_progress=show_progress,
+                               need=setting.k)
         table = candidates(nb, lab.train, lab.test, grid, inputs.classes)
         cls = ident.get("classes")
         rows.append(Ablation(name, str(path), cls[0] if cls and len(cls) == 1 else None,
@@ -353,8 +355,14 @@ def evaluate_inputs(inputs: KernelInputs, setting: Setting, *, select: bool = Fa
     if setting.k > n_train:
         raise ConfigError(f"--k {setting.k} exceeds the {n_train} train examples")
     grid = grid or Grid()
-    nb = top_neighbours(inputs.kernel.reader, max(setting.k, max(grid.ks)), workers=workers,
-                        show_progress=show_progress)
+    # a top-K kernel gives what it holds, at least setting.k; the grid is cut to it
+    kmax = max(setting.k, max(grid.ks))
+    tk = open_train_kernel(train_kernel, inputs) if train_kernel is not None else None
+    for kern in (inputs.kernel, tk):
+        if kern is not None and kern.topk:
+            kmax = max(setting.k, min(kmax, kern.topk))
+    nb = kernel_neighbours(inputs.kernel, kmax, workers=workers, show_progress=show_progress,
+                           need=setting.k)
     abl = []
     if ablations_dir is not None:
         abl = ablation_kernels(inputs, ablations_dir, device=device,
@@ -376,10 +384,9 @@ def evaluate_inputs(inputs: KernelInputs, setting: Setting, *, select: bool = Fa
                     provenance=make_provenance(inputs.store, lab, inputs.kernel,
                                                command=command),
                     neighbours=nb)
-    if train_kernel is not None:
-        tk = open_train_kernel(train_kernel, inputs)
-        tnb = top_neighbours(tk.reader, nb.kmax, exclude_diagonal=True, workers=workers,
-                             show_progress=show_progress)
+    if tk is not None:
+        tnb = kernel_neighbours(tk, nb.kmax, exclude_diagonal=True, workers=workers,
+                                show_progress=show_progress)
         ev.selection = replace(leave_one_out(tnb, lab.train, table, grid, C),
                                train_kernel=str(train_kernel))
         ev.crossfit = crossfit(table, seed)

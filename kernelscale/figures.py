@@ -136,6 +136,25 @@ def fig_ablation(ev: Evaluation, names: Sequence[str], path: Path) -> str:
     return _save(fig, path)
 
 
+def fig_class_hist(acc: np.ndarray, lines: Sequence[tuple[str, float, str]], xlabel: str,
+                   path: Path) -> str:
+    """Histogram of per-class accuracies ``acc`` float64 (classes,), percent, one bar per
+    2.5 points; ``lines``: (label, accuracy, colour) reference lines. For class counts too
+    large for one bar or row per class."""
+    fig = _figure(7.5, 3.4)
+    ax = fig.add_subplot()
+    ax.hist(acc, bins=np.linspace(0.0, 100.0, 41), color=GREY, alpha=0.9,
+            label=f"{acc.size} classes (mean {acc.mean():.2f})")
+    for label, x, colour in lines:
+        ax.axvline(x, color=colour, linestyle="--", linewidth=1.2, label=f"{label} {x:.2f}")
+    ax.set_xlim(0.0, 100.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("classes")
+    _style(ax)
+    _legend_above(ax)
+    return _save(fig, path)
+
+
 def fig_similar(best: np.ndarray, threshold: float, path: Path) -> str:
     """Histogram of each test example's largest kernel value, the threshold marked."""
     fig = _figure(7.5, 3.4)

@@ -9,7 +9,10 @@ Work per file is split in two so it can run in parallel:
 
 Because conversion is pure and commits happen in sorted source order, a parallel ingest
 produces the same store as a serial one. The source is any :class:`~kernelscale.sources.Source`
-(:func:`~kernelscale.sources.open_source` picks it from the spec).
+(:func:`~kernelscale.sources.open_source` picks it from the spec; a local Zarr group is a
+:class:`~kernelscale.sources.zarrgroup.ZarrSource`, and ``.npy`` files are paired by
+:class:`~kernelscale.sources.pairs.PairedSource`). Files are read in the ``--format``
+asked (:mod:`kernelscale.formats`; ``auto``: by their content).
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ from pathlib import Path, PurePosixPath
 from .convert import BadFile, ConvertSpec, PreparedFile
 from .device import resolve_device
 from .errors import BadInputError, ConfigError, KernelscaleError
+from .formats import DEFAULT_KEYS, FORMATS, check_keys, is_zarr_group
 from .parallel import Preparer, parallel_preparer
 from .progress import progress
 from .sources import FetchOptions, Source, SourceFile, is_local_spec, open_source
+from .sources.pairs import PairedSource
+from .sources.zarrgroup import ZarrSource
 from .stats import LOG1P32
 from .store import Store
 from .units import format_bytes
@@ -38,11 +44,14 @@ class DuplicateFileWarning(UserWarning):
 
 @dataclass
 class IngestConfig:
-    """Everything one ingest needs. ``source``: a directory or an ``hf://`` spec."""
+    """Everything one ingest needs. ``source``: a directory, an ``hf://`` spec, or a
+    Zarr group."""
 
     source: str | os.PathLike
     store: str | os.PathLike
-    glob: str = "**/log.pt"  #: which files under the source
+    glob: str = "**/log.pt"  #: which files under the source (not for a Zarr group)
+    format: str = "auto"  #: auto, logpt, safetensors, npy, zarr (kernelscale.formats)
+    keys: tuple[str, str] = DEFAULT_KEYS  #: names of the test and train arrays
     max_files: int | None = None  #: the first N matching files
     max_runs: int | None = None  #: stop before a file taking the store past N runs
     skip_bad: bool = False  #: record bad files as rejected and go on
@@ -60,6 +69,13 @@ class IngestConfig:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, not {v}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"--format {self.format!r}: expected one of "
+                              f"{', '.join(FORMATS)}")
+        self.keys = check_keys(self.keys)
+        if self.format == "zarr" and not is_local_spec(self.source):
+            raise ConfigError(f"{self.source}: --format zarr reads a local Zarr group; a Hub "
+                              "source holds files (logpt, safetensors, npy)")
         g = PurePosixPath(self.glob)
         if g.is_absolute() or ".." in g.parts or not self.glob.strip():
             raise ConfigError(f"--glob {self.glob!r}: must be a pattern inside SOURCE "
@@ -133,12 +149,15 @@ def ingest(cfg: IngestConfig, *, source: Source | None = None,
     the store are neither fetched nor ingested again; see :func:`ingest_files`.
     """
     cfg.validate()
-    src = source or open_source(cfg.source, cfg.fetch, endpoint=endpoint, token=token,
-                                retry_wait=retry_wait)
+    src = source or _open(cfg, endpoint=endpoint, token=token, retry_wait=retry_wait)
+    if cfg.format in ("auto", "npy") and not isinstance(src, ZarrSource | PairedSource):
+        src = PairedSource(src, cfg.keys)
     try:
         files = src.list(cfg.glob)
         if not files:
-            raise KernelscaleError(f"{src}: no files match {cfg.glob!r}")
+            raise KernelscaleError(f"{src}: no files match {cfg.glob!r}" + (
+                " (files of other names: --glob, e.g. '**/*.safetensors')"
+                if cfg.glob == IngestConfig.glob else ""))
         if cfg.max_files is not None:
             files = files[:cfg.max_files]
         _check_unchanged(Path(cfg.store), files, src)
@@ -151,6 +170,15 @@ def ingest(cfg: IngestConfig, *, source: Source | None = None,
         src.close()
 
 
+def _open(cfg: IngestConfig, **hub: object) -> Source:
+    """The source of ``cfg``: a Zarr group for ``--format zarr`` (or ``auto`` when SOURCE
+    is one), else the folder or Hub repo :func:`open_source` names."""
+    if cfg.format == "zarr" or (cfg.format == "auto" and is_local_spec(cfg.source)
+                                and is_zarr_group(cfg.source)):
+        return ZarrSource(cfg.source, cfg.keys)
+    return open_source(cfg.source, cfg.fetch, **hub)
+
+
 def _check_unchanged(store_path: Path, files: list[SourceFile], src: Source) -> None:
     """Refuse a source whose file under an ingested name is not the ingested one: a
     different sha256 where the source lists it (the Hub), a different size otherwise.
@@ -158,8 +186,18 @@ def _check_unchanged(store_path: Path, files: list[SourceFile], src: Source) -> 
     if not Store.exists(store_path):
         return
     ingested = {f["name"]: f for f in Store.open(store_path).manifest["files"]}
+    blocks = [(f["source_runs"], f["name"]) for f in ingested.values() if "source_runs" in f]
     for f in files:
         old = ingested.get(f.name)
+        if old is None and f.runs is not None:  # a block of a Zarr group: GROUP[runs A:B]
+            a, b = f.runs
+            group = f.name.rsplit("[", 1)[0]
+            for (c, d), name in blocks:
+                if name.rsplit("[", 1)[0] == group and a < d and c < b:
+                    raise BadInputError(f"{src}: {f.name} overlaps the ingested {name}: "
+                                        "the group grew or was rechunked since, so its "
+                                        "blocks of runs are not the ingested ones; ingest "
+                                        "it into a new store")
         if not old:
             continue
         where = f" (ingested at commit {old['commit']})" if old.get("commit") else ""
@@ -237,7 +275,8 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
             yield f
 
     fetching = tracked()
-    spec = ConvertSpec(expect, store.transform if store else LOG1P32, device)
+    spec = ConvertSpec(expect, store.transform if store else LOG1P32, device, cfg.format,
+                       cfg.keys)
     stream = preparer(fetching, spec)
     try:
         while True:
@@ -290,7 +329,7 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
                     continue
                 store.record_source(record)
                 entry = {"name": item.file.name, "sha256": item.sha256,
-                         "size": item.file.size, **src.entry(item.file)}
+                         "size": item.file.size, **src.entry(item.file), **item.entry}
                 store.commit_file(entry, item.test, item.train, item.stats)
                 if any(r["name"] == item.file.name for r in store.manifest["rejected"]):
                     store.manifest["rejected"] = [r for r in store.manifest["rejected"]

@@ -6,7 +6,8 @@ both logits arrays holding at least the committed runs; every chunk file of the
 committed runs present, of its array's size and matching its CRC-32C; the statistics
 generation the manifest names readable (Zarr checks their CRC-32C) and matching the
 manifest's ``stats_sha256``. A kernel is checked for: every chunk file of its finished
-tiles present, of its size and matching its CRC-32C; its done-markers on the chunk grid.
+tiles present, of its size and matching its CRC-32C; its done-markers on the chunk grid;
+a top-K kernel's tile partials readable and its ``values``/``indices`` chunks intact.
 
 Repairs, without starting over: :func:`repair_store` rewrites damaged logits chunks from
 the source files of their runs (each checked against the sha256 the manifest recorded);
@@ -60,7 +61,7 @@ def verify(path: str | Path) -> Report:
     p = Path(path)
     if Store.exists(p):
         return verify_store(p)
-    if (p / "kernel" / "zarr.json").is_file():
+    if (p / "kernel" / "zarr.json").is_file() or (p / "values" / "zarr.json").is_file():
         return verify_kernel(p)
     raise BadInputError(f"{p}: neither a kernelscale store nor a kernel")
 
@@ -140,6 +141,9 @@ def verify_kernel(path: Path) -> Report:
     except KernelscaleError as e:
         rep.problems.append(Problem(path / ".done", str(e), "remove the marker and re-run "
                                     "`kernelscale kernel`"))
+    if k.topk:
+        _verify_topk(k, path, rep)
+        return rep
     layout = raw_layout(k.array)
     rep.checksummed = layout is not None and layout.checksum
     (cr, cc) = k.chunks
@@ -157,28 +161,67 @@ def verify_kernel(path: Path) -> Report:
     return rep
 
 
+def _verify_topk(k, path: Path, rep: Report) -> None:
+    """A top-K kernel: every finished tile's partial top-K readable (zip CRC-32) and of
+    its shape; a complete kernel's ``values``/``indices`` chunks present and matching
+    their CRC-32C."""
+    from .errors import KernelOutputError
+
+    for t in k.done_tiles():
+        for r0, r1 in k.partial_rows(t):
+            rep.checked += 1
+            try:
+                k.load_partial(t, r0, r1)
+            except KernelOutputError as e:
+                rep.problems.append(Problem(k.partial_path(t, r0),
+                                            str(e).split(": ", 1)[-1].split(";")[0],
+                                            f"recompute its tile with `kernelscale verify "
+                                            f"{path} --repair` then the same `kernelscale "
+                                            "kernel` command"))
+    if not k.attrs.get("complete"):
+        return
+    from .kernelread import topk_chunk_files
+
+    for chunk, nbytes, checksum in topk_chunk_files(k):
+        rep.checked += 1
+        problem = verify_chunk(chunk, nbytes, checksum)
+        if problem:
+            rep.problems.append(Problem(chunk, problem, "rebuild it from the tiles' partial "
+                                        f"top-Ks with `kernelscale verify {path} --repair` "
+                                        "then the same `kernelscale kernel` command"))
+
+
 def repair_kernel(path: Path, rep: Report) -> int:
     """Remove the done-markers of the finished tiles that hold a damaged chunk; returns
-    how many. The same ``kernelscale kernel`` command then recomputes those tiles."""
+    how many. The same ``kernelscale kernel`` command then recomputes those tiles. A
+    top-K kernel: a damaged partial loses its marker (the tile is recomputed); a damaged
+    ``values``/``indices`` chunk only marks the kernel incomplete, and the next run
+    rebuilds both arrays from the partials."""
     from .output import KernelOutput
 
     k = KernelOutput.open(path, mode="a")
     cr, cc = k.chunks
     bad = set()
+    partials = set()
+    merged = False
     for p in rep.problems:
         rel = p.path.relative_to(path).parts
         if rel[:2] == ("kernel", "c") and len(rel) == 4:
             bad.add((int(rel[2]), int(rel[3])))
+        elif rel[:1] == (".partial",) and len(rel) == 2:
+            partials.add(rel[1].split("@")[0])  # <tile>@r<row>.npz
+        elif rel[:1] in (("values",), ("indices",)):
+            merged = True
     removed = 0
     for t in k.done_tiles():
         cells = {(i, j) for i in range(t.r0 // cr, -(-t.r1 // cr))
                  for j in range(t.c0 // cc, -(-t.c1 // cc))}
-        if cells & bad:
+        if cells & bad or t.key in partials:
             (k.done_dir / f"{t.key}.json").unlink(missing_ok=True)
             removed += 1
-    if removed and k.attrs.get("complete"):
+    if (removed or merged) and k.attrs.get("complete"):
         k.group.attrs["complete"] = False
-    return removed
+    return removed + merged
 
 
 def repair_store(path: Path, source: str | Path, rep: Report) -> int:

@@ -51,6 +51,7 @@ from .accumulate import (
     CudaSteps,
     on_device,
     operand_padding,
+    reduce_tiles,
     target_reduction,
     write_tiles,
 )
@@ -70,6 +71,7 @@ from .errors import (
     KernelscaleError,
     StoreError,
 )
+from .locks import writer_lock
 from .normalise import Normaliser
 from .output import (
     DEFAULT_CHUNKS,
@@ -78,9 +80,8 @@ from .output import (
     load_checkpoint,
     pass_key,
     save_checkpoint,
-    writer_lock,
 )
-from .plan import Plan, Tile, plan
+from .plan import Plan, Tile, pass_bytes, plan
 from .progress import progress
 from .reader import ChunkReader
 from .signals import StopFlag, stop_on_signals
@@ -118,6 +119,8 @@ class KernelConfig:
     restart: bool = False
     show_progress: bool = True
     runs_per_step: int | None = None  #: runs folded per GEMM step (default: planned)
+    #: keep each row's K largest values (a top-K kernel) instead of the full matrix
+    topk: int | None = None
 
     def validate(self) -> None:
         if self.pairs not in PAIRS:
@@ -134,6 +137,8 @@ class KernelConfig:
             raise ConfigError("--checkpoint-every must be positive")
         if self.max_memory is not None and self.max_memory <= 0:
             raise ConfigError("--max-memory must be positive")
+        if self.topk is not None and self.topk < 1:
+            raise ConfigError(f"--topk {self.topk}: must be at least 1")
 
 
 @dataclass
@@ -252,6 +257,13 @@ def setup_kernel(cfg: KernelConfig) -> KernelSetup:
     if cfg.log_softmax and not cfg.log_softmax_fp32 and transform != FLOAT64:
         # kernels of stores from before the float32 log1p transform keep their identity
         identity["transform"] = transform
+    if cfg.topk is not None:
+        square = rsplit == csplit
+        if cfg.topk > shape[1] - square:
+            raise ConfigError(f"--topk {cfg.topk}: the kernel has {shape[1]} columns"
+                              + (" and a row's own column is excluded" if square else ""))
+        # a square top-K kernel never lists a row's own column
+        identity.update(topk=cfg.topk, exclude_self=square)
     return KernelSetup(store, runs, classes, shape, region, identity, transform)
 
 
@@ -292,14 +304,50 @@ def engine_plan(cfg: KernelConfig, budget: int | None = None,
     (default ``--max-memory`` or the device's)."""
     res = res or setup_kernel(cfg)
     device = resolve_device(cfg.device)
-    budget = budget or cfg.max_memory or default_budget(device)
+    budget = budget or kernel_budget(cfg, res, device)
+    return _plan(cfg, res, device, budget, chunks)
+
+
+def _plan(cfg: KernelConfig, res: KernelSetup, device, budget: int,
+          chunks: tuple[int, int] | None = None) -> Plan:
     return plan(res.shape, classes=res.n_classes, budget=budget,
                 chunks=chunks or _output_chunks(cfg, res.shape),
                 store_run_chunk=res.store.shape.run_chunk, runs=res.runs, region=res.region,
                 tile=cfg.tile, in_itemsize=np.dtype(res.store.shape.dtype).itemsize,
                 runs_per_step=cfg.runs_per_step, target_reduction=target_reduction(device),
-                reserve=Normaliser.temp_bytes(device.type), pad=operand_padding(device),
-                raw_classes=res.store.shape.classes)
+                reserve=Normaliser.temp_bytes(device.type) + topk_bytes(cfg, res.region),
+                pad=operand_padding(device), raw_classes=res.store.shape.classes)
+
+
+#: A top-K pass is at least this many times as wide (columns) as it is tall (rows).
+#: Every pass reads and normalises its rows' logits again; at 5 columns per row those
+#: re-reads stay within 20% of the columns' own reads, while the pass's memory stops
+#: growing with the number of columns.
+TOPK_COLS_PER_ROW = 5
+
+
+def kernel_budget(cfg: KernelConfig, res: KernelSetup, device) -> int:
+    """Device bytes the plan may use: ``--max-memory``, else the device's default; a
+    top-K kernel asks only for passes :data:`TOPK_COLS_PER_ROW` times as wide as its
+    rows (a full kernel must hold, and write, every column anyway)."""
+    if cfg.max_memory:
+        return cfg.max_memory
+    budget = default_budget(device)
+    if not cfg.topk:
+        return budget
+    p = _plan(cfg, res, device, budget)
+    rows = min(res.region.rows, p.tiles[0].rows)
+    width = min(res.region.cols, TOPK_COLS_PER_ROW * rows)
+    need = p.reserve + pass_bytes([Tile(0, rows, 0, width)], p.runs_per_step, p.classes,
+                                  p.in_itemsize, p.pad, p.raw_classes)
+    return min(budget, need)
+
+
+def topk_bytes(cfg: KernelConfig, region: Tile) -> int:
+    """Bytes a top-K kernel holds beyond the tiles: the partial top-K of every row of the
+    region (float32 value and int64 index, and as much again while it is sorted), which
+    does not grow with the number of columns."""
+    return region.rows * cfg.topk * 24 if cfg.topk else 0
 
 
 def compute_kernel(cfg: KernelConfig) -> KernelSummary:
@@ -307,7 +355,7 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     t_start = time.monotonic()
     res = setup_kernel(cfg)
     device = resolve_device(cfg.device)
-    budget = cfg.max_memory or default_budget(device)
+    budget = kernel_budget(cfg, res, device)
 
     # Plan once before the output exists: a request that cannot work (a tile over the
     # budget, a region off the chunk grid) must fail without leaving a directory behind.
@@ -556,7 +604,10 @@ def _run_pass(tiles: list[Tile], p: Plan, ctx: _Context, bounds: list[tuple[int,
         out.mark_done(t, {"runs": runs, "device": device.type,
                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
-    write_tiles(out, tiles, accs, scale, device, written)
+    if out.topk:
+        reduce_tiles(out, tiles, accs, scale, written)
+    else:
+        write_tiles(out, tiles, accs, scale, device, written)
     with contextlib.suppress(FileNotFoundError):
         ckpt_path.unlink()
     summary.t_write += time.perf_counter() - t0

@@ -40,8 +40,11 @@ DEFAULT_POWERS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 DEFAULT_TEMPERATURES = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
 DEFAULT_POWER = 8.0
 DEFAULT_TEMPERATURE = 0.02
-#: rows scored at once: bounds the (rows, kmax, classes) float64 vote tensor.
+#: rows scored at once, at most: bounds the (rows, kmax, min(kmax, classes)) float64 vote
+#: tensor together with :data:`VOTE_BYTES`.
 VOTE_ROWS = 4096
+#: target bytes of one block's vote tensor (its cumulative sum takes as much again).
+VOTE_BYTES = 32 << 20
 
 # --------------------------------------------------------------------------- voting
 
@@ -100,12 +103,35 @@ def neighbour_weights(values: np.ndarray, weighting: str, param: float | None) -
     raise ConfigError(f"unknown weighting {weighting!r}")
 
 
+def _local_labels(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's labels renumbered by rank among the row's distinct labels.
+
+    ``lab`` int64 (b, k) -> ``local`` int64 (b, k) in ``[0, k)`` and ``table`` int64 (b, k)
+    with ``table[r, local[r, j]] == lab[r, j]``. Ranks keep the labels' order, so the
+    smallest local id among tied votes is the smallest label.
+    """
+    b, k = lab.shape
+    order = np.argsort(lab, axis=1, kind="stable")
+    srt = np.take_along_axis(lab, order, axis=1)
+    rank = np.zeros((b, k), dtype=np.int64)
+    np.cumsum(srt[:, 1:] != srt[:, :-1], axis=1, out=rank[:, 1:])
+    local = np.empty_like(rank)
+    np.put_along_axis(local, order, rank, axis=1)
+    table = np.zeros((b, k), dtype=np.int64)
+    np.put_along_axis(table, rank, srt, axis=1)
+    return local, table
+
+
 def predictions_by_k(nb: Neighbours, labels_train: np.ndarray, weighting: str,
                      param: float | None, ks: Sequence[int], classes: int) -> np.ndarray:
     """Predicted labels int64 (len(ks), n) for every ``k`` in ``ks`` at once.
 
-    Votes are summed neighbour by neighbour (largest kernel value first) with a cumulative
-    sum along the neighbours, so the prediction for every ``k`` costs one pass.
+    ``labels_train`` int (n_train,) in ``[0, classes)``. Votes are summed neighbour by
+    neighbour (largest kernel value first) with a cumulative sum along the neighbours, so
+    the prediction for every ``k`` costs one pass. Only the labels among a row's
+    neighbours can win, so when ``classes`` exceeds ``max(ks)`` the votes are counted per
+    distinct neighbour label (renumbered in label order, so ties still go to the smallest
+    label): the vote tensor is (rows, kmax, min(kmax, classes)) whatever the class count.
     """
     ks = [int(k) for k in ks]
     if not ks:
@@ -114,24 +140,30 @@ def predictions_by_k(nb: Neighbours, labels_train: np.ndarray, weighting: str,
         raise ConfigError(f"k must lie in [1, {nb.kmax}], got {min(ks)}..{max(ks)}")
     kk = max(ks)
     n = len(nb)
+    width = min(kk, classes)
+    compact = width < classes
     out = np.empty((len(ks), n), dtype=np.int64)
     cols = np.asarray(ks) - 1
-    for s in range(0, n, VOTE_ROWS):
-        e = min(s + VOTE_ROWS, n)
+    step = max(1, min(VOTE_ROWS, VOTE_BYTES // (kk * width * 8)))
+    for s in range(0, n, step):
+        e = min(s + step, n)
         lab = labels_train[nb.index[s:e, :kk]]
+        if compact:
+            lab, table = _local_labels(lab)
         w = neighbour_weights(nb.values[s:e, :kk], weighting, param)
         b = e - s
-        onehot = np.zeros((b, kk, classes), dtype=np.float64)
+        onehot = np.zeros((b, kk, width), dtype=np.float64)
         rr, jj = np.meshgrid(np.arange(b), np.arange(kk), indexing="ij")
         onehot[rr, jj, lab] = w
-        scores = np.cumsum(onehot, axis=1)[:, cols]  # (b, len(ks), C)
+        scores = np.cumsum(onehot, axis=1)[:, cols]  # (b, len(ks), width)
         if weighting == "power":
             dead = scores.sum(axis=2) == 0  # no positive kernel value among the k
             if dead.any():
                 onehot[rr, jj, lab] = 1.0
                 counts = np.cumsum(onehot, axis=1)[:, cols]
                 scores[dead] = counts[dead]
-        out[:, s:e] = scores.argmax(axis=2).T
+        best = scores.argmax(axis=2)  # (b, len(ks))
+        out[:, s:e] = (np.take_along_axis(table, best, axis=1) if compact else best).T
     return out
 
 

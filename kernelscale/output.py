@@ -1,12 +1,28 @@
 """The kernel output format: a Zarr v3 group with the kernel, its identity, done-markers
 and checkpoints.
 
-Layout of ``KERNEL/``::
+Layout of ``KERNEL/`` (a full kernel)::
 
     zarr.json                  group attributes: schema, identity, complete, store, runs
     kernel                     float32 (rows, cols), dimension names from the pairs
                                (DIMENSION_NAMES: test-train -> test, train)
     .done/<tile>.json          one per finished tile (atomic), written after its data
+
+A top-K kernel (identity key ``topk``) holds, instead of ``kernel``::
+
+    values                     float32 (rows, K): each row's K largest kernel values,
+                               largest first, equal values by column index
+    indices                    int64 (rows, K): their columns
+    .partial/<tile>@r<row>.npz per finished tile and grid chunk row: the top-K of those
+                               rows over its columns (atomic, no pickle); merged into
+                               values/indices when every tile is done, and kept so
+                               that a damaged values/indices chunk is rebuilt without
+                               recomputing
+
+Its tiles, done-markers and regions follow the chunk grid ``grid_chunks`` of the full
+kernel it stands for, so the planner, the Slurm array and the markers are the same as a
+full kernel's. A square top-K kernel (train-train, test-test) never lists a row's own
+column: the diagonal is excluded while each tile is reduced.
     .checkpoints/pass-*.npz    accumulators of passes in flight (atomic, no pickle)
     .lock                      shared by every writer, exclusive for a removal (flock)
     .locks/<region>.lock       exclusive per region being computed; names its holder
@@ -17,14 +33,11 @@ what a partial output, a checkpoint or a done-marker must match to be reused.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,15 +46,14 @@ from zarr.codecs import Crc32cCodec
 
 from .atomic import atomic_open, atomic_write_json, check_output_dir, read_json
 from .errors import CheckpointMismatchError, KernelOutputError
+from .locks import flock_or_refuse, lock_holders
 from .plan import Tile
 from .rawchunks import (
-    CRC_BYTES,
-    ChunkDamaged,
     chunk_path,
     raw_layout,
-    read_chunk,
     write_chunk,
 )
+from .topk import Neighbours, merge_neighbours
 
 KERNEL_SCHEMA = "kernelscale-kernel"
 KERNEL_SCHEMA_VERSION = 1
@@ -55,7 +67,8 @@ DIMENSION_NAMES = {"test-train": ("test", "train"), "train-train": ("train", "tr
 
 
 class KernelOutput:
-    """The output Zarr group: array ``kernel``, identity attributes, done markers, checkpoints.
+    """The output Zarr group: array ``kernel`` (or ``values``/``indices`` of a top-K
+    kernel), identity attributes, done markers, checkpoints.
 
     ``KERNEL/kernel``           float32 (n_rows, n_cols), chunks ``chunks``
     ``KERNEL/.done/<tile>.json`` one per finished tile (atomic), written after its data
@@ -71,16 +84,30 @@ class KernelOutput:
         return dict(self.group.attrs)
 
     @property
+    def topk(self) -> int | None:
+        """K of a top-K kernel; None for a full kernel."""
+        k = self.attrs.get("identity", {}).get("topk")
+        return int(k) if k else None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the kernel (of the full kernel a top-K kernel stands for)."""
+        if self.topk:
+            return tuple(int(x) for x in self.attrs["identity"]["shape"])  # type: ignore
+        return tuple(int(x) for x in self.array.shape)  # type: ignore[return-value]
+
+    @property
     def array(self) -> zarr.Array:
+        if self.topk:
+            raise KernelOutputError(f"{self.path}: a top-{self.topk} kernel holds each row's "
+                                    f"{self.topk} nearest columns, not the full matrix")
         return self.group["kernel"]
 
     @property
-    def reader(self) -> CheckedArray:
-        """The kernel array for reading, with checksum failures as one-line errors."""
-        return CheckedArray(self.path, self.array)
-
-    @property
     def chunks(self) -> tuple[int, int]:
+        """The chunk grid of tiles and done-markers (a top-K kernel's ``grid_chunks``)."""
+        if self.topk:
+            return tuple(int(x) for x in self.attrs["grid_chunks"])  # type: ignore
         return tuple(self.array.chunks)  # type: ignore[return-value]
 
     @classmethod
@@ -90,7 +117,9 @@ class KernelOutput:
             g = zarr.open_group(str(path), mode=mode, zarr_format=3)
         except Exception:
             raise KernelOutputError(f"{path}: not a kernel (no readable Zarr group)") from None
-        if g.attrs.get("schema") != KERNEL_SCHEMA or "kernel" not in g:
+        topk = g.attrs.get("identity", {}).get("topk") if g.attrs.get("schema") else None
+        members = ("values", "indices") if topk else ("kernel",)
+        if g.attrs.get("schema") != KERNEL_SCHEMA or any(m not in g for m in members):
             raise KernelOutputError(f"{path}: not a kernelscale kernel")
         return cls(path, g)
 
@@ -151,10 +180,16 @@ class KernelOutput:
                                   min(shape[1], DEFAULT_CHUNKS[1])))
         g = zarr.open_group(str(path), mode="a", zarr_format=3)  # never clears the folder
         dims = DIMENSION_NAMES.get(identity.get("pairs"), ("row", "col"))
-        g.create_array("kernel", shape=shape, chunks=chunks, dtype="float32",
-                       compressors=[Crc32cCodec()], fill_value=0.0, dimension_names=dims)
-        g.attrs.update({"schema": KERNEL_SCHEMA, "schema_version": KERNEL_SCHEMA_VERSION,
-                        "identity": identity, "complete": False})
+        attrs = {"schema": KERNEL_SCHEMA, "schema_version": KERNEL_SCHEMA_VERSION,
+                 "identity": identity, "complete": False}
+        if identity.get("topk"):
+            create_topk_arrays(g, shape[0], int(identity["topk"]), chunks[0], dims[0])
+            attrs["grid_chunks"] = list(chunks)
+        else:
+            g.create_array("kernel", shape=shape, chunks=chunks, dtype="float32",
+                           compressors=[Crc32cCodec()], fill_value=0.0,
+                           dimension_names=dims)
+        g.attrs.update(attrs)
         return cls(path, g)
 
     def write_block(self, r0: int, r1: int, c0: int, c1: int, block: np.ndarray) -> None:
@@ -221,7 +256,7 @@ class KernelOutput:
 
     def done_grid(self) -> np.ndarray:
         """bool (row chunks, col chunks): chunks covered by some finished tile."""
-        (n, m), (cr, cc) = self.array.shape, self.chunks
+        (n, m), (cr, cc) = self.shape, self.chunks
         grid = np.zeros((-(-n // cr), -(-m // cc)), dtype=bool)
         for t in self.done_tiles():
             grid[t.r0 // cr:-(-t.r1 // cr), t.c0 // cc:-(-t.c1 // cc)] = True
@@ -242,7 +277,7 @@ class KernelOutput:
         not (markers of an earlier kernel at this path are ignored, as by
         :meth:`done_grid`)."""
         ident = self.attrs.get("identity", {})
-        (n_rows, n_cols), (cr, cc) = self.array.shape, self.chunks
+        (n_rows, n_cols), (cr, cc) = self.shape, self.chunks
         for m in sorted(self.done_dir.glob("*.json")) if self.done_dir.is_dir() else []:
             try:
                 info = read_json(m)
@@ -259,83 +294,123 @@ class KernelOutput:
                                         f"{info.get('runs')})")
 
     def finish_if_complete(self) -> bool:
-        """Mark the kernel complete when every chunk is covered; drop checkpoints."""
+        """Mark the kernel complete when every chunk is covered; drop checkpoints. A
+        top-K kernel first merges its tiles' partial top-Ks into ``values``/``indices``
+        (one finisher at a time: Slurm tasks finishing together wait for each other)."""
         if not self.done_grid().all():
             return False
-        if not self.attrs.get("complete"):
+        if self.topk and not self.attrs.get("complete"):
+            lock = self.path / ".locks" / "finish.lock"
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock, "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)  # waits: another finisher does the same work
+                self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+                if not self.attrs.get("complete"):
+                    merge_partials(self)
+                    self.group.attrs["complete"] = True
+        elif not self.attrs.get("complete"):
             self.group.attrs["complete"] = True
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         return True
 
+    # top-K partials -----------------------------------------------------------------
+    @property
+    def partial_dir(self) -> Path:
+        return self.path / ".partial"
+
+    def partial_path(self, t: Tile, r0: int) -> Path:
+        """The file of tile ``t``'s partial top-K for its rows from ``r0`` (one grid chunk
+        row): ``.partial/<tile>@r<r0>.npz``."""
+        return self.partial_dir / f"{t.key}@r{r0}.npz"
+
+    def partial_rows(self, t: Tile) -> list[tuple[int, int]]:
+        """The row spans of tile ``t``'s partial files: its grid chunk rows."""
+        step = self.chunks[0]
+        return [(r, min(r + step, t.r1)) for r in range(t.r0, t.r1, step)]
+
+    def save_partial(self, t: Tile, nb: Neighbours) -> None:
+        """Store the top-K ``nb`` of tile ``t``'s rows over its columns, values float32
+        and indices int64 (t.rows, <= K): one file per grid chunk row (atomic, no pickle,
+        zip CRC-32 per array), so that merging a row chunk reads only its own rows."""
+        for r0, r1 in self.partial_rows(t):
+            with atomic_open(self.partial_path(t, r0), "wb") as fh:
+                np.savez(fh, values=nb.values[r0 - t.r0:r1 - t.r0],
+                         indices=nb.index[r0 - t.r0:r1 - t.r0])
+
+    def load_partial(self, t: Tile, r0: int, r1: int) -> Neighbours:
+        """Tile ``t``'s partial top-K of rows ``[r0, r1)`` (one of :meth:`partial_rows`)."""
+        p = self.partial_path(t, r0)
+        hint = f"`kernelscale verify {self.path} --repair` marks the tile for recomputation"
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                v, i = z["values"], z["indices"]
+        except FileNotFoundError:
+            raise KernelOutputError(f"{p}: the partial top-K of a finished tile is "
+                                    f"missing; {hint}") from None
+        except Exception as e:  # zipfile's CRC check, a torn or foreign file
+            raise KernelOutputError(f"{p}: unreadable partial top-K ({_first_line(e)}); "
+                                    f"{hint}") from None
+        if v.shape != i.shape or v.shape[0] != r1 - r0 or v.dtype != np.float32:
+            raise KernelOutputError(f"{p}: partial top-K of shape {v.shape}, not "
+                                    f"({r1 - r0}, <= {self.topk}) float32; {hint}")
+        return Neighbours(v, i.astype(np.int64, copy=False))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:160]
+
+
+def create_topk_arrays(g: zarr.Group, rows: int, k: int, row_chunk: int, dim: str) -> None:
+    """Arrays ``values`` float32 and ``indices`` int64 (rows, k), chunks (row_chunk, k),
+    checksummed like every array kernelscale writes."""
+    for name, dtype, fill in (("values", "float32", 0.0), ("indices", "int64", -1)):
+        g.create_array(name, shape=(rows, k), chunks=(min(row_chunk, rows), k), dtype=dtype,
+                       compressors=[Crc32cCodec()], fill_value=fill,
+                       dimension_names=(dim, "neighbour"))
+
+
+def merge_partials(out: KernelOutput) -> None:
+    """Write ``values``/``indices`` of a top-K kernel from its tiles' partial top-Ks.
+
+    Row chunk by row chunk, each finished tile's partial of those rows is merged into a
+    running top-K (memory: the rows' running top-K and one partial, whatever the number
+    of columns). The top-K of a union under the total order (value descending, column
+    ascending) does not depend on the order of the merges, so region tasks and resumed
+    runs give the same bytes.
+    """
+    k = out.topk
+    n = out.shape[0]
+    step = int(out.group["values"].chunks[0])
+    tiles = sorted(out.done_tiles())
+    for r0 in range(0, n, step):
+        r1 = min(r0 + step, n)
+        run = None
+        for t in tiles:
+            if t.r1 <= r0 or t.r0 >= r1:
+                continue
+            # tile edges lie on the grid, whose row chunks are the values' row chunks:
+            # a tile holds either all of these rows or none
+            part = out.load_partial(t, r0, r1)
+            run = part if run is None else merge_neighbours(run, part, k)
+        if run is None or len(run) != r1 - r0:
+            raise KernelOutputError(f"{out.path}: rows {r0}:{r1} are not covered by finished "
+                                    "tiles")
+        out.group["values"][r0:r1] = run.values
+        out.group["indices"][r0:r1] = run.index
+
 
 #: What a kernel folder holds; removing a kernel removes these and nothing else (its
 #: ``.lock`` stays: the lock a removal holds must stay the one the next writer takes).
-KERNEL_MEMBERS = ("kernel", ".done", ".checkpoints", "zarr.json", ".locks")
-
-
-def _holders(path: Path, lock: Path | None = None) -> str:
-    """Who holds the region lock ``lock``, or every region lock of the kernel at
-    ``path`` (a holder's note is cleared when it lets go)."""
-    if lock is not None:
-        files = [lock]
-    else:
-        files = (sorted((path / ".locks").glob("*.lock")) if (path / ".locks").is_dir()
-                 else [])
-    notes = []
-    for f in files:
-        with contextlib.suppress(OSError):
-            text = f.read_text().strip()
-            if text:
-                notes.append(text)
-    return "; ".join(notes) or "another process"
-
-
-@contextlib.contextmanager
-def _flock(path: Path, mode: int, refusal: str):
-    """Hold ``flock(mode)`` on ``path`` (created) for the block; ``refusal`` is the
-    error when another process holds a conflicting lock."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")  # noqa: SIM115 -- held for the whole block
-    try:
-        try:
-            fcntl.flock(fh, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KernelOutputError(refusal) from None
-        yield fh
-    finally:
-        fh.close()
-
-
-@contextlib.contextmanager
-def writer_lock(path: Path, region: Tile):
-    """Held while a process computes ``region`` of the kernel at ``path``: a shared lock
-    on the kernel (many Slurm tasks write disjoint regions at once) and an exclusive one
-    on the region, so a second writer of the same region, or a ``--restart`` or
-    ``--overwrite`` of the kernel, is refused with one line naming the holder."""
-    with _flock(path / ".lock", fcntl.LOCK_SH,
-                f"{path}: being removed or replaced by another process (--restart or "
-                "--overwrite)"):
-        lock = path / ".locks" / f"{region.key}.lock"
-        with _flock(lock, fcntl.LOCK_EX,
-                    f"{path}: rows {region.r0}:{region.r1}, cols {region.c0}:{region.c1} are "
-                    f"being computed by {_holders(path, lock)}") as fh:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-            fh.flush()
-            try:
-                yield
-            finally:
-                fh.seek(0)
-                fh.truncate()  # the note names a live holder only
+KERNEL_MEMBERS = ("kernel", "values", "indices", ".partial", ".done", ".checkpoints",
+                  "zarr.json", ".locks")
 
 
 def _remove_kernel(path: Path) -> None:
     """Remove the kernel at ``path``: its own members only, so a file a user keeps in
     the folder stays (and the folder with it). Refused while any process writes it."""
-    with _flock(path / ".lock", fcntl.LOCK_EX,
-                f"{path}: being computed by {_holders(path)}; --restart/--overwrite "
+    with flock_or_refuse(path / ".lock", fcntl.LOCK_EX,
+                f"{path}: being computed by {lock_holders(path)}; --restart/--overwrite "
                 "waits until it has stopped"):
         _remove_members(path)
 
@@ -368,98 +443,3 @@ def load_checkpoint(path: Path) -> tuple[dict, list[np.ndarray]]:
         meta = json.loads(z["meta"].tobytes().decode())
         accs = [z[f"acc{i}"] for i in range(len(meta["tiles"]))]
     return meta, accs
-
-
-class CheckedArray:
-    """A kernel array for readers (``top_neighbours`` and the like): row blocks
-    ``[a:b]`` of whole chunk rows are read chunk file by chunk file with their checksums
-    verified (no codec pipeline, no copy beyond the block); a damaged chunk is one
-    line naming its file. Other selections go through Zarr, whose checksum error is
-    turned into the same kind of line."""
-
-    def __init__(self, path: Path, array):
-        self.path, self.array = Path(path), array
-        self.shape, self.chunks, self.dtype = array.shape, array.chunks, array.dtype
-        self.layout = raw_layout(array)
-
-    def _damaged(self, where: str) -> KernelOutputError:
-        return KernelOutputError(f"{where}: a chunk fails its checksum (the file is "
-                                 f"corrupt); `kernelscale verify {self.path} --repair` "
-                                 "marks its tile for recomputation")
-
-    def __getitem__(self, sel):
-        rows = sel if isinstance(sel, slice) else None
-        n, cr = self.shape[0], self.chunks[0]
-        if (rows is not None and self.layout is not None and rows.step in (None, 1)):
-            a, b, _ = rows.indices(n)
-            if a % cr == 0 and (b % cr == 0 or b == n) and a < b:
-                return self._rows(a, b)
-        try:
-            return self.array[sel]
-        except ValueError as e:
-            if "checksum" not in str(e).lower():
-                raise
-            raise self._damaged(str(self.path)) from None
-
-    def _rows(self, a: int, b: int) -> np.ndarray:
-        (n, m), (cr, cc) = self.shape, self.chunks
-        out = np.empty((b - a, m), dtype=np.float32)
-        buf = np.empty(cr * cc * 4, dtype=np.uint8)
-        chunk = buf.view(np.float32).reshape(cr, cc)
-        for i in range(a // cr, -(-b // cr)):
-            for j in range(-(-m // cc)):
-                path = chunk_path(self.path / "kernel", (i, j))
-                try:
-                    read_chunk(path, buf.size, 0, buf, self.layout.checksum)
-                except ChunkDamaged as e:
-                    raise KernelOutputError(f"{e.path}: {e.problem}; `kernelscale verify "
-                                            f"{self.path} --repair` marks its tile for "
-                                            "recomputation") from None
-                r0, c0 = i * cr, j * cc
-                rows, cols = min(cr, n - r0), min(cc, m - c0)
-                out[r0 - a:r0 - a + rows, c0:c0 + cols] = chunk[:rows, :cols]
-        return out
-
-
-def load_kernel(path: str | os.PathLike, require_complete: bool = True) -> KernelOutput:
-    """Open a saved kernel for reading; refuses an unfinished one by default, and one
-    whose finished chunks are not all on disk at their size (Zarr would read a missing
-    chunk as zeros). Read it through :meth:`KernelOutput.reader`, which turns a checksum
-    failure into one line."""
-    k = KernelOutput.open(path, mode="r")
-    if require_complete and not k.attrs.get("complete"):
-        raise KernelOutputError(f"{path}: the kernel is not complete (re-run `kernelscale "
-                                "kernel` with the same options to finish it)")
-    layout = raw_layout(k.array)
-    if layout is not None:
-        cr, cc = k.chunks
-        want = cr * cc * 4 + (CRC_BYTES if layout.checksum else 0)
-        for i, j in zip(*np.nonzero(k.done_grid()), strict=True):
-            chunk = chunk_path(Path(path) / "kernel", (int(i), int(j)))
-            size = chunk.stat().st_size if chunk.is_file() else None
-            if size != want:
-                what = "missing" if size is None else f"{size} bytes, not {want}"
-                raise KernelOutputError(f"{chunk}: chunk file {what}; `kernelscale verify "
-                                        f"{path} --repair` marks its tile for recomputation")
-    return k
-
-
-def describe_kernel(path: str | os.PathLike) -> str:
-    k = KernelOutput.open(path, mode="r")
-    a = k.attrs
-    ident = a.get("identity", {})
-    lines = [f"kernel {path}",
-             f"  shape {tuple(k.array.shape)} float32 chunks {k.chunks} "
-             f"complete {a.get('complete')}",
-             f"  pairs {ident.get('pairs')}  runs {ident.get('runs')}  precision "
-             f"{ident.get('precision')}  log_softmax {ident.get('log_softmax')}  classes "
-             f"{ident.get('classes') or 'all'}",
-             f"  store {a.get('store')}  fingerprint {ident.get('store_fingerprint')}",
-             f"  kernel fingerprint {k.fingerprint()}"]
-    if "zero_variance" in a:
-        lines.append("  zero-variance entries: " + "  ".join(
-            f"{s} {n}" for s, n in sorted(a["zero_variance"].items())))
-    done = k.done_tiles()
-    lines.append(f"  finished tiles {len(done)}; checkpoints in flight "
-                 f"{len(list(k.ckpt_dir.glob('*.npz'))) if k.ckpt_dir.is_dir() else 0}")
-    return "\n".join(lines)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_json, check_output_dir
+from .atomic import atomic_write_json, check_output_dir, remove_stale_temps
 from .config import JobConfig, load_job
 
 
@@ -82,6 +82,8 @@ def _evaluate(cfg: JobConfig, quiet: bool, device: str | None) -> None:
     print(ev.table())
     if e.json:
         out = Path(cfg.path_of(e.json))
+        # a gather killed while writing this file left its temp: the requeued run tidies
+        remove_stale_temps(out)
         atomic_write_json(out, ev.as_json(per_run=e.per_run))
         print(f"results: {out}", file=sys.stderr)
 

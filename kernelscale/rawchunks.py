@@ -14,6 +14,7 @@ the same checksum (tested against Zarr's own reads and writes).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,21 @@ def crc32c(data: np.ndarray) -> bytes:
     return int.from_bytes(c.digest(), "big").to_bytes(CRC_BYTES, "little")
 
 
+def _read_tail(fh, path: Path, tail: bytearray) -> None:
+    """The CRC-32C after a chunk's data, and nothing after it."""
+    _read_into(fh, path, memoryview(tail))
+    if fh.read(1):
+        raise ChunkDamaged(path, "chunk file longer than its array says")
+
+
+def _open_chunk(path: Path):
+    """An unbuffered binary file of a chunk that must exist (committed data)."""
+    try:
+        return open(path, "rb", buffering=0)  # noqa: SIM115
+    except FileNotFoundError:
+        raise ChunkDamaged(path, "chunk file missing") from None
+
+
 def _read_into(fh, path: Path, view: memoryview) -> None:
     got = 0
     while got < len(view):
@@ -91,10 +107,7 @@ def read_exact(path: Path, offset: int, dest: np.ndarray) -> None:
 
     A missing file is :class:`ChunkDamaged`: it is only ever read for committed data.
     """
-    try:
-        fh = open(path, "rb", buffering=0)  # noqa: SIM115
-    except FileNotFoundError:
-        raise ChunkDamaged(path, "chunk file missing") from None
+    fh = _open_chunk(path)
     with fh:
         fh.seek(offset)
         _read_into(fh, path, memoryview(dest))
@@ -108,19 +121,108 @@ def read_checked(path: Path, chunk_bytes: int, offset: int, dest: np.ndarray) ->
     whole = offset == 0 and len(dest) == chunk_bytes
     buf = dest if whole else np.empty(chunk_bytes, dtype=np.uint8)
     tail = bytearray(CRC_BYTES)
-    try:
-        fh = open(path, "rb", buffering=0)  # noqa: SIM115
-    except FileNotFoundError:
-        raise ChunkDamaged(path, "chunk file missing") from None
+    fh = _open_chunk(path)
     with fh:
         _read_into(fh, path, memoryview(buf))
-        _read_into(fh, path, memoryview(tail))
-        if fh.read(1):
-            raise ChunkDamaged(path, "chunk file longer than its array says")
+        _read_tail(fh, path, tail)
     if crc32c(buf) != bytes(tail):
         raise ChunkDamaged(path, "checksum mismatch (the file is corrupt)")
     if not whole:
         dest[...] = buf[offset:offset + len(dest)]
+
+
+class VerifiedChunks:
+    """Chunk files whose CRC-32C this process has verified, each known by (path, inode,
+    size, modification time): a file replaced or rewritten since is verified again.
+    Thread-safe."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(path: Path) -> tuple:
+        st = os.stat(path)
+        return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._seen
+
+    def add(self, key: tuple) -> None:
+        with self._lock:
+            self._seen.add(key)
+
+
+#: bytes read at once while a chunk file is verified in a strided read
+STRIDED_BLOCK_BYTES = 4 << 20
+
+
+def _read_strided_verified(path: Path, chunk_bytes: int, offset: int, stride: int,
+                           dest: np.ndarray) -> None:
+    """:func:`read_strided` of a file read whole once: block by block of whole runs
+    (``stride`` bytes each), the CRC-32C extended over every block and the wanted rows
+    copied out, so memory stays one block whatever the chunk size."""
+    import google_crc32c
+
+    n, width = dest.shape
+    first, inner = divmod(offset, stride)
+    per_block = max(1, STRIDED_BLOCK_BYTES // stride)
+    buf = np.empty(per_block * stride, dtype=np.uint8)
+    crc = google_crc32c.Checksum()
+    tail = bytearray(CRC_BYTES)
+    fh = _open_chunk(path)
+    with fh:
+        for j0 in range(0, chunk_bytes // stride, per_block):
+            k = min(per_block, chunk_bytes // stride - j0)
+            block = buf[:k * stride]
+            _read_into(fh, path, memoryview(block))
+            crc.update(block)
+            lo, hi = max(j0, first), min(j0 + k, first + n)
+            if lo < hi:
+                runs = block.reshape(k, stride)[lo - j0:hi - j0, inner:inner + width]
+                dest[lo - first:hi - first] = runs
+        _read_tail(fh, path, tail)
+    if int.from_bytes(crc.digest(), "big").to_bytes(CRC_BYTES, "little") != bytes(tail):
+        raise ChunkDamaged(path, "checksum mismatch (the file is corrupt)")
+
+
+def read_strided(path: Path, chunk_bytes: int, offset: int, stride: int, dest: np.ndarray,
+                 checksum: bool, verified: VerifiedChunks) -> None:
+    """Fill the C-contiguous uint8 ``dest`` (n, width), row ``i`` from bytes
+    ``[offset + i*stride, + width)`` of a chunk file of ``chunk_bytes`` data bytes: the
+    same part of each run's examples (a column range of a kernel pass).
+
+    A checksummed file is verified whole the first time this process reads it (in blocks
+    of :data:`STRIDED_BLOCK_BYTES`, the rows copied out of each); later reads of the
+    unchanged file read only the rows' bytes, so passes over a few columns at a time do
+    not read the whole store each.
+    """
+    n, width = dest.shape
+    if checksum:
+        try:
+            key = verified.key(path)
+        except FileNotFoundError:
+            raise ChunkDamaged(path, "chunk file missing") from None
+        if key not in verified:
+            _read_strided_verified(path, chunk_bytes, offset, stride, dest)
+            verified.add(key)
+            return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ChunkDamaged(path, "chunk file missing") from None
+    try:
+        for i in range(n):
+            view, at = memoryview(dest[i]), offset + i * stride
+            got = 0
+            while got < width:
+                k = os.preadv(fd, [view[got:]], at + got)
+                if not k:
+                    raise ChunkDamaged(path, "chunk file shorter than its array says")
+                got += k
+    finally:
+        os.close(fd)
 
 
 def read_chunk(path: Path, chunk_bytes: int, offset: int, dest: np.ndarray,

@@ -29,10 +29,11 @@ class ChunkReader:
     (e-s, n_c, C) host tensors of the store dtype, so the next chunk is read while the
     current one is normalised and multiplied. Buffers come from a pool of ``depth + 1``
     (allocated pinned for a CUDA consumer) and go back with :meth:`release` once
-    consumed. A full example range is read with :meth:`Store.read_jobs`: the chunk files
-    of both splits straight into the buffer, all submitted at once to ``io_threads``
-    threads (no codec pipeline, no copy), while the page cache is asked to load the
-    chunks ``depth`` steps ahead. A partial range goes through Zarr.
+    consumed. Example ranges are read with :meth:`Store.read_jobs`: the chunk files of
+    both splits straight into the buffer (a partial range: only its bytes of each run,
+    once each file has been verified whole), all submitted at once to ``io_threads``
+    threads (no codec pipeline), while the page cache is asked to load the chunks
+    ``depth`` steps ahead. A store without plain chunks goes through Zarr.
     """
 
     def __init__(self, store: Store, splits: tuple[str, str], row_rng: tuple[int, int],
@@ -72,9 +73,7 @@ class ChunkReader:
         if buf is None:
             buf = self._buffer(rng[1] - rng[0])
         view = buf[: e - s]
-        own = None
-        if rng == (0, self.store.shape.examples(split)):
-            own = self.store.read_jobs(split, s, e, view.numpy())
+        own = self.store.read_jobs(split, s, e, view.numpy(), examples=rng)
         if own is None:
             view.copy_(torch.from_numpy(self.store.read(split, s, e, slice(*rng))))
         else:

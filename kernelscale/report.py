@@ -3,14 +3,26 @@
 ``OUT/index.html`` (inline CSS, no scripts, no external assets) links PNG figures beside
 it by relative paths; ``OUT/report.json`` holds every number shown. The report is written
 into a temporary directory beside ``OUT`` and renamed into place, so ``OUT`` holds either
-the previous report or the new one, complete.
+the previous report or the new one, complete (a kill between moving the previous one
+aside and renaming the new one in leaves no ``OUT`` until the next build; the previous
+one is in ``.OUT.old-*`` until then). What killed builds left beside ``OUT`` is removed
+by the next one: ``.OUT.old-*`` once it has published, ``.OUT.*.tmp`` once ten minutes
+old (a younger one may be a build in progress).
 
 Sections (each an ``<section id=...>``): ``provenance`` (store manifest, kernel identity,
 labels), ``baselines``, ``knn`` (majority vote, weighted, selected, oracle), ``runs``
 (accuracy against the number of runs, from a curve of ``kernelscale curve``), ``k``
 (accuracy against k), ``ablation`` (per-class and no-log-softmax kernels),
+``classes`` (k-NN accuracy of each class and its most frequent mistake),
 ``interpretability`` (most similar train examples, failure modes, random examples; image
 grids when the images are available, tables otherwise).
+
+Class names are the labels' own (``class_names``), else the images' (CIFAR-10's), else
+``class 0`` .. ``class C-1``. Per-class views list every class up to
+:data:`CLASS_ROWS` classes; above that (CIFAR-100, ImageNet) they show a summary, a
+histogram of the per-class accuracies and the :data:`CLASS_EXTREMES` lowest (and, for
+the single-class ablation kernels, highest) classes, never one row per class;
+``report.json`` keeps every class.
 
 The evaluation is :func:`kernelscale.evaluation.evaluate_inputs` (the one behind
 ``kernelscale evaluate``); the figures are drawn by :mod:`kernelscale.figures`.
@@ -20,6 +32,7 @@ The evaluation is :func:`kernelscale.evaluation.evaluate_inputs` (the one behind
 
 from __future__ import annotations
 
+import glob
 import html
 import os
 import shutil
@@ -31,18 +44,35 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write_json, dir_umask, fsync_dir
+from .atomic import atomic_write_json, dir_umask, fsync_dir, remove_stale_temps
 from .curve import Curve, load_curve
 from .errors import KernelscaleError
 from .evaluation import Evaluation, evaluate_inputs, open_inputs
-from .figures import fig_ablation, fig_grid, fig_k, fig_per_run, fig_runs, fig_similar
+from .figures import (
+    BLUE,
+    ORANGE,
+    PURPLE,
+    fig_ablation,
+    fig_class_hist,
+    fig_grid,
+    fig_k,
+    fig_per_run,
+    fig_runs,
+    fig_similar,
+)
 from .interpret import Images, failures, load_images, most_similar, random_examples
-from .knn import Grid, make_setting
-from .labels import load_labels
+from .knn import Grid, make_setting, predict
+from .labels import default_class_names, load_labels
 from .provenance import Provenance
 from .store import Store
 from .units import format_bytes, round_floats
 from .version import __version__
+
+#: per-class tables and bar charts list every class up to this many classes; above it
+#: they are summarised (a histogram, the extremes), so a 1000-class report stays readable.
+CLASS_ROWS = 20
+#: classes listed at each end when a per-class view is summarised.
+CLASS_EXTREMES = 10
 
 
 class ReportError(KernelscaleError):
@@ -167,7 +197,10 @@ def _provenance(store: Store, prov: Provenance, attrs: dict, images_note: str) -
         ("kernel", _Raw(f'<span class="mono">{_e(prov.kernel)}</span>')),
         ("kernel inputs", f"{ident.get('pairs')}, runs {ident.get('runs')}, precision "
                           f"{ident.get('precision')}, log-softmax {ident.get('log_softmax')}, "
-                          f"classes {ident.get('classes') or 'all'}"),
+                          f"classes {ident.get('classes') or 'all'}"
+                          + (f"; a top-{ident['topk']} kernel (each test row's "
+                             f"{ident['topk']} largest values kept)"
+                             if ident.get("topk") else "")),
         ("zero-variance entries", ", ".join(f"{a} {b}" for a, b in
                                             sorted(attrs.get("zero_variance", {}).items()))
          or "–"),
@@ -284,34 +317,117 @@ def _runs_section(curve: Curve | None, fig: str | None) -> str:
               "over test halves); \"oracle\" chooses with the test labels.</p>")
 
 
+def _class_label(c: int, names: Sequence[str]) -> str:
+    """``class 7 only (horse)``: the class index, and its name when it has one."""
+    return f"class {c} only" + (f" ({names[c]})" if names[c] != f"class {c}" else "")
+
+
 def _ablation_section(ev: Evaluation, fig: str | None, names: Sequence[str]) -> str:
     if not ev.ablations:
         return ("<p class='note'>No ablations computed: pass <code>--ablations DIR</code> "
                 "to compute the kernel of each class alone and of raw logits (one kernel "
                 "each, computed with the kernel engine and kept in DIR).</p>")
+
+    def row(what: str, a) -> list:
+        return [what, _pct(a.accuracy), _pct(a.oracle.accuracy), a.oracle.setting.label()]
+
     rows = [["all classes (summed kernel)", _pct(ev.weighted_accuracy),
              _pct(ev.oracle.accuracy), ev.oracle.setting.label()]]
-    for a in ev.ablations:
-        c = a.class_index
-        what = (f"class {c} only" + (f" ({names[c]})" if names[c] != f"class {c}" else "")
-                if c is not None else "no log-softmax (raw logits)")
-        rows.append([what, _pct(a.accuracy), _pct(a.oracle.accuracy),
-                     a.oracle.setting.label()])
+    per_class = [a for a in ev.ablations if a.class_index is not None]
+    note = ""
+    if len(per_class) <= CLASS_ROWS:
+        rows += [row(_class_label(a.class_index, names), a) for a in per_class]
+    else:
+        acc = np.array([a.accuracy for a in per_class])
+        rows.append([f"{len(per_class)} single-class kernels: mean (median)",
+                     _pct(float(acc.mean())) + f" ({_pct(float(np.median(acc)))})", "–", "–"])
+        order = sorted(per_class, key=lambda a: (-a.accuracy, a.class_index))
+        n = min(CLASS_EXTREMES // 2, len(order) // 2)
+        rows += [row(_class_label(a.class_index, names) + " — highest", a)
+                 for a in order[:n]]
+        rows += [row(_class_label(a.class_index, names) + " — lowest", a)
+                 for a in order[-n:]]
+        note = (f" Of the {len(per_class)} single-class kernels the {n} highest and {n} "
+                "lowest are listed; every one is in <code>report.json</code>.")
+    rows += [row("no log-softmax (raw logits)", a) for a in ev.ablations
+             if a.class_index is None]
     return (_img(fig, "ablation accuracies")
             + _table(["kernel", f"k-NN ({ev.setting.label()})", "best (oracle)",
                       "best setting"], rows, num=(1, 2), highlight=(0,))
             + "<p class='note'>The summed kernel is the mean of the per-class kernels. "
-              "\"best\" is chosen with the test labels.</p>")
+              "\"best\" is chosen with the test labels." + note + "</p>")
+
+
+def per_class(pred: np.ndarray, truth: np.ndarray, classes: int,
+              names: Sequence[str]) -> list[dict]:
+    """Each class's test examples, k-NN accuracy and most frequent mistake.
+
+    ``pred``, ``truth``: int64 (n_test,) in ``[0, classes)``. One JSON-able dict per
+    class: ``class``, ``name``, ``test_examples``, ``correct``, ``accuracy`` (percent;
+    None without test examples) and ``mistake`` (the most frequent wrong prediction,
+    ties to the smaller label: ``{"label", "name", "count"}``, or None). Memory O(n_test +
+    classes): mistakes are counted over the (truth, prediction) pairs that occur, not in
+    a classes x classes matrix.
+    """
+    n = np.bincount(truth, minlength=classes)
+    hit = np.bincount(truth[pred == truth], minlength=classes)
+    wrong = pred != truth
+    pairs, counts = np.unique(truth[wrong] * classes + pred[wrong], return_counts=True)
+    mistake: dict[int, tuple[int, int]] = {}
+    for code, cnt in zip(pairs.tolist(), counts.tolist(), strict=True):
+        t, p = divmod(code, classes)
+        if t not in mistake or cnt > mistake[t][1]:  # pairs ascend: ties keep the smaller
+            mistake[t] = (p, cnt)
+    out = []
+    for c in range(classes):
+        m = mistake.get(c)
+        out.append({"class": c, "name": names[c], "test_examples": int(n[c]),
+                    "correct": int(hit[c]),
+                    "accuracy": float(hit[c] / n[c] * 100) if n[c] else None,
+                    "mistake": ({"label": m[0], "name": names[m[0]], "count": m[1]}
+                                if m else None)})
+    return out
+
+
+def _classes_section(rows: list[dict], label: str, fig: str | None) -> str:
+    def cells(r: dict) -> list:
+        m = r["mistake"]
+        return [r["name"] if r["name"] == f"class {r['class']}"
+                else f"{r['name']} (class {r['class']})", r["test_examples"],
+                _pct(r["accuracy"]), f"{m['name']} ({m['count']})" if m else "–"]
+
+    head = ["class", "test examples", f"k-NN accuracy (%), {label}",
+            "most frequent mistake (test examples)"]
+    if len(rows) <= CLASS_ROWS:
+        return _table(head, [cells(r) for r in rows], num=(1, 2))
+    seen = [r for r in rows if r["accuracy"] is not None]
+    acc = np.array([r["accuracy"] for r in seen])
+    empty = len(rows) - len(seen)
+    lowest = sorted(seen, key=lambda r: (r["accuracy"], -r["test_examples"], r["class"]))
+    lowest = lowest[:CLASS_EXTREMES]
+    text = (f"<p>{len(rows)} classes; {len(seen)} have test examples"
+            + (f" ({empty} have none)" if empty else "") + ". Per-class k-NN accuracy: "
+            + (f"mean {acc.mean():.2f}, median {np.median(acc):.2f}, lowest {acc.min():.2f}, "
+               f"highest {acc.max():.2f}; {int((acc == 100).sum())} classes at 100%, "
+               f"{int((acc == 0).sum())} at 0%." if acc.size else "–")
+            + "</p>")
+    return (text + (_img(fig, "per-class accuracy histogram") if fig else "")
+            + f"<h3>The {len(lowest)} classes with the lowest accuracy</h3>"
+            + _table(head, [cells(r) for r in lowest], num=(1, 2))
+            + "<p class='note'>Every class's row is in <code>report.json</code> "
+              "(<code>per_class</code>).</p>")
 
 
 # ------------------------------------------------------------------------------ driver
 
 def _class_names(labels_names, images: Images | None, classes: int) -> list[str]:
-    if labels_names and len(labels_names) >= classes:
+    """The labels' class names, else the images' (when they name ``classes``), else
+    ``class 0`` .. ``class C-1``."""
+    if labels_names and len(labels_names) == classes:
         return list(labels_names)
-    if images is not None and len(images.class_names) >= classes:
+    if images is not None and len(images.class_names) == classes:
         return list(images.class_names)
-    return [f"class {c}" for c in range(classes)]
+    return list(default_class_names(classes))
 
 
 def _temp_dir(out: Path) -> Path:
@@ -322,6 +438,9 @@ def _temp_dir(out: Path) -> Path:
         raise ReportError(f"{out}: exists and is not a kernelscale report; choose another "
                           "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    # the temp folders of builds killed before they published (a Slurm gather that hit its
+    # time limit or lost its node): each holds a half-drawn report
+    remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     # mkdtemp makes 0700 folders; the published report must be readable as a plain
     # mkdir would have made it (by the group, on a shared file system)
@@ -341,8 +460,11 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    # ours, and those a build killed between the two renames (or while deleting) left: a
+    # previous report is needed only until a new one is in place, as now
+    for p in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def build_report(cfg: ReportConfig) -> Path:
@@ -372,10 +494,40 @@ def build_report(cfg: ReportConfig) -> Path:
         (tmp / "index.html").write_text(html_text, encoding="utf-8")
         atomic_write_json(tmp / "report.json", data)
         _publish(tmp, Path(cfg.out))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # a figure's write names no file (or the temp folder, gone now): name the report
+        if e.filename is None or str(tmp) in str(e.filename):
+            raise OSError(e.errno, e.strerror, str(cfg.out)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Path(cfg.out) / "index.html"
+
+
+def _fig_ablation(ev: Evaluation, names: Sequence[str], path: Path) -> str:
+    """Bars of every ablation kernel; a histogram of the single-class kernels' accuracies
+    when there are more than :data:`CLASS_ROWS` of them."""
+    single = [a.accuracy for a in ev.ablations if a.class_index is not None]
+    if len(single) <= CLASS_ROWS:
+        return fig_ablation(ev, names, path)
+    lines = [("summed kernel", ev.weighted_accuracy, BLUE),
+             ("ensemble", ev.ensemble_accuracy, ORANGE)]
+    lines += [("no log-softmax", a.accuracy, PURPLE) for a in ev.ablations
+              if a.class_index is None]
+    return fig_class_hist(np.array(single), lines, f"test accuracy (%) of a single-class "
+                          f"kernel, k-NN with {ev.setting.label()}", path)
+
+
+def _fig_classes(ev: Evaluation, rows: list[dict], path: Path) -> str | None:
+    """Histogram of the per-class k-NN accuracies, for more than :data:`CLASS_ROWS`
+    classes (below that the table shows every class)."""
+    acc = np.array([r["accuracy"] for r in rows if r["accuracy"] is not None])
+    if len(rows) <= CLASS_ROWS or not acc.size:
+        return None
+    return fig_class_hist(acc, [("all classes", ev.weighted_accuracy, BLUE)],
+                          f"per-class test accuracy (%), k-NN with {ev.setting.label()}", path)
 
 
 def _render(tmp: Path, cfg: ReportConfig, store: Store, inputs, ev: Evaluation,
@@ -388,12 +540,15 @@ def _render(tmp: Path, cfg: ReportConfig, store: Store, inputs, ev: Evaluation,
     fail = failures(nb, lab_tr, lab_te, top=cfg.examples, neighbours=nn)
     rand = random_examples(nb, lab_tr, lab_te, count=cfg.examples, neighbours=nn,
                            seed=cfg.seed)
+    classes = store.shape.classes
+    by_class = per_class(predict(nb, lab_tr, ev.setting, classes), lab_te, classes, names)
     figs: dict[str, str | None] = {
         "per_run": fig_per_run(ev, tmp / "baselines-runs.png") if ev.per_run_accuracy
         else None,
         "runs": fig_runs(curve, tmp / "accuracy-vs-runs.png") if curve else None,
         "k": fig_k(ev, tmp / "accuracy-vs-k.png"),
-        "ablation": fig_ablation(ev, names, tmp / "ablation.png") if ev.ablations else None,
+        "ablation": _fig_ablation(ev, names, tmp / "ablation.png") if ev.ablations else None,
+        "classes": _fig_classes(ev, by_class, tmp / "per-class.png"),
         "similar": fig_similar(nb.values[:, 0].astype(np.float64), cfg.threshold,
                                tmp / "most-similar.png"),
     }
@@ -430,6 +585,8 @@ def _render(tmp: Path, cfg: ReportConfig, store: Store, inputs, ev: Evaluation,
                        "against the number of neighbours.</p>"))
     sections.append(("ablation", "Kernel ablations", _ablation_section(ev, figs["ablation"],
                                                                         names)))
+    sections.append(("classes", "Per-class accuracy",
+                     _classes_section(by_class, ev.setting.label(), figs["classes"])))
     thr_rows = [[f"> {t['threshold']:g}", t["count"], f"{t['fraction'] * 100:.2f}%"]
                 for t in sim["by_threshold"]]
     same = sim["same_label_above"]
@@ -481,5 +638,6 @@ def _render(tmp: Path, cfg: ReportConfig, store: Store, inputs, ev: Evaluation,
         "provenance": provenance, "evaluation": evaluation, "most_similar": sim,
         "failures": fail, "random": rand, "curve": curve.as_json() if curve else None,
         "figures": {k: v for k, v in figs.items() if v}, "images": images_note,
-        "class_names": list(names)})
+        "class_names": list(names),
+        "per_class": {"setting": ev.setting.as_json(), "classes": by_class}})
     return doc, data

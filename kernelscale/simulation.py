@@ -7,7 +7,8 @@
         'logits'       torch.float16 (runs_in_file, n_test,  classes)
         'logits_train' torch.float16 (runs_in_file, n_train, classes)
         'code'         str, the simulator, its parameters and the file's run range
-    OUT/labels.npz                              # int64 arrays 'train' (n_train,), 'test' (n_test,)
+    OUT/labels.npz                              # int64 'train' (n_train,), 'test' (n_test,),
+                                                # str 'class_names' (classes,): sim-0 .. sim-(C-1)
 
 The model (``D`` latent dimensions, ``S`` sub-clusters per class, ``C`` classes)::
 
@@ -53,11 +54,12 @@ import numpy as np
 from .atomic import atomic_write_bytes
 from .errors import ConfigError
 
-__all__ = ["SimulationError", "SimulationSummary", "simulate", "SUBDIR", "MODEL_VERSION"]
+__all__ = ["SimulationError", "SimulationSummary", "simulate", "class_names", "SUBDIR",
+           "MODEL_VERSION"]
 
 #: Folder of the run files inside ``out``, as on the Hub.
 SUBDIR = "logs_saveoutputs_main"
-#: Bumped whenever the model changes the bytes written for given arguments.
+#: Bumped whenever the model changes the logits written for given arguments.
 MODEL_VERSION = 1
 
 # Model constants (see the module docstring).  Tuned so that at n_train=2000, n_test=500,
@@ -157,7 +159,7 @@ def _runs(seed: int, start: int, stop: int, data) -> tuple[np.ndarray, np.ndarra
     n, C = stop - start, mu.shape[0]
     test = np.empty((n, h_test.shape[0], C), np.float16)
     train = np.empty((n, h_train.shape[0], C), np.float16)
-    margin = _MEMORISE * np.eye(C)[y_train]
+    rows = np.arange(h_train.shape[0])
     for k, r in enumerate(range(start, stop)):
         # one stream per run: a run's logits do not depend on how runs are split into files
         rng = _rng(seed, _STREAM_RUN, r)
@@ -165,9 +167,18 @@ def _runs(seed: int, start: int, stop: int, data) -> tuple[np.ndarray, np.ndarra
         xi_train = rng.normal(size=(h_train.shape[0], C))
         xi_test = rng.normal(size=(h_test.shape[0], C))
         xi_test[dup] = _DUP_RHO * xi_train[src] + np.sqrt(1 - _DUP_RHO**2) * xi_test[dup]
-        train[k] = h_train @ w + _SIGMA_N * xi_train + margin
+        out = h_train @ w + _SIGMA_N * xi_train
+        out[rows, y_train] += _MEMORISE  # in place of a (n_train, C) one-hot margin
+        train[k] = out
         test[k] = h_test @ w + _SIGMA_N * xi_test
     return test, train
+
+
+def class_names(classes: int) -> np.ndarray:
+    """Names of the simulated classes, str (classes,): ``sim-0`` .. ``sim-9`` for ten,
+    zero-padded to one width (``sim-000`` .. ``sim-999`` for a thousand)."""
+    width = len(str(classes - 1))
+    return np.array([f"sim-{c:0{width}d}" for c in range(classes)])
 
 
 def _code(seed: int, runs: int, n_train: int, n_test: int, classes: int, start: int,
@@ -206,9 +217,14 @@ def simulate(out: str | os.PathLike, *, runs: int = 200, files: int = 2, n_train
 
     Runs are split as evenly as possible, earlier files taking the remainder.  Each file is
     generated, serialised and written (atomically) before the next one, so memory holds one
-    file's logits (``2 * runs_in_file * (n_train + n_test) * classes`` bytes) plus the
-    latent features (``8 * 64 * (n_train + n_test)`` bytes).  ``labels.npz`` is written
-    last: its presence marks a complete simulation.  Rewriting the same arguments into
+    file's logits (``2 * runs_in_file * (n_train + n_test) * classes`` bytes), one run's
+    float64 work arrays (``~24 * (n_train + n_test) * classes`` bytes) and the latent
+    features (``8 * 64 * (n_train + n_test)`` bytes).  ``classes`` is any count >= 2;
+    ``labels.npz`` names them (:func:`class_names`) and is written last: its presence
+    marks a complete simulation.  The model's constants are tuned at ten classes; with
+    more classes and the same examples per class, every accuracy is lower (the ``D = 64``
+    class directions overlap more) and the kernel k-NN needs more train examples per class
+    to pass the ensemble.  Rewriting the same arguments into
     ``out`` replaces the files in place; any other ``log.pt`` under ``out/SUBDIR`` raises
     :class:`SimulationError` before anything is written (a reader would mix it in).
     """
@@ -258,6 +274,7 @@ def simulate(out: str | os.PathLike, *, runs: int = 200, files: int = 2, n_train
         bar.update(1)
     bar.close()
     y_train, y_test = data[0], data[1]
-    atomic_write_bytes(out / "labels.npz", _npz_bytes(train=y_train, test=y_test))
+    atomic_write_bytes(out / "labels.npz", _npz_bytes(train=y_train, test=y_test,
+                                                      class_names=class_names(classes)))
     return SimulationSummary(out=out, files=tuple(paths), runs=runs, n_train=n_train,
                              n_test=n_test, classes=classes, seed=seed)

@@ -57,7 +57,16 @@ from .atomic import (
     read_json,
 )
 from .errors import StoreError
-from .rawchunks import ChunkDamaged, RawLayout, chunk_path, raw_layout, read_chunk, write_chunk
+from .rawchunks import (
+    ChunkDamaged,
+    RawLayout,
+    VerifiedChunks,
+    chunk_path,
+    raw_layout,
+    read_chunk,
+    read_strided,
+    write_chunk,
+)
 from .stats import FLOAT64, LOG1P32, STORE_TRANSFORMS, RunningStats
 from .units import format_bytes
 
@@ -151,6 +160,7 @@ class Store:
         self.transform = str(a.get("transform", FLOAT64))
         self._stats_cache: dict[tuple[str, int], RunningStats] = {}
         self._raw: dict[str, RawLayout | None] = {}
+        self._verified = VerifiedChunks()  # chunk files read whole and verified
 
     # ------------------------------------------------------------------ open / create
     @staticmethod
@@ -286,9 +296,15 @@ class Store:
             for j in jobs:
                 j()
 
-    def read_jobs(self, split: str, start: int, stop: int, out: np.ndarray):
+    def read_jobs(self, split: str, start: int, stop: int, out: np.ndarray,
+                  examples: tuple[int, int] | None = None):
         """The reads :meth:`read_into` performs, one callable per chunk file, to run on
-        any threads; ``None`` when the chunks are not plain bytes (read through Zarr)."""
+        any threads; ``None`` when the chunks are not plain bytes (read through Zarr).
+
+        ``examples``: only examples ``[a, b)`` of each run, ``out`` (stop-start, b-a, C):
+        each chunk file is verified whole on its first read in this store object, and
+        later reads take only those examples' bytes (:func:`rawchunks.read_strided`).
+        """
         if not 0 <= start <= stop <= self.runs:
             raise StoreError(f"{self.root}: runs [{start}, {stop}) outside the "
                              f"{self.runs} committed runs")
@@ -297,10 +313,29 @@ class Store:
         if not self._raw_chunks(split):
             return None
         per_run = self._run_bytes(split)
+        n = self.shape.examples(split)
+        if examples is not None and tuple(examples) != (0, n):
+            a, b = examples
+            if not 0 <= a < b <= n:
+                raise StoreError(f"{self.root}: examples [{a}, {b}) outside 0:{n}")
+            item = self.shape.classes * np.dtype(self.shape.dtype).itemsize
+            rows = out.reshape(stop - start, -1).view(np.uint8)
+            return [functools.partial(self._read_strided, split, path, offset + a * item,
+                                      rows[lo - start:hi - start])
+                    for path, offset, lo, hi in self._chunk_spans(split, start, stop,
+                                                                  per_run)]
         dest = out.reshape(-1).view(np.uint8)
         return [functools.partial(self._read_chunk, split, path, offset,
                                   dest[(lo - start) * per_run:(hi - start) * per_run])
                 for path, offset, lo, hi in self._chunk_spans(split, start, stop, per_run)]
+
+    def _read_strided(self, split: str, path: Path, offset: int, dest: np.ndarray) -> None:
+        try:
+            read_strided(path, self.shape.run_chunk * self._run_bytes(split), offset,
+                         self._run_bytes(split), dest, self.checksummed(split),
+                         self._verified)
+        except ChunkDamaged as e:
+            raise ChunkDamaged(e.path, f"{e.problem}; {self.repair_hint(path)}") from None
 
     def _read_chunk(self, split: str, path: Path, offset: int, dest: np.ndarray) -> None:
         """Bytes ``[offset, ...)`` of the logits chunk file ``path`` into ``dest``,

@@ -45,29 +45,77 @@ class Neighbours:
         return Neighbours(self.values[sel], self.index[sel])
 
 
-def _topk_block(block: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _topk_block(block, kmax: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``kmax`` of each row of ``block`` float32 (b, m), ties to the smaller column.
 
+    ``block``: an ndarray, or a torch tensor on any device (the selection then runs
+    there and only the (b, kmax) result and the rows with a tie come to the host).
     ``torch.topk`` finds the set fast but breaks ties arbitrarily; asking for one more
     value shows which rows have a tie across the ``kmax`` boundary, and only those rows are
     completed by a full scan. Ties inside the set are then ordered by a lexsort.
+    Returns values float32 and indices int64, (b, min(kmax, m)).
     """
     import torch
 
-    b, m = block.shape
+    t = torch.from_numpy(block) if isinstance(block, np.ndarray) else block
+    b, m = t.shape
+    kmax = min(kmax, m)
     kk = min(kmax + 1, m)
-    v, i = torch.from_numpy(block).topk(kk, dim=1)
-    v, i = v.numpy(), i.numpy()
+    v, i = t.topk(kk, dim=1)
+    v, i = v.cpu().numpy(), i.cpu().numpy()
     tied = v[:, kmax] == v[:, kmax - 1] if kk > kmax else np.zeros(b, dtype=bool)
     v, i = np.ascontiguousarray(v[:, :kmax]), np.ascontiguousarray(i[:, :kmax])
     for r in np.flatnonzero(tied):
-        row, thr = block[r], v[r, kmax - 1]
+        row, thr = t[r].cpu().numpy(), v[r, kmax - 1]
         above = np.flatnonzero(row > thr)
         sel = np.concatenate([above, np.flatnonzero(row == thr)[:kmax - above.size]])
         i[r], v[r] = sel, row[sel]
     order = np.lexsort((i, -v), axis=1)
     return (np.take_along_axis(v, order, axis=1),
             np.take_along_axis(i, order, axis=1).astype(np.int64, copy=False))
+
+
+def tile_neighbours(block, kmax: int, col0: int, *, exclude_row0: int | None = None
+                    ) -> Neighbours:
+    """Top-``kmax`` of each row of one tile's block of kernel values.
+
+    ``block``: float32 (b, c), an ndarray or a torch tensor on any device, holding the
+    kernel's columns ``[col0, col0 + c)``; it is changed in place where the diagonal is
+    excluded. ``exclude_row0``: the global index of the block's first row, for a square
+    kernel whose own column must never be a neighbour (set to -inf before selecting; if
+    the tile is so narrow that it is kept, it becomes an empty slot (-inf, -1)). Returns
+    global column indices, ``min(kmax, c)`` per row.
+    """
+    b, c = block.shape
+    diag = None
+    if exclude_row0 is not None:
+        rows = np.arange(exclude_row0, exclude_row0 + b)
+        hit = (rows >= col0) & (rows < col0 + c)
+        if hit.any():
+            diag = (np.flatnonzero(hit), rows[hit] - col0)
+            block[diag] = float("-inf")
+    v, i = _topk_block(block, kmax)
+    i += col0
+    if diag is not None and c <= kmax:
+        # every column was kept, the excluded one too (last, at -inf): it stays as an
+        # empty slot (-inf, column -1), which any finite value of another tile outranks
+        own = i == np.arange(exclude_row0, exclude_row0 + b)[:, None]
+        v[own], i[own] = -np.inf, -1
+    return Neighbours(np.ascontiguousarray(v, dtype=np.float32), i)
+
+
+def merge_neighbours(a: Neighbours, b: Neighbours, kmax: int) -> Neighbours:
+    """Top-``kmax`` of the union of two row-aligned neighbour sets over disjoint columns.
+
+    The order (value descending, column ascending) is total, so the result does not
+    depend on which set came first or how the columns were split: merging the tiles of a
+    row in any order gives the same bytes.
+    """
+    v = np.concatenate([a.values, b.values], axis=1)
+    i = np.concatenate([a.index, b.index], axis=1)
+    order = np.lexsort((i, -v), axis=1)[:, :kmax]
+    return Neighbours(np.take_along_axis(v, order, axis=1),
+                      np.take_along_axis(i, order, axis=1))
 
 
 def default_workers() -> int:

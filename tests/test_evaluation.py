@@ -191,7 +191,7 @@ def test_crossfit_never_scores_on_the_half_it_chose_on(monkeypatch):
 
 
 def test_evaluate_cli_weighted_and_selected_against_reference(tmp_path, small_store):
-    from kernelscale.output import load_kernel
+    from kernelscale.kernelread import load_kernel
     from tests.reference import labels_file
 
     store, *_ = small_store
@@ -266,8 +266,8 @@ def test_a_kernel_of_another_store_names_that_store(tmp_path, small_store):
 def test_ablation_kernels_are_the_class_and_raw_logit_kernels(tmp_path, small_store):
     from kernelscale.evaluation import ablation_kernels, evaluate, open_inputs
     from kernelscale.kernel import KernelConfig, compute_kernel
+    from kernelscale.kernelread import load_kernel
     from kernelscale.labels import load_labels
-    from kernelscale.output import load_kernel
     from tests.reference import labels_file, reference_kernel
 
     store, test, train = small_store
@@ -363,7 +363,7 @@ def test_results_json_rounded_without_runs_with_provenance(tmp_path, small_store
     import torch
 
     from kernelscale import __version__
-    from kernelscale.output import load_kernel
+    from kernelscale.kernelread import load_kernel
     from kernelscale.store import Store
     from tests.reference import labels_file
 

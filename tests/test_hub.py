@@ -115,7 +115,7 @@ def ingest(hub_server, store, tmp_path, **kw):
 
 def kernel_of(store: Path, out: Path) -> np.ndarray:
     from kernelscale.kernel import KernelConfig, compute_kernel
-    from kernelscale.output import load_kernel
+    from kernelscale.kernelread import load_kernel
 
     compute_kernel(KernelConfig(store=store, out=out, device="cpu", show_progress=False))
     return load_kernel(out).array[...]

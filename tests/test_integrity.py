@@ -134,7 +134,7 @@ def test_missing_kernel_chunk_is_not_read_as_zeros(small_store, tmp_path):
                 str(labels), check=False)
     assert r.returncode != 0 and "chunk file missing" in r.stderr
     with pytest.raises(KernelOutputError, match="missing"):
-        from kernelscale.output import load_kernel
+        from kernelscale.kernelread import load_kernel
 
         load_kernel(out)
 

@@ -41,7 +41,7 @@ def test_demo_job_shape_is_valid():
 
 
 def test_small_demo_end_to_end(tmp_path):
-    from kernelscale.output import load_kernel
+    from kernelscale.kernelread import load_kernel
     from tests.reference import reference_kernel
 
     job = tmp_path / "demo.toml"

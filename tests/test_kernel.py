@@ -388,7 +388,7 @@ def test_a_second_writer_or_a_restart_is_refused_naming_the_holder(small_store, 
     the same kernel (a Slurm array's task) may still be computed."""
     import multiprocessing as mp
 
-    from kernelscale.output import writer_lock
+    from kernelscale.locks import writer_lock
     from kernelscale.plan import Tile
 
     store, *_ = small_store

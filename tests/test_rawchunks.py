@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
+from kernelscale.kernelread import CheckedArray
 from kernelscale.output import KernelOutput
 from kernelscale.rawchunks import raw_layout
 
@@ -53,6 +54,46 @@ def test_checked_row_blocks_equal_zarr_reads(tmp_path):
     out = KernelOutput.open_or_create(tmp_path / "k", {"pairs": "test-train"}, (100, 300),
                                       (32, 64), overwrite=False, restart=False)
     out.array[...] = data
-    r = out.reader
+    r = CheckedArray(out.path, out.array)
     for sel in (slice(0, 64), slice(64, 100), slice(96, 100), slice(10, 20), slice(None)):
         np.testing.assert_array_equal(r[sel], data[sel])
+
+
+@pytest.mark.parametrize("examples", [(0, 96), (32, 64), (0, 1), (95, 96)])
+@pytest.mark.parametrize("block", [1000, 4 << 20])
+def test_store_reads_of_an_example_range_equal_zarr_reads(small_store, examples, block,
+                                                          monkeypatch):
+    """A kernel pass over a few columns reads only their bytes of each run; after the
+    first (whole, verified, block by block) read of a chunk file, later reads take the
+    strided path."""
+    from kernelscale import rawchunks
+    from kernelscale.store import Store
+
+    monkeypatch.setattr(rawchunks, "STRIDED_BLOCK_BYTES", block)  # 1000: a run per block
+
+    store = Store.open(small_store[0])
+    a, b = examples
+    for _ in range(2):  # first read verifies whole chunks, the second reads strided
+        for s, e in ((0, store.runs), (3, 9)):
+            out = np.empty((e - s, b - a, store.shape.classes), dtype=store.shape.dtype)
+            for job in store.read_jobs("train", s, e, out, examples=examples):
+                job()
+            np.testing.assert_array_equal(out, store.array("train")[s:e, a:b])
+
+
+@pytest.mark.fault
+def test_a_chunk_changed_after_its_first_verified_read_is_verified_again(small_store):
+    from kernelscale.rawchunks import ChunkDamaged
+    from kernelscale.store import Store
+
+    store = Store.open(small_store[0])
+    out = np.empty((4, 32, store.shape.classes), dtype=store.shape.dtype)
+    for job in store.read_jobs("train", 0, 4, out, examples=(32, 64)):
+        job()
+    chunk = small_store[0] / "logits" / "train" / "c" / "0" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[100] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(ChunkDamaged, match="checksum"):
+        for job in store.read_jobs("train", 0, 4, out, examples=(32, 64)):
+            job()

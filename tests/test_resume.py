@@ -43,11 +43,25 @@ def _ckpt_progress(out):
     return best, done
 
 
-def _start(store, out):
+def _start(store, out, *extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "kernelscale", "-q", "kernel", "--store",
-                             str(store), "--out", str(out), *ARGS], env=env,
+                             str(store), "--out", str(out), *ARGS, *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_at(proc, out, want_runs, want_done):
+    """kill -9 ``proc`` once ``want_done`` tiles are finished and the next one's
+    checkpoint holds ``want_runs`` runs (or more tiles are finished)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs, done = _ckpt_progress(out)
+        if done > want_done or (done == want_done and runs >= want_runs):
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, f"finished before the kill point: {proc.communicate()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def _kill_after_checkpoint(store, out, runs):
@@ -72,16 +86,7 @@ def test_kill9_at_several_points_then_resume_is_bitwise_identical(resume_store, 
     kills = [(20, 0), (0, 3), (30, 5)]
     seen = []
     for want_runs, want_done in kills:
-        proc = _start(d / "store", out)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            runs, done = _ckpt_progress(out)
-            if done > want_done or (done == want_done and runs >= want_runs):
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, f"finished before the kill point: {proc.communicate()}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        _kill_at(_start(d / "store", out), out, want_runs, want_done)
         seen.append(_ckpt_progress(out))
     assert len(seen) == 3
     g = zarr.open_group(str(out), mode="r")
@@ -147,3 +152,29 @@ def test_checkpoint_from_another_device_resumes_and_says_so(resume_store, tmp_pa
     assert "not bitwise identical" in r.stderr
     got = zarr.open_group(str(out), mode="r")["kernel"][...]
     assert np.abs(got - clean).max() <= 1e-6
+
+
+@pytest.mark.fault
+def test_topk_kernel_killed_at_several_points_resumes_bitwise(resume_store, tmp_path):
+    """A top-K kernel (partials written per tile, merged at the end) killed mid-pass,
+    between tiles and again later, then resumed: the same bytes as an uninterrupted one,
+    and each row's top-K of the full kernel."""
+    d, clean, *_ = resume_store
+    args = [*ARGS, "--topk", "9"]
+    whole = tmp_path / "whole"
+    run_cli("kernel", "--store", str(d / "store"), "--out", str(whole), *args,
+            env={"OMP_NUM_THREADS": "1"})
+    out = tmp_path / "killed"
+    for want_runs, want_done in [(20, 0), (0, 3), (30, 6)]:
+        _kill_at(_start(d / "store", out, "--topk", "9"), out, want_runs, want_done)
+    assert zarr.open_group(str(out), mode="r").attrs["complete"] is False
+    run_cli("kernel", "--store", str(d / "store"), "--out", str(out), *args,
+            env={"OMP_NUM_THREADS": "1"})
+    a, b = zarr.open_group(str(out), mode="r"), zarr.open_group(str(whole), mode="r")
+    assert a.attrs["complete"] is True
+    for name in ("values", "indices"):
+        np.testing.assert_array_equal(a[name][...], b[name][...])
+    order = np.lexsort((np.broadcast_to(np.arange(clean.shape[1]), clean.shape), -clean),
+                       axis=1)[:, :9]
+    np.testing.assert_array_equal(a["indices"][...], order)
+    np.testing.assert_array_equal(a["values"][...], np.take_along_axis(clean, order, axis=1))

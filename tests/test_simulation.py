@@ -98,11 +98,49 @@ def test_layout_dtypes_and_shapes(tmp_path):
     assert sizes == [3, 2, 2]  # generation order, remainder to the first files
 
     with np.load(out / "labels.npz", allow_pickle=False) as z:
-        assert set(z.files) == {"train", "test"}
+        assert set(z.files) == {"train", "test", "class_names"}
         assert z["train"].dtype == np.int64 and z["train"].shape == (40,)
         assert z["test"].dtype == np.int64 and z["test"].shape == (20,)
         assert z["train"].min() >= 0 and z["train"].max() < 4
         assert z["test"].min() >= 0 and z["test"].max() < 4
+        assert z["class_names"].dtype.kind == "U"
+        assert z["class_names"].tolist() == ["sim-0", "sim-1", "sim-2", "sim-3"]
+
+
+@pytest.mark.parametrize("classes,names", [
+    (2, ["sim-0", "sim-1"]), (100, ["sim-00", "sim-01", "sim-99"]),
+    (1000, ["sim-000", "sim-001", "sim-999"]),
+])
+def test_any_class_count(tmp_path, classes, names):
+    s = simulate(tmp_path, runs=3, files=2, n_train=400, n_test=60, classes=classes, seed=1,
+                 progress=False)
+    assert s.classes == classes
+    test, train = read_all(tmp_path, s.files)
+    assert test.shape == (3, 60, classes) and train.shape == (3, 400, classes)
+    assert np.isfinite(test).all() and np.isfinite(train).all()
+    with np.load(tmp_path / "labels.npz", allow_pickle=False) as z:
+        y_train, y_test, got = z["train"], z["test"], z["class_names"].tolist()
+    assert len(got) == classes and len(set(got)) == classes
+    assert (got if classes == 2 else [got[0], got[1], got[-1]]) == names
+    assert y_train.min() >= 0 and y_train.max() < classes and y_test.max() < classes
+    # labels are spread over the classes (uniform draws), not stuck below ten
+    assert len(np.unique(y_train)) >= 0.9 * classes * (1 - (1 - 1 / classes) ** 400)
+    # memorised: every run's train argmax is the label; test above chance, below train
+    assert (train.argmax(-1) == y_train).mean() > 0.95
+    single = (test.argmax(-1) == y_test).mean()
+    assert 1.5 / classes < single < 0.95
+
+
+def test_cli_simulate_any_class_count(tmp_path):
+    from tests.conftest import run_cli
+
+    p = run_cli("simulate", "--out", str(tmp_path / "s"), "--runs", "2", "--files", "1",
+                "--n-train", "30", "--n-test", "10", "--classes", "100")
+    assert "classes 100" in p.stdout and "labels.npz" in p.stdout
+    assert load(next((tmp_path / "s" / SUBDIR).glob("*/log.pt")))["logits"].shape == (2, 10, 100)
+    p = run_cli("simulate", "--out", str(tmp_path / "t"), "--classes", "1", check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["kernelscale: error: classes must be >= 2, got 1"]
 
 
 @pytest.mark.parametrize("runs,files", [(1, 1), (5, 5), (10, 3), (11, 4), (200, 2)])

@@ -285,13 +285,11 @@ def _slow_job(tmp_path: Path, d: Path, **slurm) -> Path:
     return _write_job(tmp_path / "job.toml", body)
 
 
-def test_gather_checks_every_planned_tile(tmp_path, small_store):
-    from kernelscale.kernel import compute_kernel
-
-    store, test, train = small_store
-    job = _write_job(tmp_path / "job.toml", f"""
+def _gather_job(tmp_path, store, name: str, *, tasks: int, kernel: str = ""):
+    """A job whose kernel (8x32 tiles on the CPU) a test computes region by region."""
+    return _write_job(tmp_path / "job.toml", f"""
 [job]
-name = "gather"
+name = "{name}"
 workdir = "{tmp_path / "w"}"
 [ingest]
 source = "{tmp_path / "src"}"
@@ -301,9 +299,17 @@ out = "kernel"
 device = "cpu"
 chunks = "8x32"
 tile = "8x32"
+{kernel}
 [slurm]
-tasks = 2
+tasks = {tasks}
 """)
+
+
+def test_gather_checks_every_planned_tile(tmp_path, small_store):
+    from kernelscale.kernel import compute_kernel
+
+    store, test, train = small_store
+    job = _gather_job(tmp_path, store, "gather", tasks=2)
     cfg = load_job(job)
     t = slurm_settings(cfg)
     kp = plan_array(cfg, t, need_ingest=False)
@@ -597,3 +603,30 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, slow_store, t
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["complete"] is True
     np.testing.assert_array_equal(g["kernel"][...], K)
+
+
+def test_gather_merges_the_partial_topks_of_every_region(tmp_path, small_store):
+    """A top-K job: each array task keeps its tiles' partial top-Ks; gather merges them
+    into the same values and indices as one process computing the whole top-K kernel."""
+    from kernelscale.kernel import KernelConfig, compute_kernel
+
+    store, *_ = small_store
+    job = _gather_job(tmp_path, store, "gather-topk", tasks=3, kernel="topk = 6")
+    cfg = load_job(job)
+    t = slurm_settings(cfg)
+    kp = plan_array(cfg, t, need_ingest=False)
+    atomic_write_json(SlurmPaths.of(cfg, t).plan, kp.as_json())
+    kc = cfg.kernel_config(show_progress=False)
+    assert kc.topk == 6
+    for r in reversed(kp.regions):
+        compute_kernel(dataclasses.replace(kc, rows=(r.r0, r.r1), cols=(r.c0, r.c1)))
+    assert gather(job, evaluate=False) == 0
+    compute_kernel(KernelConfig(store=store, out=tmp_path / "one", topk=6, chunks=(8, 32),
+                                tile=(8, 32), device="cpu", show_progress=False))
+    a = zarr.open_group(str(tmp_path / "w" / "kernel"), mode="r")
+    b = zarr.open_group(str(tmp_path / "one"), mode="r")
+    assert a.attrs["complete"] is True
+    for name in ("values", "indices"):
+        np.testing.assert_array_equal(a[name][...], b[name][...])
+    p = run_cli("submit", str(job), "--dry-run", "--workdir", str(tmp_path / "dry"))
+    assert "--topk 6" in p.stdout

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes, atomic_write_json, read_json
 from ..config import JobConfig, SlurmTable, load_job, slurm_settings
-from ..errors import ConfigError, KernelOutputError
+from ..errors import ConfigError, Interrupted, KernelOutputError, KernelscaleError
 from ..kernel import create_output
 from ..output import KernelOutput
 from ..plan import ArrayPlan
+from ..signals import STOP_SIGNALS
 from .geometry import IngestState, ingest_state, plan_array
 from .queue import (
     ACTIVE_STATES,
@@ -42,7 +47,7 @@ def _open_output(path: Path) -> KernelOutput | None:
 
 def regions_done(kp: ArrayPlan, out: KernelOutput | None) -> list[bool]:
     """For each region: do finished tiles of the output's identity cover all its chunks?"""
-    if out is None or tuple(out.array.shape) != tuple(kp.shape):
+    if out is None or tuple(out.shape) != tuple(kp.shape):
         return [False] * len(kp.regions)
     grid = out.done_grid()
     return [out.tile_done(r, grid) for r in kp.regions]
@@ -59,10 +64,32 @@ def _results_path(cfg: JobConfig) -> Path | None:
 
 
 def _gather_done(cfg: JobConfig, out: KernelOutput | None) -> bool:
+    """The kernel complete and every stage after it finished. A gather killed after
+    results.json (in the curve or the report) is not done: submit queues it again."""
     if out is None or not out.attrs.get("complete"):
         return False
     res = _results_path(cfg)
-    return res is None or res.exists()
+    if res is not None and not res.exists():
+        return False
+    if cfg.curve is not None and not _curve_done(cfg):
+        return False
+    # a report is published whole (renamed into place), so its report.json means done
+    return cfg.report is None or (Path(cfg.path_of(cfg.report.out)) / "report.json").exists()
+
+
+def _curve_done(cfg: JobConfig) -> bool:
+    """Does curve.json hold every run count the job asks for? (It is rewritten after each
+    point, so its mere presence says only that one point is done.)"""
+    from ..curve import load_curve, run_counts
+    from ..store import Store
+
+    try:
+        want = run_counts(cfg.curve.runs, Store.open(cfg.store_path).runs)
+        have = {p.runs for p in load_curve(Path(cfg.path_of(cfg.curve.out)) /
+                                           "curve.json").points}
+    except (OSError, KernelscaleError):
+        return False
+    return set(want) <= have
 
 
 # ------------------------------------------------------------------------- submit
@@ -195,16 +222,61 @@ def read_plan(cfg: JobConfig, t: SlurmTable) -> ArrayPlan:
         raise SlurmError(f"{p}: unreadable tile plan") from None
 
 
+class _Stopped(BaseException):
+    """Raised by gather's handler of a stop signal. A BaseException, as KeyboardInterrupt
+    is, so that no ``except Exception`` on the way swallows it, while every ``finally``
+    and cleanup still runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_raises() -> Iterator[None]:
+    """Slurm ends a job at its time limit with SIGTERM (SIGKILL follows some 30 s later).
+    Its default action would end gather on the spot, leaving the report's half-drawn temp
+    folder; raised as an exception instead, the stage in progress removes its temps and
+    the command exits 75 with one line. A kernel computed meanwhile (the curve's) handles
+    the signal itself, by a checkpoint."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        raise _Stopped(signum)
+
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def gather(job: str | Path, *, workdir: str | None = None, evaluate: bool = True) -> int:
     """Check every planned tile against the done-markers, mark complete, evaluate; then
-    the job's ``[curve]`` and ``[report]`` stages, when it has them."""
+    the job's ``[curve]`` and ``[report]`` stages, when it has them. A stop signal
+    (SIGTERM, SIGUSR1) raises :class:`~kernelscale.errors.Interrupted` after the stage in
+    progress removed its temps; what earlier stages wrote is kept and the same command
+    finishes the rest."""
+    try:
+        with _stop_raises():
+            return _gather(job, workdir=workdir, evaluate=evaluate)
+    except _Stopped as e:
+        raise Interrupted(f"gather: stopped by {signal.Signals(e.signum).name}; what was "
+                          "finished is kept; run the same `kernelscale gather` (or "
+                          "`kernelscale submit`) again to finish") from None
+
+
+def _gather(job: str | Path, *, workdir: str | None, evaluate: bool) -> int:
     cfg = load_job(job, workdir)
     t = slurm_settings(cfg)
     kp = read_plan(cfg, t)
     kpath = _kernel_path(cfg)
     out = KernelOutput.open(kpath, mode="r+")
-    if tuple(out.array.shape) != tuple(kp.shape) or out.chunks != tuple(kp.chunks):
-        raise SlurmError(f"{kpath}: shape {tuple(out.array.shape)} chunks {out.chunks} "
+    if tuple(out.shape) != tuple(kp.shape) or out.chunks != tuple(kp.chunks):
+        raise SlurmError(f"{kpath}: shape {tuple(out.shape)} chunks {out.chunks} "
                          f"differ from the plan's {tuple(kp.shape)} {tuple(kp.chunks)}")
     try:
         out.check_markers()

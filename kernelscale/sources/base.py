@@ -1,4 +1,4 @@
-"""The interface every source of ``log.pt`` files implements (see :mod:`kernelscale.sources`)."""
+"""The interface every source of logits files implements (see :mod:`kernelscale.sources`)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,21 @@ from typing import ClassVar
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One file of a source: its manifest name, size and, when the listing says, sha256."""
+    """One unit of a source, ingested as one manifest entry: usually a file, with its
+    manifest name, size and, when the listing says, sha256.
+
+    Two kinds of unit are not one file: a pair of ``.npy`` files, one per split
+    (``parts``: the test file's and the train file's entries; see
+    :mod:`kernelscale.sources.pairs`), and a block of runs of a Zarr group (``runs``;
+    see :mod:`kernelscale.sources.zarrgroup`).
+    """
 
     name: str  #: stable name recorded in the manifest (path inside the source)
-    size: int  #: bytes
+    size: int  #: bytes (of all parts; of a block's logits)
     sha256: str | None = None  #: expected content hash (the Hub's LFS sha256), if known
     path: Path | None = None  #: local path, for sources that already hold the file
+    parts: tuple[SourceFile, ...] = ()  #: (test, train) files of a pair of .npy files
+    runs: tuple[int, int] | None = None  #: runs [start, stop) of an array source's block
 
 
 @dataclass
