@@ -61,10 +61,22 @@ class PreparedFile:
     #: manifest fields of the conversion: ``format`` (the kind read) and, of a pair of
     #: .npy files, ``parts`` (name, size, sha256 of each)
     entry: dict = field(default_factory=dict)
+    #: (path, inode, size, mtime) of each local file read, taken before it was read
+    stamps: list[tuple] = field(default_factory=list)
 
     @property
     def runs(self) -> int:
         return int(self.test.shape[0])
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`BadInputError` if a file read has been replaced or rewritten
+        since it was read: the logits may be memory-mapped, and its sha256 was taken
+        from its bytes on the side, so a file rewritten in between (a training job still
+        writing it) would be stored as a mix. Called before the data is copied into the
+        store and again before the commit."""
+        if _stamps(p for p, *_ in self.stamps) != self.stamps:
+            raise BadInputError(f"{self.file.name}: changed while it was being ingested; "
+                                "ingest it again once it is complete")
 
 
 @dataclass
@@ -72,6 +84,19 @@ class BadFile:
     file: SourceFile
     reason: str
     sha256: str | None = None
+
+
+def _stamps(paths) -> list[tuple]:
+    """(path, inode, size, mtime in ns) of each file; a missing one has no stamp."""
+    out = []
+    for p in paths:
+        try:
+            st = Path(p).stat()
+        except FileNotFoundError:
+            out.append((str(p), None, None, None))
+            continue
+        out.append((str(p), st.st_ino, st.st_size, st.st_mtime_ns))
+    return out
 
 
 def _hash_files(paths: list[Path]) -> tuple[str, list[str]]:
@@ -140,6 +165,7 @@ def convert(path: Path, file: SourceFile, spec: ConvertSpec | None = None) -> Pr
     st: dict[str, RunningStats] = {}
     kind, test, train = "", None, None
     paths = [p.path for p in file.parts] if file.parts else [path]
+    stamps = _stamps(paths) if file.runs is None else []
     with ThreadPoolExecutor(1, thread_name_prefix="kernelscale-sha256") as pool:
         hashing = pool.submit(_hash_files, paths) if file.runs is None else None
         try:
@@ -175,7 +201,10 @@ def convert(path: Path, file: SourceFile, spec: ConvertSpec | None = None) -> Pr
     if file.parts:
         entry["parts"] = [{"name": p.name, "size": p.size, "sha256": d}
                           for p, d in zip(file.parts, each, strict=True)]
-    return PreparedFile(file, digest, test, train, st, time.perf_counter() - t0, entry)
+    prepared = PreparedFile(file, digest, test, train, st, time.perf_counter() - t0, entry,
+                            stamps)
+    prepared.check_unchanged()
+    return prepared
 
 
 def convert_or_bad(path: Path, file: SourceFile,

@@ -330,7 +330,9 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
                 store.record_source(record)
                 entry = {"name": item.file.name, "sha256": item.sha256,
                          "size": item.file.size, **src.entry(item.file), **item.entry}
-                store.commit_file(entry, item.test, item.train, item.stats)
+                item.check_unchanged()
+                store.commit_file(entry, item.test, item.train, item.stats,
+                                  before_commit=item.check_unchanged)
                 if any(r["name"] == item.file.name for r in store.manifest["rejected"]):
                     store.manifest["rejected"] = [r for r in store.manifest["rejected"]
                                                   if r["name"] != item.file.name]

@@ -473,13 +473,16 @@ class Store:
                 tmp.unlink()
 
     def commit_file(self, entry: dict, test: np.ndarray, train: np.ndarray,
-                    file_stats: dict[str, RunningStats]) -> dict:
+                    file_stats: dict[str, RunningStats], before_commit=None) -> dict:
         """Append one validated file's runs and fold in its statistics; then commit.
 
         ``test`` (runs, n_test, C) and ``train`` (runs, n_train, C) of the store dtype;
         ``file_stats`` maps split to the file's own :class:`RunningStats`. ``entry`` holds
         the manifest fields of the file (name, sha256, size, source, ...); the run range
-        is filled in here. Must be called under :meth:`writer`.
+        is filled in here. ``before_commit``: called once the runs are written, before
+        anything is committed (an exception there leaves the store as it was: runs past
+        the committed ones are dropped by the next writer). Must be called under
+        :meth:`writer`.
         """
         runs = int(test.shape[0])
         start = self.runs
@@ -492,6 +495,8 @@ class Store:
                 self._write_runs(split, start, np.ascontiguousarray(data))
             else:
                 arr[start:stop] = data
+        if before_commit is not None:
+            before_commit()
         gen = int(self.manifest["stats_generation"]) + 1
         sg = self.group["stats"].create_group(f"g{gen}", overwrite=True)
         digest = hashlib.sha256()

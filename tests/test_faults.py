@@ -491,3 +491,55 @@ def test_disk_full_under_gather_is_one_line_and_the_same_command_finishes(
     (gather_disk / "filler").unlink()
     run_cli("gather", str(job), "--workdir", str(w), env=_ENV)
     _assert_same_outputs(w, ref)
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("when", ["before the copy", "during the copy"])
+def test_a_file_rewritten_while_it_is_ingested_is_refused_and_nothing_stored(tmp_path, when):
+    """A training job still writing a log.pt: the file changes after it was read and
+    hashed. Its logits may be memory-mapped, so storing them would mix two versions
+    under one sha256; the file is refused and the store keeps only the earlier files."""
+    from kernelscale import store as store_mod
+    from kernelscale.errors import BadInputError
+    from kernelscale.parallel import serial_preparer
+    from tests.reference import write_log
+
+    src = tmp_path / "src"
+    test, train = random_source(src, [6, 6], n_test=20, n_train=50, classes=4, seed=3)
+    files = sorted(src.rglob("log.pt"))
+
+    def rewrite(path):
+        time.sleep(0.01)  # a later modification time on any file system clock
+        write_log(path, test[6:] + 1, train[6:] + 1)
+
+    def preparer(fetched, spec):
+        for f, item in serial_preparer(fetched, spec):
+            if when == "before the copy" and item.file.name.endswith(files[1].parent.name
+                                                                     + "/log.pt"):
+                rewrite(files[1])
+            yield f, item
+
+    original = store_mod.Store._write_runs
+
+    def write_runs(self, split, start, data):
+        original(self, split, start, data)
+        if when == "during the copy" and start > 0 and split == "train":
+            rewrite(files[1])
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(store_mod.Store, "_write_runs", write_runs)
+    try:
+        with pytest.raises(BadInputError, match="changed while it was being ingested"):
+            ingest_dir(src, tmp_path / "store", preparer=preparer, show_progress=False)
+    finally:
+        mp.undo()
+    s = Store.open(tmp_path / "store")
+    assert s.runs == 6 and [f["name"] for f in s.manifest["files"]] == [
+        str(files[0].relative_to(src))]
+    np.testing.assert_array_equal(s.read("train", 0, 6), train[:6])
+    # the same command once the file is complete: it goes in, as it now is
+    ingest_dir(src, tmp_path / "store", show_progress=False)
+    s = Store.open(tmp_path / "store")
+    assert s.runs == 12
+    np.testing.assert_array_equal(s.read("train", 6, 12), (train[6:] + 1).astype(s.read(
+        "train", 6, 12).dtype))

@@ -630,3 +630,15 @@ def test_gather_merges_the_partial_topks_of_every_region(tmp_path, small_store):
         np.testing.assert_array_equal(a[name][...], b[name][...])
     p = run_cli("submit", str(job), "--dry-run", "--workdir", str(tmp_path / "dry"))
     assert "--topk 6" in p.stdout
+
+
+def test_ingest_format_and_keys_reach_the_ingest_job(tmp_path):
+    body = DRY_JOB.replace('store = "store"\n', 'store = "store"\nformat = "safetensors"\n'
+                           'keys = "scores,scores_train"\n')
+    job = _write_job(tmp_path / "job.toml", body)
+    p = run_cli("submit", str(job), "--dry-run", "--workdir", str(tmp_path / "run"))
+    line = next(x for x in p.stdout.splitlines() if x.strip().startswith("kernelscale ingest"))
+    assert "--format safetensors" in line and "--keys scores,scores_train" in line
+    p = run_cli("submit", str(_write_job(tmp_path / "plain.toml", DRY_JOB)), "--dry-run",
+                "--workdir", str(tmp_path / "run2"))
+    assert "--format" not in p.stdout and "--keys" not in p.stdout

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..bundled import TEMPLATES
 from ..config import JobConfig, KernelTable, SlurmTable, table_flags
 from ..errors import ConfigError
+from ..formats import DEFAULT_KEYS
 from ..plan import ArrayPlan
 from ..sources.base import is_local_spec
 from .queue import SCRIPTS, SlurmPaths, job_name
@@ -91,7 +92,9 @@ def _ingest_args(cfg: JobConfig) -> str:
              ("--glob", i.glob if i.glob != "**/log.pt" else None),
              ("--max-files", i.max_files), ("--max-runs", i.max_runs),
              ("--run-chunk", i.run_chunk), ("--skip-bad", i.skip_bad),
-             ("--shape", "x".join(map(str, i.shape)) if i.shape else None)]
+             ("--shape", "x".join(map(str, i.shape)) if i.shape else None),
+             ("--format", i.format if i.format != "auto" else None),
+             ("--keys", ",".join(i.keys) if tuple(i.keys) != DEFAULT_KEYS else None)]
     remote = not is_local_spec(i.source)
     if remote:
         pairs += [("--revision", i.revision), ("--download-workers", i.download_workers),
