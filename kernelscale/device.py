@@ -47,6 +47,26 @@ def default_budget(device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
 
 
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere). Buffers of a few MB freed by one thread stay resident in its allocator
+    arena otherwise, and a loop that allocates them afresh each round grows the
+    process's resident memory round by round."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def check_precision_environment(precision: str, environ=os.environ) -> None:
     """Refuse or warn about environment variables that change what ``precision`` means.
 

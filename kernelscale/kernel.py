@@ -61,6 +61,7 @@ from .device import (
     device_info,
     is_out_of_memory,
     matmul_precision,
+    release_free_memory,
     resolve_device,
 )
 from .errors import (
@@ -471,6 +472,9 @@ def _run_plan(p: Plan, ctx: _Context) -> None:
     try:
         for tiles in todo_passes:
             _run_pass(tiles, p, ctx, bounds, bar)
+            # the pass's buffers are freed; give their pages back, so that many passes
+            # (a top-K kernel's) hold no more memory than one
+            release_free_memory()
     finally:
         bar.close()
 

@@ -158,6 +158,19 @@ class VerifiedChunks:
 STRIDED_BLOCK_BYTES = 4 << 20
 
 
+_local = threading.local()
+
+
+def _thread_buffer(nbytes: int) -> np.ndarray:
+    """A uint8 buffer of ``nbytes`` kept by the calling thread: the reader threads verify
+    one chunk after another, and a fresh block each time leaves the freed ones resident
+    in the allocator's per-thread arenas."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _local.buf = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
+
+
 def _read_strided_verified(path: Path, chunk_bytes: int, offset: int, stride: int,
                            dest: np.ndarray) -> None:
     """:func:`read_strided` of a file read whole once: block by block of whole runs
@@ -168,7 +181,7 @@ def _read_strided_verified(path: Path, chunk_bytes: int, offset: int, stride: in
     n, width = dest.shape
     first, inner = divmod(offset, stride)
     per_block = max(1, STRIDED_BLOCK_BYTES // stride)
-    buf = np.empty(per_block * stride, dtype=np.uint8)
+    buf = _thread_buffer(per_block * stride)
     crc = google_crc32c.Checksum()
     tail = bytearray(CRC_BYTES)
     fh = _open_chunk(path)
