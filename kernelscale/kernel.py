@@ -60,6 +60,7 @@ from .device import (
     describe_device_change,
     device_info,
     is_out_of_memory,
+    limit_heap_arenas,
     matmul_precision,
     release_free_memory,
     resolve_device,
@@ -357,6 +358,7 @@ def compute_kernel(cfg: KernelConfig) -> KernelSummary:
     res = setup_kernel(cfg)
     device = resolve_device(cfg.device)
     budget = kernel_budget(cfg, res, device)
+    limit_heap_arenas()  # before the reader and writer threads start
 
     # Plan once before the output exists: a request that cannot work (a tile over the
     # budget, a region off the chunk grid) must fail without leaving a directory behind.
