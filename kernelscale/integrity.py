@@ -162,22 +162,26 @@ def verify_kernel(path: Path) -> Report:
 
 
 def _verify_topk(k, path: Path, rep: Report) -> None:
-    """A top-K kernel: every finished tile's partial top-K readable (zip CRC-32) and of
-    its shape; a complete kernel's ``values``/``indices`` chunks present and matching
-    their CRC-32C."""
+    """A top-K kernel: an unfinished one's partial top-Ks of its finished tiles readable
+    (zip CRC-32) and of their shape; a complete one's ``values``/``indices`` chunks
+    present and matching their CRC-32C."""
     from .errors import KernelOutputError
 
-    for t in k.done_tiles():
-        for r0, r1 in k.partial_rows(t):
-            rep.checked += 1
-            try:
-                k.load_partial(t, r0, r1)
-            except KernelOutputError as e:
-                rep.problems.append(Problem(k.partial_path(t, r0),
-                                            str(e).split(": ", 1)[-1].split(";")[0],
-                                            f"recompute its tile with `kernelscale verify "
-                                            f"{path} --repair` then the same `kernelscale "
-                                            "kernel` command"))
+    # the partials of rows still to merge (a complete kernel's are merged and gone, as
+    # are those of rows merged before a repair)
+    tiles = [] if k.attrs.get("complete") else k.done_tiles()
+    pending = {(t, r0, r1) for t in tiles for r0, r1 in k.partial_rows(t)}
+    rows = {r0 for t, r0, _ in pending if k.partial_path(t, r0).is_file()}
+    for t, r0, r1 in sorted(x for x in pending if x[1] in rows):
+        rep.checked += 1
+        try:
+            k.load_partial(t, r0, r1)
+        except KernelOutputError as e:
+            rep.problems.append(Problem(k.partial_path(t, r0),
+                                        str(e).split(": ", 1)[-1].split(";")[0],
+                                        f"recompute its tile with `kernelscale verify {path} "
+                                        "--repair` then the same `kernelscale kernel` "
+                                        "command"))
     if not k.attrs.get("complete"):
         return
     from .kernelread import topk_chunk_files
@@ -194,34 +198,51 @@ def _verify_topk(k, path: Path, rep: Report) -> None:
 def repair_kernel(path: Path, rep: Report) -> int:
     """Remove the done-markers of the finished tiles that hold a damaged chunk; returns
     how many. The same ``kernelscale kernel`` command then recomputes those tiles. A
-    top-K kernel: a damaged partial loses its marker (the tile is recomputed); a damaged
-    ``values``/``indices`` chunk only marks the kernel incomplete, and the next run
-    rebuilds both arrays from the partials."""
+    top-K kernel: a damaged partial loses its tile's marker; a damaged ``values`` or
+    ``indices`` chunk loses those of every tile over its rows (and over the rows those
+    tiles span), whose recomputed partials the next run merges into those rows only."""
     from .output import KernelOutput
 
     k = KernelOutput.open(path, mode="a")
     cr, cc = k.chunks
     bad = set()
     partials = set()
-    merged = False
+    merged: set[int] = set()
     for p in rep.problems:
         rel = p.path.relative_to(path).parts
         if rel[:2] == ("kernel", "c") and len(rel) == 4:
             bad.add((int(rel[2]), int(rel[3])))
         elif rel[:1] == (".partial",) and len(rel) == 2:
             partials.add(rel[1].split("@")[0])  # <tile>@r<row>.npz
-        elif rel[:1] in (("values",), ("indices",)):
-            merged = True
-    removed = 0
-    for t in k.done_tiles():
-        cells = {(i, j) for i in range(t.r0 // cr, -(-t.r1 // cr))
-                 for j in range(t.c0 // cc, -(-t.c1 // cc))}
-        if cells & bad or t.key in partials:
-            (k.done_dir / f"{t.key}.json").unlink(missing_ok=True)
-            removed += 1
-    if (removed or merged) and k.attrs.get("complete"):
+        elif rel[:1] in (("values",), ("indices",)) and rel[1:2] == ("c",):
+            # values/c/<row chunk>/0: the first row of that chunk
+            merged.add(int(rel[2]) * int(k.group[rel[0]].chunks[0]))
+    tiles = k.done_tiles()
+    redo = {t for t in tiles if t.key in partials or {
+        (i, j) for i in range(t.r0 // cr, -(-t.r1 // cr))
+        for j in range(t.c0 // cc, -(-t.c1 // cc))} & bad}
+    if merged:
+        redo |= _rows_closure(tiles, merged)
+    for t in redo:
+        (k.done_dir / f"{t.key}.json").unlink(missing_ok=True)
+        for r0, _ in k.partial_rows(t) if k.topk else []:
+            k.partial_path(t, r0).unlink(missing_ok=True)
+    if redo and k.attrs.get("complete"):
         k.group.attrs["complete"] = False
-    return removed + merged
+    return len(redo)
+
+
+def _rows_closure(tiles, rows: set[int]) -> set:
+    """Every tile that must be recomputed to rebuild the merged top-K of the row chunks
+    starting at ``rows``: the tiles over those rows, and, as a recomputed tile brings
+    back the partials of all its rows, the tiles over those rows too."""
+    redo: set = set()
+    while True:
+        more = {t for t in tiles if t not in redo and any(t.r0 <= r < t.r1 for r in rows)}
+        if not more:
+            return redo
+        redo |= more
+        rows = rows | {r for t in more for r in range(t.r0, t.r1)}
 
 
 def repair_store(path: Path, source: str | Path, rep: Report) -> int:

@@ -15,9 +15,7 @@ A top-K kernel (identity key ``topk``) holds, instead of ``kernel``::
     indices                    int64 (rows, K): their columns
     .partial/<tile>@r<row>.npz per finished tile and grid chunk row: the top-K of those
                                rows over its columns (atomic, no pickle); merged into
-                               values/indices when every tile is done, and kept so
-                               that a damaged values/indices chunk is rebuilt without
-                               recomputing
+                               values/indices when every tile is done, then removed
 
 Its tiles, done-markers and regions follow the chunk grid ``grid_chunks`` of the full
 kernel it stands for, so the planner, the Slurm array and the markers are the same as a
@@ -311,6 +309,8 @@ class KernelOutput:
         elif not self.attrs.get("complete"):
             self.group.attrs["complete"] = True
         shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        # merged into values/indices, which the attribute above now vouches for
+        shutil.rmtree(self.partial_dir, ignore_errors=True)
         return True
 
     # top-K partials -----------------------------------------------------------------
@@ -377,7 +377,9 @@ def merge_partials(out: KernelOutput) -> None:
     running top-K (memory: the rows' running top-K and one partial, whatever the number
     of columns). The top-K of a union under the total order (value descending, column
     ascending) does not depend on the order of the merges, so region tasks and resumed
-    runs give the same bytes.
+    runs give the same bytes. A row chunk none of whose tiles has a partial was merged by
+    an earlier finish (its partials are removed once the kernel is complete; a repair
+    recomputes every tile of the rows it rebuilds), and is kept as it is.
     """
     k = out.topk
     n = out.shape[0]
@@ -385,12 +387,14 @@ def merge_partials(out: KernelOutput) -> None:
     tiles = sorted(out.done_tiles())
     for r0 in range(0, n, step):
         r1 = min(r0 + step, n)
+        # tile edges lie on the grid, whose row chunks are the values' row chunks: a tile
+        # holds either all of these rows or none
+        cover = [t for t in tiles if t.r0 < r1 and t.r1 > r0]
+        have = [out.partial_path(t, r0).is_file() for t in cover]
+        if cover and not any(have):
+            continue
         run = None
-        for t in tiles:
-            if t.r1 <= r0 or t.r0 >= r1:
-                continue
-            # tile edges lie on the grid, whose row chunks are the values' row chunks:
-            # a tile holds either all of these rows or none
+        for t in cover:
             part = out.load_partial(t, r0, r1)
             run = part if run is None else merge_neighbours(run, part, k)
         if run is None or len(run) != r1 - r0:

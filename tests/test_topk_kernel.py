@@ -89,8 +89,8 @@ def test_topk_kernel_is_the_top_of_the_full_kernel_bit_for_bit(small_store, tmp_
     np.testing.assert_array_equal(v, rv)
     ref = reference_kernel(test, train)
     assert np.abs(v - np.take_along_axis(ref, i, axis=1)).max() <= 1e-5
-    # the partials stay (a damaged merge is rebuilt from them); no checkpoint is left
-    assert list((tmp_path / "top" / ".partial").glob("*.npz"))
+    # merged partials and checkpoints are removed once the kernel is complete
+    assert not (tmp_path / "top" / ".partial").exists()
     assert not (tmp_path / "top" / ".checkpoints").exists()
 
 
@@ -214,37 +214,60 @@ def test_evaluate_on_topk_kernels_equals_evaluate_on_full_ones(small_store, tmp_
         _evaluations(store, tmp_path, tmp_path / "ttop", None)
 
 
+def _flip(path, at):
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
 @pytest.mark.fault
-def test_damaged_topk_kernel_is_found_and_repaired_without_starting_over(small_store, tmp_path):
+def test_a_damaged_merged_chunk_is_found_and_its_rows_recomputed(small_store, tmp_path):
+    from tests.reference import labels_file
+
     store, *_ = small_store
     out = tmp_path / "top"
     args = ["kernel", "--store", str(store), "--out", str(out), "--topk", "6", "--chunks",
             "16x32", "--tile", "16x32", "-q"]
     run_cli(*args)
+    assert not (out / ".partial").exists(), "merged partials are removed"
     v, i = topk(store, tmp_path / "clean", 6, chunks=(16, 32), tile=(16, 32))
-    # one flipped byte in a merged values chunk, one in a tile's partial
-    chunk = out / "values" / "c" / "1" / "0"
-    raw = bytearray(chunk.read_bytes())
-    raw[5] ^= 0x40
-    chunk.write_bytes(bytes(raw))
-    part = sorted((out / ".partial").glob("*.npz"))[2]
-    raw = bytearray(part.read_bytes())
-    raw[len(raw) // 3] ^= 0x40
-    part.write_bytes(bytes(raw))
-    p = run_cli("evaluate", "--store", str(store), "--kernel", str(out), "--labels",
-                str(tmp_path / "nolabels.npz"), check=False)
-    assert p.returncode != 0
+    chunk = out / "values" / "c" / "1" / "0"  # rows 16:32
+    _flip(chunk, 5)
+    lab = labels_file(tmp_path / "labels.npz", 96, 40, 5, seed=2)
+    p = run_cli("evaluate", "--store", str(store), "--kernel", str(out), "--labels", str(lab),
+                check=False)
+    assert p.returncode != 0 and str(out / "values") in p.stderr
     p = run_cli("verify", str(out), check=False)
-    assert p.returncode == 1
-    assert str(chunk) in p.stdout and str(part) in p.stdout
+    assert p.returncode == 1 and str(chunk) in p.stdout
     p = run_cli("verify", str(out), "--repair", check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     p = run_cli(*args)
-    assert "tiles 1 (skipped 8)" in p.stdout  # only the damaged partial's tile again
+    assert "tiles 3 (skipped 6)" in p.stdout  # the three tiles over rows 16:32 only
     g = zarr.open_group(str(out), mode="r")
     np.testing.assert_array_equal(g["values"][...], v)
     np.testing.assert_array_equal(g["indices"][...], i)
     assert run_cli("verify", str(out)).returncode == 0
+
+
+@pytest.mark.fault
+def test_a_damaged_partial_of_an_unfinished_kernel_is_found_and_recomputed(small_store,
+                                                                          tmp_path):
+    store, *_ = small_store
+    out = tmp_path / "top"
+    args = ["kernel", "--store", str(store), "--out", str(out), "--topk", "6", "--chunks",
+            "16x32", "--tile", "16x32", "-q"]
+    run_cli(*args, "--rows", "0:16")
+    v, i = topk(store, tmp_path / "clean", 6, chunks=(16, 32), tile=(16, 32))
+    part = sorted((out / ".partial").glob("*.npz"))[1]
+    _flip(part, part.stat().st_size // 3)
+    p = run_cli("verify", str(out), check=False)
+    assert p.returncode == 1 and str(part) in p.stdout
+    assert run_cli("verify", str(out), "--repair", check=False).returncode == 0
+    p = run_cli(*args)
+    assert "tiles 7 (skipped 2)" in p.stdout  # the damaged tile and the rows not yet done
+    g = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(g["values"][...], v)
+    np.testing.assert_array_equal(g["indices"][...], i)
 
 
 def test_info_and_report_read_a_topk_kernel(small_store, tmp_path):
