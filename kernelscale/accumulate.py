@@ -262,20 +262,24 @@ def write_tiles(out, tiles, accs, scale: float, device, on_tile_written) -> None
             on_tile_written(t)
 
 
+#: bytes of one float32 block of rows reduced to its top-K at once
+TOPK_BLOCK_BYTES = 8 * 2**20
+
+
 def reduce_tiles(out, tiles, accs, scale: float, on_tile_written) -> None:
     """Scale each float64 accumulator in place and keep only its rows' top-K (a top-K
     kernel): the values are the float32 values a full kernel would store, bit for bit.
 
-    Row blocks of one grid chunk row are converted to float32 on the device (the 4 bytes
-    per element the freed chunk product held) and reduced there; only (rows, K) comes
-    back. The tile's partial top-K is stored atomically before ``on_tile_written(tile)``
+    Row blocks of :data:`TOPK_BLOCK_BYTES` are converted to float32 on the device and
+    reduced there; only (rows, K) comes back. The tile's partial top-K is stored atomically before ``on_tile_written(tile)``
     marks it done.
     """
-    step = out.chunks[0]
     k, square = out.topk, bool(out.attrs["identity"].get("exclude_self"))
     for t, a in zip(tiles, accs, strict=True):
         a.mul_(scale)
         vals, idx = [], []
+        # float32 blocks of a few MB: a top-K kernel holds no more than a full one
+        step = max(1, min(t.rows, TOPK_BLOCK_BYTES // (4 * t.cols)))
         for r in range(0, t.rows, step):
             r1 = min(r + step, t.rows)
             nb = tile_neighbours(a[r:r1].float(), k, t.c0,
