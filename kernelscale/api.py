@@ -109,8 +109,12 @@ def evaluate(store: Store | PathLike, kernel: KernelView | PathLike,
     :func:`kernelscale.evaluation.evaluate` (``k``, ``weighting``, ``power``,
     ``temperature``, ``select``, ``train_kernel``, ...).
     """
+    from .hubkernel import is_hub_kernel
+
     path = _store_path(store)
     st = store if isinstance(store, Store) else Store.open(path)
+    if is_hub_kernel(kernel):  # hf://datasets/...: downloaded and verified
+        kernel = open_kernel(kernel)
     kpath = kernel.path if isinstance(kernel, KernelView) else Path(kernel)
     lab = _labels(labels, n_train=st.shape.n_train, n_test=st.shape.n_test,
                   classes=st.shape.classes)
@@ -279,7 +283,14 @@ class KernelView:
 
 
 def open_kernel(path: PathLike, *, require_complete: bool = True) -> KernelView:
-    """Open the kernel saved at ``path`` (refuses an unfinished one unless told)."""
+    """Open the kernel saved at ``path`` (refuses an unfinished one unless told).
+
+    ``path`` may be ``hf://datasets/OWNER/NAME[@REVISION][/PATH]``: a published kernel,
+    downloaded into the Hub cache and verified first (:mod:`kernelscale.hubkernel`)."""
+    from .hubkernel import fetch_kernel, is_hub_kernel
+
+    if is_hub_kernel(path):
+        path = fetch_kernel(str(path))
     return KernelView(Path(path), load_kernel(path, require_complete=require_complete))
 
 

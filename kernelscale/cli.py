@@ -92,6 +92,16 @@ def cmd_ingest(a: argparse.Namespace) -> int:
     from .ingestion import ingest
 
     job = _job(ingest=_table(IngestTable, a))
+    if a.json and not a.dry_run:
+        from .errors import ConfigError
+
+        raise ConfigError("--json prints the plan of --dry-run; give both")
+    if a.dry_run:
+        from .ingestplan import plan_ingest
+
+        plan = plan_ingest(job.ingest_config(show_progress=False))
+        print(json.dumps(plan.as_json(), sort_keys=True) if a.json else plan.text())
+        return 0
     s = ingest(job.ingest_config(show_progress=_progress(a)))
     print(s.line())
     if s.errors:
@@ -99,6 +109,31 @@ def cmd_ingest(a: argparse.Namespace) -> int:
             print(f"kernelscale: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_ls(a: argparse.Namespace) -> int:
+    from .listing import list_source
+    from .sources import FetchOptions
+    from .units import parse_shape
+
+    shape = parse_shape(a.shape, "--shape") if a.shape else None
+    listing = list_source(a.source, glob=a.glob, depth=a.depth, shape=shape,
+                          probe=None if a.probe == "all" else _count(a.probe, "--probe"),
+                          options=FetchOptions(revision=a.revision, retries=a.retries))
+    print(json.dumps(listing.as_json(), sort_keys=True) if a.json else listing.table())
+    return 0
+
+
+def _count(text: str, flag: str) -> int:
+    from .errors import ConfigError
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ConfigError(f"{flag} {text!r}: expected a count >= 0 or 'all'")
+    return n
 
 
 def cmd_kernel(a: argparse.Namespace) -> int:
@@ -117,9 +152,13 @@ def cmd_kernel(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .config import EvaluateTable, KernelTable
     from .evaluation import evaluate
+    from .hubkernel import fetch_kernel, is_hub_kernel
     from .labels import load_labels
     from .store import Store
 
+    for opt in ("kernel", "train_kernel"):  # hf://datasets/...: downloaded and verified
+        if is_hub_kernel(getattr(a, opt, None)):
+            setattr(a, opt, str(fetch_kernel(getattr(a, opt), quiet=a.quiet)))
     # --json prints JSON here; the table's json is a file a job writes
     job = _job(kernel=KernelTable(store=a.store, out=a.kernel),
                evaluate=_table(EvaluateTable, a, json="-"))
@@ -189,6 +228,36 @@ def cmd_neighbours(a: argparse.Namespace) -> int:
 
     s = export_neighbours(a.kernel, a.k, a.out, overwrite=a.overwrite,
                           workers=a.read_threads, show_progress=_progress(a))
+    print(s.line())
+    return 0
+
+
+def cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import compare_kernels, write_comparison
+    from .labels import load_labels
+
+    labels = load_labels(a.labels) if a.labels else None
+    cmp = compare_kernels(a.kernel_a, a.kernel_b, labels=labels, k=a.k, sample=a.sample,
+                          seed=a.seed, workers=a.read_threads, show_progress=_progress(a))
+    written = write_comparison(cmp, a.out) if a.out else None
+    if a.json:
+        print(json.dumps(cmp.as_json(), sort_keys=True))
+        return 0
+    print(cmp.table())
+    if written:
+        print(f"compare: {written[0]}, {written[1]}")
+    return 0
+
+
+def cmd_publish(a: argparse.Namespace) -> int:
+    from .publish import PublishConfig, print_notes, publish
+
+    s = publish(PublishConfig(Path(a.path), a.target, revision=a.revision, message=a.message,
+                              create=a.create, private=a.private, license=a.license,
+                              dry_run=a.dry_run, show_progress=_progress(a)))
+    print_notes(s)
+    for f in s.uploaded if s.dry_run else ():
+        print(f"  {f.path_in_repo}  {f.size} bytes")
     print(s.line())
     return 0
 
@@ -437,6 +506,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto",
                    help="where the statistics are computed: auto (a GPU if there is one), "
                    "cpu, cuda, cuda:N")
+    s.add_argument("--labels", help="record these labels and class names in the store "
+                   "(later commands use them unless given --labels): " + LABELS_HELP)
+    s.add_argument("--labels-replace", action="store_true",
+                   help="replace other labels the store holds (else an error)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print what would be downloaded and stored, and the disk needed; "
+                   "download, create and change nothing")
+    s.add_argument("--json", action="store_true",
+                   help="with --dry-run: print the plan as one JSON object")
+
+    s = _sub(sub, "ls", "what a Hub dataset or folder holds, by folder: files, sizes and "
+             "runs, without downloading the files", cmd_ls)
+    s.add_argument("source", help="hf://datasets/OWNER/NAME[@REVISION][/PATH] (endpoint: "
+                   "HF_ENDPOINT, token: HF_TOKEN or `hf auth login`), a directory, or a "
+                   "Zarr group")
+    s.add_argument("--glob", default="**/*", help="which files (hf://: matched against the "
+                   "path in the repo or below PATH)")
+    s.add_argument("--depth", type=int, default=1,
+                   help="folders this many levels below SOURCE (0: one row for all)")
+    s.add_argument("--shape", metavar="N_TESTxN_TRAINxCLASSES",
+                   help="the files' shape (default: from the first file's header per folder)")
+    s.add_argument("--probe", default="100", metavar="N",
+                   help="read the zip directory of at most N log.pt files per folder (a "
+                   "ranged read of ~16 KiB each; 'all'); the others' runs come from their "
+                   "sizes")
+    s.add_argument("--revision", help="hf://: branch, tag or commit (default: main)")
+    s.add_argument("--retries", type=int, default=5, metavar="N",
+                   help="hf://: retries per request on 5xx, timeouts, dropped connections")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
 
     s = _sub(sub, "kernel", "compute the kernel from a store", cmd_kernel)
     add_kernel_options(s)
@@ -448,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
              cmd_evaluate)
     s.add_argument("--store", required=True, help="the store the kernel was computed from")
     s.add_argument("--kernel", required=True, help="the test-train kernel")
-    s.add_argument("--labels", required=True, help=LABELS_HELP)
+    s.add_argument("--labels", help="default: the labels recorded in the store "
+                   "(`ingest --labels`); " + LABELS_HELP)
     add_knn_options(s)
     s.add_argument("--select", action="store_true",
                    help="choose k and the weighting without test labels: leave-one-out on "
@@ -465,7 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "curve", "ensemble and kernel k-NN accuracy against the number of runs",
              cmd_curve)
     add_kernel_options(s, out=False)
-    s.add_argument("--labels", required=True, help=LABELS_HELP)
+    s.add_argument("--labels", help="default: the labels recorded in the store "
+                   "(`ingest --labels`); " + LABELS_HELP)
     s.add_argument("--runs", required=True, metavar="N,N,...",
                    help="run counts, e.g. 10,20,50,100,200,500,all")
     s.add_argument("--out", default="curve",
@@ -483,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = _sub(sub, "report", "one self-contained HTML report of a kernel", cmd_report)
     s.add_argument("--store", required=True, help="the store the kernel was computed from")
     s.add_argument("--kernel", required=True, help="the test-train kernel")
-    s.add_argument("--labels", required=True, help=LABELS_HELP)
+    s.add_argument("--labels", help="default: the labels recorded in the store "
+                   "(`ingest --labels`); " + LABELS_HELP)
     s.add_argument("--out", required=True, help="report directory (index.html + figures)")
     add_knn_options(s)
     s.add_argument("--curve", metavar="JSON", help="curve.json of `kernelscale curve`")
@@ -505,6 +606,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true",
                    help="replace an existing kernel of different inputs")
     _read_threads(s)
+
+    s = _sub(sub, "compare", "how alike two kernels over the same examples are: neighbour "
+             "overlap, rank correlation of rows, k-NN agreement", cmd_compare)
+    s.add_argument("kernel_a", metavar="KERNEL_A", help="a finished kernel, full or top-K")
+    s.add_argument("kernel_b", metavar="KERNEL_B",
+                   help="a finished kernel of the same pairs and shape (its store may differ)")
+    s.add_argument("--labels", help="with labels: k-NN agreement, both accuracies and the "
+                   "rows where the predictions differ; " + LABELS_HELP)
+    s.add_argument("--k", type=int, default=10,
+                   help="k of the k-NN and of the per-row neighbour overlap")
+    s.add_argument("--out", metavar="DIR",
+                   help="write compare.json and compare.png to DIR (default: print only)")
+    s.add_argument("--sample", type=int, metavar="N",
+                   help="two full kernels: rank correlation on N random rows even where "
+                   "the exact one fits (default: exact up to 5e7 values, else 1000 rows)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampled rows")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    _read_threads(s)
+
+    s = _sub(sub, "publish", "upload a kernel, results, a report or a job's workdir to a "
+             "Hugging Face Hub dataset repo, with a dataset card", cmd_publish)
+    s.add_argument("path", metavar="PATH", help="a kernel (full or top-K), a results.json, a "
+                   "report folder or a job's workdir (its store and hidden, lock and temp "
+                   "files are never uploaded)")
+    s.add_argument("target", metavar="hf://datasets/OWNER/NAME[@BRANCH][/FOLDER]",
+                   help="where: a kernel, report or file keeps its name inside FOLDER; a "
+                   "workdir's contents go into FOLDER (token: HF_TOKEN or `hf auth login`)")
+    s.add_argument("--create", action="store_true", help="create the repo when it is missing")
+    s.add_argument("--private", action="store_true",
+                   help="create it private; refuse to publish into an existing public repo")
+    s.add_argument("--revision", metavar="BRANCH",
+                   help="commit to this branch (created from the default one when missing; "
+                   "default: main)")
+    s.add_argument("--message", metavar="M", help="commit message")
+    s.add_argument("--license", default="other",
+                   help="license id in the card's metadata, e.g. cc-by-4.0")
+    s.add_argument("--dry-run", action="store_true",
+                   help="list what would be uploaded; create and upload nothing")
 
     s = _sub(sub, "info", "what a store or kernel holds", cmd_info)
     s.add_argument("path", help="a store or a kernel")

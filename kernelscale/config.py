@@ -152,6 +152,8 @@ class IngestTable:
     retries: int = 5  #: hf:// sources: retries per request on transient errors
     keep_downloads: bool = False  #: hf:// sources: keep downloaded files in the cache
     cache_dir: str | None = None  #: hf:// sources: download cache (default: the Hub's)
+    labels: str | None = None  #: labels to record in the store (later stages default to them)
+    labels_replace: bool = False  #: replace other labels the store holds
 
 
 @dataclass
@@ -180,7 +182,7 @@ class KernelTable:
 
 @dataclass
 class EvaluateTable:
-    labels: str = "simulated/labels.npz"
+    labels: str | None = None  #: default: the labels recorded in the store
     k: int = 3
     weighting: str = "none"
     power: float | None = None
@@ -374,11 +376,11 @@ class JobConfig:
         return Path(self.path_of(self.kernel.out if self.kernel else "kernel"))
 
     def labels_spec(self, own: str | None = None) -> str:
-        """``own`` labels, else the [evaluate] labels, resolved against the workdir."""
+        """``own`` labels, else the [evaluate] labels, resolved against the workdir; else
+        the store, whose recorded labels (``ingest --labels``) are then read."""
         spec = own or (self.evaluate.labels if self.evaluate else None)
         if not spec:
-            raise ConfigError(f"{self.where}: no labels: set 'labels' in [curve]/[report] "
-                              "or [evaluate]")
+            return str(self.store_path)
         return self.path_of(spec)
 
     def ingest_config(self, show_progress: bool = True):
@@ -394,7 +396,8 @@ class JobConfig:
             fetch=FetchOptions(revision=i.revision, download_workers=i.download_workers,
                                retries=i.retries, keep_downloads=i.keep_downloads,
                                cache_dir=self.path_of(i.cache_dir) if i.cache_dir else None),
-            show_progress=show_progress)
+            labels=self.path_of(i.labels) if i.labels else None,
+            labels_replace=i.labels_replace, show_progress=show_progress)
 
     def kernel_config(self, device: str | None = None, show_progress: bool = True,
                       **changes: Any):

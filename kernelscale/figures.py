@@ -217,3 +217,53 @@ def _frame(ax, colour: str, width: float) -> None:
     for s in ax.spines.values():
         s.set_edgecolor(colour)
         s.set_linewidth(width)
+
+
+def fig_compare(jaccard: np.ndarray, k: int, overlap: Sequence[tuple[int, float]],
+                knn: tuple[Sequence[int], Sequence[float], Sequence[float], float] | None,
+                path: Path) -> str:
+    """Two kernels compared (``kernelscale compare``): a histogram of the per-row Jaccard
+    index ``jaccard`` float64 (rows,) of the top-``k`` sets; the mean Jaccard against k
+    (``overlap``: (k, mean) pairs); with labels, ``knn`` = (ks, accuracies of A, of B,
+    agreement percent at ``k``) as accuracy against k. Written atomically."""
+    from .atomic import atomic_open
+
+    panels = 3 if knn is not None else 2
+    fig = _figure(3.6 * panels, 3.4)
+    ax = fig.add_subplot(1, panels, 1)
+    # the index takes only the values i / (2k - i): one bar per value taken
+    vals, counts = np.unique(np.round(jaccard, 9), return_counts=True)
+    ax.bar(vals, counts, width=0.6 / (2 * k), color=BLUE, alpha=0.9)
+    mean = float(np.mean(jaccard)) if jaccard.size else float("nan")
+    ax.axvline(mean, color=RED, linestyle="--", linewidth=1.2, label=f"mean {mean:.3f}")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_xlabel(f"Jaccard index of the two top-{k} sets")
+    ax.set_ylabel("rows")
+    _style(ax)
+    _legend_above(ax, ncols=1)
+    ax = fig.add_subplot(1, panels, 2)
+    ks = [x for x, _ in overlap]
+    ax.plot(ks, [j for _, j in overlap], "o-", color=BLUE)
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(x) for x in ks])
+    ax.minorticks_off()
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("k (neighbours, log scale)")
+    ax.set_ylabel("mean Jaccard of the top-k sets")
+    _style(ax)
+    if knn is not None:
+        kk, acc_a, acc_b, agreement = knn
+        ax = fig.add_subplot(1, panels, 3)
+        ax.plot(kk, acc_a, "o-", color=BLUE, label="A")
+        ax.plot(kk, acc_b, "s--", color=ORANGE, label="B")
+        ax.set_xscale("log")
+        ax.set_xticks(kk, [str(x) for x in kk])
+        ax.minorticks_off()
+        ax.set_xlabel(f"k (log scale); predictions agree at k={k}: {agreement:.1f}%",
+                      fontsize=8)
+        ax.set_ylabel("k-NN accuracy (%), majority vote")
+        _style(ax)
+        _legend_above(ax)
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    return path.name

@@ -28,8 +28,10 @@ from .convert import BadFile, ConvertSpec, PreparedFile
 from .device import resolve_device
 from .errors import BadInputError, ConfigError, KernelscaleError
 from .formats import DEFAULT_KEYS, FORMATS, check_keys, is_zarr_group
+from .ingestcheck import check_labels, check_unchanged, record_labels
 from .parallel import Preparer, parallel_preparer
 from .progress import progress
+from .runcount import RunCounter
 from .sources import FetchOptions, Source, SourceFile, is_local_spec, open_source
 from .sources.pairs import PairedSource
 from .sources.zarrgroup import ZarrSource
@@ -63,6 +65,9 @@ class IngestConfig:
     device: str = "auto"  #: where statistics are computed: auto, cpu, cuda, cuda:N
     fetch: FetchOptions = field(default_factory=FetchOptions)  #: remote sources
     show_progress: bool = True
+    #: labels to record in the store (a spec of :func:`kernelscale.labels.load_labels`)
+    labels: str | None = None
+    labels_replace: bool = False  #: replace other labels the store holds
 
     def validate(self) -> None:
         for key in ("max_files", "max_runs", "run_chunk", "workers", "converters"):
@@ -102,6 +107,7 @@ class IngestSummary:
     converters: int = 1
     device: str = "cpu"
     bytes_downloaded: int = 0  #: remote sources
+    labels: str = ""  #: what became of --labels: recorded, unchanged, replaced
     errors: list[str] = field(default_factory=list)
 
     def bottleneck(self) -> str:
@@ -128,7 +134,8 @@ class IngestSummary:
                 + f"convert {_rate(self.bytes_read, self.t_convert / self.converters)} "
                 f"x{self.converters} on {self.device}, commit "
                 f"{_rate(self.bytes_read, self.t_commit)}; "
-                f"bottleneck: {self.bottleneck()}")
+                f"bottleneck: {self.bottleneck()}"
+                + (f"; labels {self.labels}" if self.labels else ""))
 
 
 def _expect(store: Store | None) -> dict | None:
@@ -149,70 +156,59 @@ def ingest(cfg: IngestConfig, *, source: Source | None = None,
     the store are neither fetched nor ingested again; see :func:`ingest_files`.
     """
     cfg.validate()
-    src = source or _open(cfg, endpoint=endpoint, token=token, retry_wait=retry_wait)
-    if cfg.format in ("auto", "npy") and not isinstance(src, ZarrSource | PairedSource):
-        src = PairedSource(src, cfg.keys)
+    # before any download: labels that do not fit, or conflict, fail at once
+    labels = (check_labels(cfg.labels, cfg.store, shape=cfg.shape,
+                           replace=cfg.labels_replace)[0] if cfg.labels else None)
+    src = _paired(source, cfg) if source is not None else open_ingest_source(
+        cfg, endpoint=endpoint, token=token, retry_wait=retry_wait)
     try:
-        files = src.list(cfg.glob)
-        if not files:
-            raise KernelscaleError(f"{src}: no files match {cfg.glob!r}" + (
-                " (files of other names: --glob, e.g. '**/*.safetensors')"
-                if cfg.glob == IngestConfig.glob else ""))
-        if cfg.max_files is not None:
-            files = files[:cfg.max_files]
-        _check_unchanged(Path(cfg.store), files, src)
+        files = list_ingest_files(src, cfg)
+        check_unchanged(Path(cfg.store), files, src)
+        if labels is not None and cfg.shape is None and not Store.exists(cfg.store):
+            # a new store: its shape is the first file's; its header tells it now
+            _, first = RunCounter(src, probe=1, keys=cfg.keys).count(files[:1])
+            if first is not None:
+                check_labels(cfg.labels, cfg.store, shape=first.dims)
         if preparer is not None:
-            return ingest_files(src, files, cfg, preparer)
-        with parallel_preparer(cfg.workers, cfg.scheduler,
-                               converters=cfg.converters) as prep:
-            return ingest_files(src, files, cfg, prep)
+            summary = ingest_files(src, files, cfg, preparer)
+        else:
+            with parallel_preparer(cfg.workers, cfg.scheduler,
+                                   converters=cfg.converters) as prep:
+                summary = ingest_files(src, files, cfg, prep)
     finally:
         src.close()
+    if labels is not None:
+        summary.labels = record_labels(cfg.labels, labels, cfg.store,
+                                       replace=cfg.labels_replace)
+    return summary
 
 
-def _open(cfg: IngestConfig, **hub: object) -> Source:
+def open_ingest_source(cfg: IngestConfig, **hub: object) -> Source:
     """The source of ``cfg``: a Zarr group for ``--format zarr`` (or ``auto`` when SOURCE
-    is one), else the folder or Hub repo :func:`open_source` names."""
+    is one), else the folder or Hub repo :func:`open_source` names, its ``.npy`` files
+    paired (``auto``, ``npy``). Opening creates nothing."""
     if cfg.format == "zarr" or (cfg.format == "auto" and is_local_spec(cfg.source)
                                 and is_zarr_group(cfg.source)):
         return ZarrSource(cfg.source, cfg.keys)
-    return open_source(cfg.source, cfg.fetch, **hub)
+    return _paired(open_source(cfg.source, cfg.fetch, **hub), cfg)
 
 
-def _check_unchanged(store_path: Path, files: list[SourceFile], src: Source) -> None:
-    """Refuse a source whose file under an ingested name is not the ingested one: a
-    different sha256 where the source lists it (the Hub), a different size otherwise.
-    Ingesting around it would silently keep a version the source no longer has."""
-    if not Store.exists(store_path):
-        return
-    ingested = {f["name"]: f for f in Store.open(store_path).manifest["files"]}
-    blocks = [(f["source_runs"], f["name"]) for f in ingested.values() if "source_runs" in f]
-    for f in files:
-        old = ingested.get(f.name)
-        if old is None and f.runs is not None:  # a block of a Zarr group: GROUP[runs A:B]
-            a, b = f.runs
-            group = f.name.rsplit("[", 1)[0]
-            for (c, d), name in blocks:
-                if name.rsplit("[", 1)[0] == group and a < d and c < b:
-                    raise BadInputError(f"{src}: {f.name} overlaps the ingested {name}: "
-                                        "the group grew or was rechunked since, so its "
-                                        "blocks of runs are not the ingested ones; ingest "
-                                        "it into a new store")
-        if not old:
-            continue
-        where = f" (ingested at commit {old['commit']})" if old.get("commit") else ""
-        if f.sha256 and old.get("sha256") != f.sha256 and old.get("lfs_sha256", f.sha256) \
-                != f.sha256:
-            raise BadInputError(f"{src}: {f.name}: sha256 {f.sha256} differs from the "
-                                f"ingested {old.get('lfs_sha256') or old['sha256']}{where}; "
-                                "a store holds one version of each file: ingest this "
-                                "revision into a new store, or leave the file out with "
-                                "--glob")
-        if not f.sha256 and old.get("size") is not None and f.size != old["size"]:
-            raise BadInputError(f"{src}: {f.name}: {f.size} bytes, but the ingested file "
-                                f"(sha256 {old['sha256']}) had {old['size']}; a store holds "
-                                "one version of each file: ingest the changed files into a "
-                                "new store")
+def _paired(src: Source, cfg: IngestConfig) -> Source:
+    """``src`` with its ``.npy`` files paired by name, for ``--format auto`` and ``npy``."""
+    if cfg.format in ("auto", "npy") and not isinstance(src, ZarrSource | PairedSource):
+        return PairedSource(src, cfg.keys)
+    return src
+
+
+def list_ingest_files(src: Source, cfg: IngestConfig) -> list[SourceFile]:
+    """The files of ``src`` an ingest of ``cfg`` takes (``glob``, ``max_files``); none is
+    an error."""
+    files = src.list(cfg.glob)
+    if not files:
+        raise KernelscaleError(f"{src}: no files match {cfg.glob!r}" + (
+            " (files of other names: --glob, e.g. '**/*.safetensors')"
+            if cfg.glob == IngestConfig.glob else ""))
+    return files[:cfg.max_files] if cfg.max_files is not None else files
 
 
 def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,

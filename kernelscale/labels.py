@@ -9,7 +9,10 @@ A labels spec is one of:
   ``LABELS.train.npy`` / ``LABELS.test.npy`` (``np.save``'d 1-D integer arrays) and,
   when it exists, ``LABELS.class_names.npy`` (C,) strings;
 * ``cifar10:ROOT`` -- torchvision's CIFAR-10 under ROOT (downloaded there on first use
-  when allowed), with CIFAR-10's own class names.
+  when allowed), with CIFAR-10's own class names;
+* ``STORE`` -- a store's own labels, recorded once by ``kernelscale ingest --labels``
+  (:meth:`~kernelscale.store.Store.record_labels`); the commands that read a store use
+  them when no labels are given (:func:`store_labels`).
 
 Files are read with ``allow_pickle=False``: an object array (a pickled list of names) is
 refused, never unpickled; names are stored as a NumPy string array (``np.array(names)``,
@@ -103,6 +106,8 @@ def load_labels(spec: str, *, n_train: int | None = None, n_test: int | None = N
     """
     if is_labels_spec(spec):
         train, test, names = _load_cifar10(spec, classes, download)
+    elif _is_store(spec):
+        return store_labels(spec, n_train=n_train, n_test=n_test, classes=classes)
     elif (files := npy_pair(spec)) is not None:
         train, test = (_read_npy(files[s], spec, s) for s in ("train", "test"))
         names = (_read_npy(files["class_names"], spec, "class_names")
@@ -237,3 +242,37 @@ def labels_from_arrays(train, test, *, source: str = "<arrays>",
                                 f"{arr.max()}){whose}")
         arrays[split] = arr.astype(np.int64)
     return Labels(arrays["train"], arrays["test"], names, source)
+
+
+def _is_store(spec: str) -> bool:
+    return (Path(spec) / "manifest.json").is_file()
+
+
+def store_labels(path: str | Path, *, n_train: int | None = None, n_test: int | None = None,
+                 classes: int | None = None) -> Labels:
+    """The labels and class names recorded in the store at ``path``, checked against its
+    file's sha256 and against the shape given; one :class:`BadInputError` line when the
+    store holds none."""
+    from .logfile import sha256_file
+    from .store import Store
+
+    st = Store.open(path)
+    rec = st.labels_record()
+    if rec is None:
+        raise BadInputError(f"{path}: no labels: the store holds none and none were given; "
+                            "pass --labels LABELS, or record them in the store once with "
+                            f"`kernelscale ingest SOURCE --store {path} --labels LABELS` "
+                            f"(LABELS: {FORMATS})")
+    f = st.root / rec["file"]
+    if not f.is_file() or sha256_file(f) != rec.get("sha256"):
+        raise BadInputError(f"{f}: the store's labels file is missing or damaged (sha256 "
+                            "differs from the manifest's); record them again with "
+                            "`kernelscale ingest SOURCE --store STORE --labels LABELS "
+                            "--labels-replace`")
+    train, test, names = _load_npz(str(f))
+    s = st.shape
+    return labels_from_arrays(
+        train, test, source=str(path),
+        n_train=s.n_train if n_train is None else n_train,
+        n_test=s.n_test if n_test is None else n_test,
+        classes=s.classes if classes is None else classes, class_names=names)

@@ -9,6 +9,7 @@ Layout of ``STORE/`` (a Zarr v3 group)::
     stats/g<k>/<split>_mean   (examples, classes) float64
     stats/g<k>/<split>_m2     (examples, classes) float64
     manifest.json             the commit record (see below)
+    labels-<digest>.npz       labels and class names, when recorded (manifest "labels")
     .lock                     held by the single writer
 
 The Zarr dimension names are ``run``, ``test``/``train`` and ``class`` for the logits and
@@ -23,6 +24,12 @@ atomically; a crash at any point leaves the previous manifest, which still descr
 consistent data (runs past ``manifest.runs`` and unreferenced generations are ignored and
 cleaned up by the next writer).
 
+Labels travel with the data: :meth:`Store.record_labels` writes the label vectors and
+class names once, as an ``.npz`` (int64 ``train``, ``test``; str ``class_names`` when
+known) named by the digest of its content, then points the manifest's ``labels`` entry
+at it (file, sha256, digest, source, class names); a store without that entry, from
+before or never given labels, opens as ever.
+
 Logits are stored uncompressed: fp16 logits compress ~1.09x with zstd, not worth the
 decode time on the kernel's read path.
 """
@@ -34,12 +41,14 @@ import errno
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +145,24 @@ class StoreShape:
 
     def examples(self, split: str) -> int:
         return self.n_test if split == "test" else self.n_train
+
+
+#: the name :meth:`Store.record_labels` gives a labels file
+_LABELS_FILE = re.compile(r"labels-[0-9a-f]{16}\.npz")
+
+
+def labels_digest(train: np.ndarray, test: np.ndarray,
+                  class_names: Sequence[str] | None) -> str:
+    """sha256 of label vectors (as int64) and class names: equal for the same labels,
+    whatever file they were read from."""
+    h = hashlib.sha256()
+    for a in (train, test):
+        v = np.ascontiguousarray(np.asarray(a, dtype="<i8"))
+        h.update(f"{v.shape[0]}:".encode())
+        h.update(v.tobytes())
+    h.update(json.dumps(None if class_names is None else [str(n) for n in class_names]
+                        ).encode())
+    return h.hexdigest()
 
 
 def _empty_manifest() -> dict:
@@ -558,6 +585,57 @@ class Store:
         atomic_write_json(self.root / "manifest.json", m)
         self.manifest = m
 
+    def labels_record(self) -> dict | None:
+        """The manifest's record of the store's labels (see :meth:`record_labels`)."""
+        return self.manifest.get("labels")
+
+    def record_labels(self, train: np.ndarray, test: np.ndarray,
+                      class_names: Sequence[str] | None, source: str, *,
+                      replace: bool = False) -> str:
+        """Record label vectors (int, (n_train,), (n_test,), in ``[0, classes)``) and
+        class names; return ``recorded``, ``unchanged`` (the same labels are recorded) or
+        ``replaced``. Other labels than the recorded ones are an error unless ``replace``.
+        The file is written first, the manifest then points at it (the commit), and a
+        replaced file is removed. Must be called under :meth:`writer`."""
+        s = self.shape
+        train, test = np.asarray(train, np.int64), np.asarray(test, np.int64)
+        if train.shape != (s.n_train,) or test.shape != (s.n_test,) or (
+                class_names is not None and len(class_names) != s.classes) or any(
+                a.size and (a.min() < 0 or a.max() >= s.classes) for a in (train, test)):
+            raise StoreError(f"{self.root}: labels do not fit the store's (n_test, n_train, "
+                             f"classes) = {(s.n_test, s.n_train, s.classes)}")
+        digest = labels_digest(train, test, class_names)
+        old = self.labels_record()
+        if old is not None and old.get("digest") == digest:
+            return "unchanged"
+        if old is not None and not replace:
+            raise StoreError(f"{self.root}: holds other labels (recorded from "
+                             f"{old.get('source')}, digest {str(old.get('digest'))[:12]}) than "
+                             f"{source} (digest {digest[:12]}); a store's labels are replaced "
+                             "only with --labels-replace")
+        arrays = {"train": train, "test": test}
+        if class_names is not None:
+            arrays["class_names"] = np.array([str(n) for n in class_names])
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        data = buf.getvalue()
+        name = f"labels-{digest[:16]}.npz"
+        atomic_write_bytes(self.root / name, data)
+        m = json.loads(json.dumps(self.manifest))
+        m["labels"] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
+                       "digest": digest, "source": source,
+                       "class_names": None if class_names is None else
+                       [str(n) for n in class_names],
+                       "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_json(self.root / "manifest.json", m)  # the commit point
+        self.manifest = m
+        # the replaced file, and any a writer killed before its commit left
+        for p in self.root.glob("labels-*.npz"):
+            if p.name != name and _LABELS_FILE.fullmatch(p.name):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+        return "recorded" if old is None else "replaced"
+
     def record_source(self, source: dict) -> None:
         """Remember a source (and e.g. its pinned commit) once, in the manifest."""
         m = json.loads(json.dumps(self.manifest))
@@ -576,6 +654,10 @@ class Store:
         if self.runs >= 2:
             zt, zr = self.stats("test").zero_variance(), self.stats("train").zero_variance()
             lines.append(f"  zero-variance entries: test {zt}  train {zr}")
+        lab = self.labels_record()
+        if lab is not None:
+            names = ", ".join(lab["class_names"]) if lab.get("class_names") else "unnamed"
+            lines.append(f"  labels from {lab['source']} (classes: {names}; {lab['file']})")
         for src in self.manifest["sources"]:
             lines.append("  source " + "  ".join(f"{k}={v}" for k, v in sorted(src.items())))
         lines.append(f"  files {len(self.manifest['files'])}:")

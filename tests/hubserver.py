@@ -8,11 +8,36 @@ faults. The routes are the ones ``huggingface_hub`` (2.4) calls for ``repo_info`
     GET  /api/datasets/{ns}/{name}/tree/{rev}[/{path}]  [{"type","path","size","oid","lfs"}]
          ?recursive=..&cursor=N                          paged with Link: <..>; rel="next"
     HEAD /datasets/{ns}/{name}/resolve/{rev}/{path}     X-Repo-Commit, ETag, Content-Length
-    GET  /datasets/{ns}/{name}/resolve/{rev}/{path}     the bytes; Range: bytes=N- -> 206
+    GET  /datasets/{ns}/{name}/resolve/{rev}/{path}     the bytes; Range: bytes=A-[B] or
+                                                         bytes=-N -> 206
 
 Errors are 404 with ``X-Error-Code: RepoNotFound | RevisionNotFound | EntryNotFound`` and
 401 when a token is required and missing. Xet is never advertised, so clients use plain
 HTTP. ``*.pt`` files are listed as LFS files (``lfs.oid`` = sha256, the ETag too).
+
+Writes (``kernelscale publish``) go through the routes ``huggingface_hub`` (2.4) calls for
+``create_repo``, ``create_branch`` and ``create_commit`` with plain-HTTP LFS (Xet off)::
+
+    POST /api/repos/create                               {"name","organization","type",
+                                                          "visibility"} -> {"url"}; 409 exists
+    POST /api/validate-yaml                              README.md front matter -> 200 / 400
+    POST /api/datasets/{ns}/{name}/preupload/{rev}       {"files":[{"path","uploadMode",
+                                                          "shouldIgnore","oid"}]}
+    POST /datasets/{ns}/{name}.git/info/lfs/objects/batch  upload/verify actions per object
+                                                          (none when the server holds it)
+    PUT  /lfs-upload/{sha256}                            the bytes (unauthenticated, like a
+                                                          presigned URL); sha256 checked
+    POST /lfs-verify/{sha256}                            200 when held, else 404
+    POST /api/datasets/{ns}/{name}/commit/{rev}          ndjson header/file/lfsFile/deleted*
+                                                          -> {"commitOid","commitUrl"};
+                                                          412 when parentCommit is not the head
+    POST /api/datasets/{ns}/{name}/branch/{branch}       {"startingPoint"}; 409 exists
+
+Every write but the LFS PUT needs ``Authorization: Bearer T``: none is 401, a token in
+:attr:`HubServer.read_only_tokens` is 403. Uploaded bytes live in a temporary folder of the
+server (removed by :meth:`HubServer.stop`); :meth:`HubServer.files` reads a served revision
+back. A file is stored as LFS when it is binary (not UTF-8, or holds NUL) or at least
+``lfs_threshold`` bytes, as the Hub decides.
 
 Run ``python -m tests.hubserver DIR [DIR ...] [--repo local/sim]`` to serve by hand: each
 DIR becomes one commit adding its files (paths relative to DIR) to the previous one, and
@@ -22,9 +47,13 @@ DIR becomes one commit adding its files (paths relative to DIR) to the previous 
 from __future__ import annotations
 
 import argparse
+import base64
+import codecs
 import contextlib
+import dataclasses
 import hashlib
 import json
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,6 +67,8 @@ class Blob:
     size: int
     sha256: str
     git_oid: str  #: git blob sha1, the Hub's ``oid`` of a file
+    #: stored as LFS (True) or as a regular git file (False); None: ``*.pt`` files are LFS
+    stored_lfs: bool | None = None
 
     @classmethod
     def of(cls, path: Path) -> Blob:
@@ -47,16 +78,29 @@ class Blob:
 
     @property
     def lfs(self) -> bool:
-        return self.path.suffix == ".pt"
+        return self.stored_lfs if self.stored_lfs is not None else self.path.suffix == ".pt"
 
 
 @dataclass
 class Repo:
     commits: dict[str, dict[str, Blob]] = field(default_factory=dict)  #: sha -> path -> blob
     refs: dict[str, str] = field(default_factory=dict)  #: branch -> sha
+    private: bool = False
+    messages: dict[str, str] = field(default_factory=dict)  #: sha -> commit summary
 
     def resolve(self, rev: str) -> str | None:
         return self.refs.get(rev) or (rev if rev in self.commits else None)
+
+    def commit(self, branch: str, files: dict[str, Blob], message: str = "") -> str:
+        """Make ``files`` the new head of ``branch``; return the commit's sha."""
+        h = hashlib.sha1(self.refs.get(branch, "").encode())
+        for name, b in sorted(files.items()):
+            h.update(f"{name}\0{b.sha256}\n".encode())
+        sha = h.hexdigest()
+        self.commits[sha] = files
+        self.refs[branch] = sha
+        self.messages[sha] = message
+        return sha
 
 
 @dataclass
@@ -91,6 +135,10 @@ class HubServer:
         self.counts: dict[str, int] = {}
         self.log: list[dict] = []  #: one dict per request: method, path, range, auth
         self.on_send: list = []  #: callables run before each body chunk is sent
+        self.read_only_tokens: set[str] = set()  #: may read, get 403 on a write
+        self.lfs_threshold = 10 << 20  #: text files this large are stored as LFS too
+        self.lfs_objects: dict[str, Path] = {}  #: sha256 -> uploaded LFS bytes
+        self._tmp: tempfile.TemporaryDirectory | None = None
         self.lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -104,13 +152,22 @@ class HubServer:
         for p in sorted(root.rglob("*")):
             if p.is_file():
                 files[p.relative_to(root).as_posix()] = Blob.of(p)
-        h = hashlib.sha1(repo.refs.get(branch, "").encode())
-        for name, b in sorted(files.items()):
-            h.update(f"{name}\0{b.sha256}\n".encode())
-        sha = h.hexdigest()
-        repo.commits[sha] = files
-        repo.refs[branch] = sha
-        return sha
+        return repo.commit(branch, files, f"add {root}")
+
+    def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
+        """Every file of ``repo_id`` at ``rev`` (branch or sha): path -> bytes."""
+        repo = self.repos[repo_id]
+        return {p: b.path.read_bytes() for p, b in repo.commits[repo.resolve(rev)].items()}
+
+    def store_bytes(self, data: bytes, lfs: bool) -> Blob:
+        """Keep ``data`` in the server's folder (by its sha256); its :class:`Blob`."""
+        with self.lock:  # handler threads write at once
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="hubserver-")
+            path = Path(self._tmp.name) / hashlib.sha256(data).hexdigest()
+            if not path.exists():
+                path.write_bytes(data)
+        return dataclasses.replace(Blob.of(path), stored_lfs=lfs)
 
     def fault(self, path: str, kind: str, **kw) -> None:
         self.faults.setdefault(path, []).append(Fault(kind, **kw))
@@ -143,6 +200,9 @@ class HubServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -218,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
             found = self._repo_rev(repo_id, rest[1] if len(rest) > 1 else "main")
             if found:
                 repo, sha = found
-                self._json({"id": repo_id, "sha": sha, "private": False, "gated": False,
+                self._json({"id": repo_id, "sha": sha, "private": repo.private, "gated": False,
                             "siblings": [{"rfilename": p} for p in sorted(repo.commits[sha])]})
             return None
         if rest[0] == "tree" and len(rest) >= 2:
@@ -284,22 +344,25 @@ class _Handler(BaseHTTPRequestHandler):
         if any(f.kind == "corrupt" for f in faults):
             i = len(data) // 2
             data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:]
-        start = 0
+        start, end = 0, len(data)
         rng = self.headers.get("Range")
-        if rng and self.command == "GET":
-            start = int(rng.removeprefix("bytes=").split("-")[0])
+        if rng and self.command == "GET":  # bytes=A-, bytes=A-B, bytes=-N
+            a, _, b = rng.removeprefix("bytes=").partition("-")
+            start, end = ((max(0, len(data) - int(b)), len(data)) if not a else
+                          (int(a), min(len(data), int(b) + 1) if b else len(data)))
+        ranged = (start, end) != (0, len(data))
         headers = {"X-Repo-Commit": sha, "ETag": f'"{blob.sha256 if blob.lfs else blob.git_oid}"',
                    "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
-                   "Content-Length": str(len(data) - start)}
-        self.send_response(206 if start else 200)
-        if start:
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+                   "Content-Length": str(end - start)}
+        self.send_response(206 if ranged else 200)
+        if ranged:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command == "HEAD":
             return None
-        body = memoryview(data)[start:]
+        body = memoryview(data)[start:end]
         stop = len(body) // 2 if any(f.kind == "cut" for f in faults) else len(body)
         step = 1 << 20
         for i in range(0, stop, step):
@@ -310,6 +373,197 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
         return None
+
+    # ----------------------------------------------------------------------- writes
+    def do_POST(self) -> None:
+        self._write()
+
+    def do_PUT(self) -> None:
+        self._write()
+
+    def _body(self) -> bytes:
+        """The request body, sent with Content-Length or chunked."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _may_write(self) -> bool:
+        """A write needs a token that may write: none (or an unknown one) is 401, a
+        read-only one 403."""
+        hub = self.hub
+        auth = self.headers.get("Authorization") or ""
+        token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        if token in hub.read_only_tokens:
+            self._error(403, None, "You don't have the rights to write to this repository: "
+                        "the token is read-only")
+            return False
+        if not token or (hub.token is not None and token != hub.token):
+            self._error(401, None, "Invalid credentials in Authorization header")
+            return False
+        return True
+
+    def _write(self) -> None:
+        hub = self.hub
+        url = urlsplit(self.path)
+        parts = [unquote(p) for p in url.path.split("/")[1:]]
+        body = self._body()  # read before any answer: the connection is kept alive
+        with hub.lock:
+            hub.log.append({"method": self.command, "path": url.path, "range": None,
+                            "auth": self.headers.get("Authorization")})
+        if self.command == "PUT" and len(parts) == 2 and parts[0] == "lfs-upload":
+            return self._lfs_put(parts[1], body)
+        if self.command == "POST" and parts == ["api", "validate-yaml"]:
+            return self._validate_yaml(json.loads(body or b"{}"))
+        if self.command != "POST" or not self._may_write():
+            return None if self.command == "POST" else self._error(405, None, "Not allowed")
+        if parts == ["api", "repos", "create"]:
+            return self._create_repo(json.loads(body or b"{}"))
+        if len(parts) == 2 and parts[0] == "lfs-verify":
+            return (self._json({"oid": parts[1]}) if parts[1] in hub.lfs_objects else
+                    self._error(404, None, "object not uploaded"))
+        if (parts[:1] == ["datasets"] and len(parts) == 7 and parts[2].endswith(".git")
+                and parts[3:] == ["info", "lfs", "objects", "batch"]):
+            return self._lfs_batch(f"{parts[1]}/{parts[2][:-4]}", json.loads(body or b"{}"))
+        if parts[:2] == ["api", "datasets"] and len(parts) == 6:
+            repo_id, what, rev = f"{parts[2]}/{parts[3]}", parts[4], parts[5]
+            if what == "preupload":
+                return self._preupload(repo_id, rev, json.loads(body or b"{}"))
+            if what == "commit":
+                return self._commit(repo_id, rev, body)
+            if what == "branch":
+                return self._branch(repo_id, rev, json.loads(body or b"{}"))
+        return self._error(404, None, "Not Found")
+
+    def _validate_yaml(self, req: dict) -> None:
+        import yaml
+
+        text = str(req.get("content", ""))
+        meta = None
+        if text.startswith("---\n"):
+            end = text.find("\n---", 4)
+            try:
+                meta = yaml.safe_load(text[4:end]) if end > 0 else "unclosed"
+            except yaml.YAMLError as e:
+                meta = str(e)
+        if meta is not None and not isinstance(meta, dict):
+            body = {"errors": [{"message": f"invalid YAML metadata: {meta}"}]}
+            return self._reply(400, json.dumps(body).encode(),
+                               {"Content-Type": "application/json"})
+        return self._json({"errors": [], "warnings": []})
+
+    def _create_repo(self, req: dict) -> None:
+        hub = self.hub
+        if req.get("type") != "dataset":
+            return self._error(400, None, "this server holds dataset repos only")
+        repo_id = f"{req.get('organization') or 'user'}/{req['name']}"
+        if repo_id in hub.repos:
+            return self._reply(409, json.dumps({"error": "You already created this dataset "
+                                                "repo", "url": f"{hub.url}/datasets/{repo_id}"}
+                                               ).encode(), {"Content-Type": "application/json"})
+        private = req.get("visibility") == "private" or bool(req.get("private"))
+        repo = hub.repos[repo_id] = Repo(private=private)
+        attrs = hub.store_bytes(b"*.bin filter=lfs diff=lfs merge=lfs -text\n", lfs=False)
+        repo.commit("main", {".gitattributes": attrs}, "initial commit")
+        return self._json({"url": f"{hub.url}/datasets/{repo_id}", "name": repo_id})
+
+    def _branch(self, repo_id: str, branch: str, req: dict) -> None:
+        found = self._repo_rev(repo_id, req.get("startingPoint") or "main")
+        if found:
+            repo, sha = found
+            if branch in repo.refs:
+                return self._error(409, None, f"branch {branch} already exists")
+            repo.refs[branch] = sha
+            self._json({})
+        return None
+
+    def _mode(self, size: int, sample: bytes) -> str:
+        """"lfs" for a binary file (its first bytes not UTF-8, or holding NUL) or a large
+        one; else "regular". An empty file is always regular."""
+        try:  # incremental: a character cut at the end of the sample is not an error
+            codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
+            binary = b"\0" in sample
+        except UnicodeDecodeError:
+            binary = True
+        return "lfs" if size and (binary or size >= self.hub.lfs_threshold) else "regular"
+
+    def _preupload(self, repo_id: str, rev: str, req: dict) -> None:
+        found = self._repo_rev(repo_id, rev)
+        if not found:
+            return None
+        repo, sha = found
+        out = []
+        for f in req.get("files", []):
+            mode = self._mode(int(f["size"]), base64.b64decode(f.get("sample", "")))
+            held = repo.commits[sha].get(f["path"])
+            oid = None if held is None else held.sha256 if held.lfs else held.git_oid
+            out.append({"path": f["path"], "uploadMode": mode, "shouldIgnore": False,
+                        "oid": oid})
+        return self._json({"files": out, "commitOid": sha})
+
+    def _lfs_batch(self, repo_id: str, req: dict) -> None:
+        hub = self.hub
+        if repo_id not in hub.repos:
+            return self._error(404, "RepoNotFound", "Repository not found")
+        objects = []
+        for o in req.get("objects", []):
+            obj = {"oid": o["oid"], "size": int(o["size"]), "authenticated": True}
+            if o["oid"] not in hub.lfs_objects:
+                obj["actions"] = {"upload": {"href": f"{hub.url}/lfs-upload/{o['oid']}"},
+                                  "verify": {"href": f"{hub.url}/lfs-verify/{o['oid']}"}}
+            objects.append(obj)
+        return self._reply(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
+                           {"Content-Type": "application/vnd.git-lfs+json"})
+
+    def _lfs_put(self, oid: str, body: bytes) -> None:
+        if hashlib.sha256(body).hexdigest() != oid:
+            return self._error(400, None, f"the bytes do not have sha256 {oid}")
+        blob = self.hub.store_bytes(body, lfs=True)
+        with self.hub.lock:
+            self.hub.lfs_objects[oid] = blob.path
+        return self._reply(200)
+
+    def _commit(self, repo_id: str, branch: str, body: bytes) -> None:
+        hub = self.hub
+        found = self._repo_rev(repo_id, branch)
+        if not found:
+            return None
+        repo, head = found
+        if branch not in repo.refs:
+            return self._error(400, None, f"{branch}: commits go to a branch")
+        files = dict(repo.commits[head])
+        summary = ""
+        for line in body.splitlines():
+            item = json.loads(line)
+            key, v = item["key"], item["value"]
+            if key == "header":
+                summary = v.get("summary", "")
+                if v.get("parentCommit") not in (None, head):
+                    return self._error(412, None, "A commit has happened since; the parent "
+                                       "commit is not the head of the branch")
+            elif key == "file":
+                files[v["path"]] = hub.store_bytes(base64.b64decode(v["content"]), lfs=False)
+            elif key == "lfsFile":
+                held = hub.lfs_objects.get(v["oid"])
+                if held is None:
+                    return self._error(422, None, f"LFS object {v['oid']} was not uploaded")
+                files[v["path"]] = dataclasses.replace(Blob.of(held), stored_lfs=True)
+            elif key == "deletedFile":
+                files.pop(v["path"], None)
+            elif key == "deletedFolder":
+                base = v["path"].rstrip("/") + "/"
+                files = {p: b for p, b in files.items() if not p.startswith(base)}
+        sha = repo.commit(branch, files, summary)
+        return self._json({"commitOid": sha, "success": True, "pullRequestUrl": None,
+                           "commitUrl": f"{hub.url}/datasets/{repo_id}/commit/{sha}"})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -338,3 +338,228 @@ def test_a_glob_that_leaves_the_source_is_refused(small_source, tmp_path, glob):
                 check=False)
     assert r.returncode != 0 and "must be a pattern inside SOURCE" in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------ ingest --dry-run
+
+def _tree(root):
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in Path(root).rglob("*")}
+
+
+def test_dry_run_creates_nothing_and_its_numbers_match_the_ingest(tmp_path):
+    """Before a first ingest and before an extension: the dry run writes nothing, exits
+    0, and names the files, runs and store bytes the ingest then has."""
+    src = tmp_path / "src"
+    test, train = random_source(src, [7, 8, 9, 5])
+    store = tmp_path / "out" / "store"
+    for max_files, added in ((2, [7, 8]), (None, [9, 5])):
+        extra = ("--max-files", str(max_files)) if max_files else ()
+        before = _tree(tmp_path)
+        p = run_cli("ingest", str(src), "--store", str(store), "--run-chunk", "4",
+                    "--dry-run", "--json", *extra)
+        assert _tree(tmp_path) == before
+        plan = json.loads(p.stdout)
+        old = Store.open(store).runs if Store.exists(store) else 0
+        assert [e["runs"] for e in plan["entries"]] == added
+        assert plan["runs"] == {"to_add": sum(added), "known": sum(added),
+                                "methods": plan["runs"]["methods"], "before": old,
+                                "after": old + sum(added)}
+        sizes = {f.relative_to(src).as_posix(): f.stat().st_size for f in src.rglob("*.pt")}
+        assert plan["files"]["bytes"] == sum(sizes[e["name"]] for e in plan["entries"])
+        text = run_cli("ingest", str(src), "--store", str(store), "--run-chunk", "4",
+                       "--dry-run", *extra).stdout
+        assert f"-> the store will hold {old + sum(added)}" in text
+        assert "nothing downloaded, nothing written" in text and _tree(tmp_path) == before
+        old_bytes = _chunk_bytes(store)
+        s = ingest_dir(src, store, run_chunk=4, max_files=max_files, show_progress=False)
+        assert (s.files_ingested, s.runs_added, s.bytes_read) == (
+            plan["files"]["to_ingest"], plan["runs"]["to_add"], plan["files"]["bytes"])
+        disk = plan["disk"]["store"]
+        new_bytes = _chunk_bytes(store)
+        assert disk["logits"] == new_bytes["logits"] - old_bytes["logits"]
+        assert disk["statistics"] == new_bytes["stats"] - old_bytes["stats"]
+        whole = new_bytes["all"] - old_bytes["all"]
+        assert whole <= disk["total"] <= whole + 16 * 1024
+    np.testing.assert_array_equal(Store.open(store).read("test", 0, 29), test)
+
+
+def _chunk_bytes(store):
+    """Bytes of a store's logits and statistics chunk files, and of all its files."""
+    if not Path(store).exists():
+        return {"logits": 0, "stats": 0, "all": 0}
+    files = [p for p in Path(store).rglob("*") if p.is_file()]
+    return {"logits": sum(p.stat().st_size for p in files
+                          if "logits" in p.parts and "c" in p.parts),
+            "stats": sum(p.stat().st_size for p in files
+                         if "stats" in p.parts and "c" in p.parts),
+            "all": sum(p.stat().st_size for p in files)}
+
+
+def test_dry_run_stops_where_max_runs_would_and_fails_where_the_ingest_would(small_store,
+                                                                              tmp_path):
+    store, *_ = small_store
+    src = tmp_path / "src"
+    write_log(src / "logs_saveoutputs_main" / "file999" / "log.pt",
+              np.zeros((4, 40, 5), np.float16), np.zeros((4, 96, 5), np.float16))
+    plan = json.loads(run_cli("ingest", str(src), "--store", str(store), "--dry-run",
+                              "--json", "--max-runs", "27").stdout)
+    assert plan["files"]["to_ingest"] == 0 and plan["runs"]["to_add"] == 0
+    assert any("stops before logs_saveoutputs_main/file999/log.pt" in n
+               for n in plan["notes"])
+    (src / "logs_saveoutputs_main" / "file000" / "log.pt").write_bytes(b"changed")
+    before = _tree(tmp_path)
+    p = run_cli("ingest", str(src), "--store", str(store), "--dry-run", check=False)
+    assert p.returncode == 2 and "a store holds one version of each file" in p.stderr
+    assert _tree(tmp_path) == before
+
+
+# ---------------------------------------------------------------------- labels
+
+def test_labels_travel_with_the_store(small_store, tmp_path):
+    """ingest --labels records labels and names once; evaluate without --labels uses
+    them and gives what --labels FILE gives; the store opens as before."""
+    from tests.reference import labels_file
+
+    store, *_ = small_store
+    lab = labels_file(tmp_path / "labels.npz", 96, 40, 5)
+    names = np.array(["cat", "dog", "eel", "fox", "gnu"])
+    z = dict(np.load(lab))
+    np.savez(lab, **z, class_names=names)
+    run_cli("kernel", "--store", str(store), "--out", str(tmp_path / "k"))
+    ev = ("evaluate", "--store", str(store), "--kernel", str(tmp_path / "k"), "--json")
+    p = run_cli(*ev, check=False)  # nothing recorded, none given: one clear line
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert "no labels" in p.stderr and "--labels" in p.stderr
+    before = Store.open(store).manifest
+    p = run_cli("ingest", str(tmp_path / "src"), "--store", str(store), "--labels", str(lab))
+    assert "0 file(s) ingested, 3 skipped" in p.stdout and "labels recorded from" in p.stdout
+    m = Store.open(store).manifest
+    assert {k: v for k, v in m.items() if k != "labels"} == before
+    rec = m["labels"]
+    assert rec["class_names"] == list(names) and rec["source"] == str(lab.resolve())
+    with np.load(store / rec["file"]) as f:  # the recorded arrays are the file's
+        np.testing.assert_array_equal(f["train"], z["train"])
+        np.testing.assert_array_equal(f["test"], z["test"])
+    own = json.loads(run_cli(*ev).stdout)
+    given = json.loads(run_cli(*ev, "--labels", str(lab)).stdout)
+    assert own.pop("provenance")["labels"] == str(store.resolve())
+    assert given.pop("provenance")["labels"] == str(lab.resolve())
+    assert own == given and own["knn_accuracy"] is not None
+    assert "classes: cat, dog, eel, fox, gnu" in run_cli("info", str(store)).stdout
+    curve = ("curve", "--store", str(store), "--runs", "8,all", "--device", "cpu", "--json")
+    own = json.loads(run_cli(*curve, "--out", str(tmp_path / "c1")).stdout)
+    given = json.loads(run_cli(*curve, "--out", str(tmp_path / "c2"), "--labels",
+                               str(lab)).stdout)
+    def scores(doc):  # the points less their timings
+        return [{k: v for k, v in pt.items() if "seconds" not in k} for pt in doc["points"]]
+
+    assert scores(own) == scores(given) and len(scores(own)) == 2
+    # the same labels again (from a .npy pair): unchanged, nothing rewritten
+    np.save(tmp_path / "pair.train.npy", z["train"])
+    np.save(tmp_path / "pair.test.npy", z["test"])
+    np.save(tmp_path / "pair.class_names.npy", names)
+    mtime = (store / rec["file"]).stat().st_mtime_ns
+    p = run_cli("ingest", str(tmp_path / "src"), "--store", str(store), "--labels",
+                str(tmp_path / "pair.train.npy"))
+    assert "labels unchanged" in p.stdout
+    assert (store / rec["file"]).stat().st_mtime_ns == mtime
+
+
+def test_other_labels_are_refused_unless_replaced(small_store, tmp_path):
+    from tests.reference import labels_file
+
+    store, *_ = small_store
+    a = labels_file(tmp_path / "a.npz", 96, 40, 5, seed=1)
+    b = labels_file(tmp_path / "b.npz", 96, 40, 5, seed=2)
+    src = tmp_path / "src"
+    run_cli("ingest", str(src), "--store", str(store), "--labels", str(a))
+    first = Store.open(store).manifest["labels"]
+    before = _tree(store)
+    for extra in ((), ("--dry-run",)):
+        p = run_cli("ingest", str(src), "--store", str(store), "--labels", str(b), *extra,
+                    check=False)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1
+        assert "holds other labels" in p.stderr and "--labels-replace" in p.stderr
+        assert _tree(store) == before
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, train=np.zeros(95, np.int64), test=np.zeros(40, np.int64))
+    p = run_cli("ingest", str(src), "--store", str(store), "--labels", str(bad),
+                "--labels-replace", check=False)
+    assert p.returncode == 2 and "95 train labels, but the store has 96" in p.stderr
+    assert _tree(store) == before
+    p = run_cli("ingest", str(src), "--store", str(tmp_path / "new"), "--labels", str(bad),
+                check=False)  # a new store: checked against the first file's header first
+    assert p.returncode == 2 and "95 train labels, but the store has 96" in p.stderr
+    assert not (tmp_path / "new").exists()
+    p = run_cli("ingest", str(src), "--store", str(store), "--labels", str(b),
+                "--labels-replace")
+    assert "labels replaced from" in p.stdout
+    rec = Store.open(store).manifest["labels"]
+    assert rec["digest"] != first["digest"] and rec["source"] == str(b.resolve())
+    assert not (store / first["file"]).exists() and (store / rec["file"]).exists()
+    with np.load(store / rec["file"]) as f:
+        np.testing.assert_array_equal(f["train"], np.load(b)["train"])
+
+
+def test_a_job_uses_the_labels_its_ingest_recorded(tmp_path):
+    """[ingest] labels = ...; [evaluate] without labels: the store's labels are used, and
+    the results equal those of `evaluate --labels FILE`."""
+    from tests.reference import labels_file
+
+    random_source(tmp_path / "src", [6, 6])
+    lab = labels_file(tmp_path / "labels.npz", 96, 40, 5, seed=3)
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+[job]
+name = "labels"
+workdir = "{tmp_path / 'w'}"
+[ingest]
+source = "{tmp_path / 'src'}"
+labels = "{lab}"
+[kernel]
+device = "cpu"
+[evaluate]
+json = "results.json"
+""")
+    run_cli("run", str(job))
+    res = json.loads((tmp_path / "w" / "results.json").read_text())
+    p = run_cli("evaluate", "--store", str(tmp_path / "w" / "store"), "--kernel",
+                str(tmp_path / "w" / "kernel"), "--labels", str(lab), "--json")
+    assert json.loads(p.stdout)["knn_accuracy"] == res["knn_accuracy"]
+    assert json.loads(p.stdout)["ensemble_accuracy"] == res["ensemble_accuracy"]
+
+
+def test_labels_recording_killed_before_its_commit_keeps_the_old_labels(small_store,
+                                                                         monkeypatch):
+    """The manifest is the commit point: a recording killed after writing its file and
+    before the manifest leaves the previous labels in force; the next one tidies up."""
+    import kernelscale.store as storemod
+    from kernelscale.labels import store_labels
+
+    store, *_ = small_store
+    rng = np.random.default_rng(0)
+    a = (rng.integers(0, 5, 96), rng.integers(0, 5, 40))
+    b = (rng.integers(0, 5, 96), rng.integers(0, 5, 40))
+    s = Store.open(store, mode="a")
+    with s.writer():
+        assert s.record_labels(*a, None, "a") == "recorded"
+    first = set(store.glob("labels-*.npz"))
+
+    def killed(path, obj):
+        raise OSError("killed")
+
+    monkeypatch.setattr(storemod, "atomic_write_json", killed)
+    with pytest.raises(OSError), s.writer():
+        s.record_labels(*b, None, "b", replace=True)
+    monkeypatch.undo()
+    got = store_labels(store)
+    np.testing.assert_array_equal(got.train, a[0])
+    assert len(set(store.glob("labels-*.npz"))) == 2  # the stray file of the killed one
+    with s.writer():
+        assert s.record_labels(*b, ["v", "w", "x", "y", "z"], "b", replace=True) == \
+            "replaced"
+    left = set(store.glob("labels-*.npz"))
+    assert len(left) == 1 and not left & first
+    got = store_labels(store)
+    np.testing.assert_array_equal(got.test, b[1])
+    assert got.class_names == ("v", "w", "x", "y", "z")

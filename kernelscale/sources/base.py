@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import BinaryIO, ClassVar
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,16 @@ class Source:
 
     def fetch(self, files: Iterable[SourceFile]) -> Iterator[Fetched]:
         """Make ``files`` available locally, in order; each until :meth:`release`."""
+        raise NotImplementedError
+
+    def label(self, name: str) -> str:
+        """How the file ``name`` of this source is named in messages."""
+        return f"{self}/{name}"
+
+    def open_lazy(self, file: SourceFile) -> BinaryIO:
+        """``file`` as a seekable binary file whose bytes are read when asked for (a
+        remote source: by ranged requests), to read a header without fetching the file.
+        Raises NotImplementedError where the source cannot."""
         raise NotImplementedError
 
     def release(self, item: Fetched, bad: bool = False) -> None:

@@ -14,6 +14,11 @@ time and each is deleted once its runs are in the store (unless ``keep_downloads
 local disk for downloads stays below ``(download_workers + 1) x`` the largest file. A file whose bytes
 do not match the listing's LFS sha256 is rejected and its blob removed from the cache.
 
+A file can also be read in part without downloading it (:meth:`HubSource.open_lazy`:
+HTTP ranged requests at the pinned commit, through the library's session and headers),
+which is how ``kernelscale ls`` and ``ingest --dry-run`` read a ``log.pt``'s zip
+directory and header; listing (:meth:`HubSource.tree`) and ranged reads touch no file.
+
 The manifest name of a file is its path inside the repo, so re-running against a newer
 revision ingests only the files that are new; each file entry records the ``commit`` it
 was downloaded at, its ``hub_path`` and ``lfs_sha256``, and the manifest's ``sources``
@@ -45,6 +50,7 @@ from ..units import format_bytes
 from .base import Fetched, FetchOptions, Source, SourceFile
 from .hubfail import explain, is_transient, safe_endpoint
 from .hubspec import HubSpec, glob_regex, inside, is_hub_spec, literal_dir, parse_hub_spec
+from .ranged import RangedFile, http_range
 
 DEFAULT_REVISION = "main"
 #: longest wait between two attempts of one request, seconds
@@ -207,15 +213,14 @@ class HubSource(Source):
             self._note(f"removed {format_bytes(freed)} of abandoned partial downloads")
         return freed
 
-    def list(self, glob: str = "**/log.pt") -> list[SourceFile]:
-        """Files under the prefix matching ``glob``, at the pinned commit, sorted by path.
+    def tree(self, glob: str = "**/log.pt") -> list[HubFile]:
+        """Files under the prefix matching ``glob`` at the pinned commit, sorted by path
+        (none: an empty list). Only asks the Hub; touches no file.
 
         ``glob`` is matched against the path inside the repo, or against the path
-        relative to the spec's prefix. The manifest name of a file is its path in the repo.
-        Abandoned partial downloads of earlier runs are swept first.
+        relative to the spec's prefix.
         """
         commit = self.pin()
-        self.sweep_stale_partials()
         prefix = self.spec.prefix
         rx = glob_regex(glob)
         # A glob naming folders literally (one file of 20,000) lists only those folders.
@@ -242,13 +247,40 @@ class HubSource(Source):
             else:
                 raise
         files.sort(key=lambda f: f.path)
-        self.files = {f.path: f for f in files}
+        self.files.update({f.path: f for f in files})
+        return files
+
+    def list(self, glob: str = "**/log.pt") -> list[SourceFile]:
+        """:meth:`tree`, as the files of an ingest; none is an error. The manifest name
+        of a file is its path in the repo."""
+        files = self.tree(glob)
         if not files:
-            raise HubError(f"{self.spec}: no files match {glob!r} at commit {commit}")
-        self._note(f"{self.spec} revision {self.revision} = commit {commit}: {len(files)} "
-                   f"file(s) match {glob!r}; {self.workers} download worker(s), cache "
-                   f"{self.cache_dir}")
+            raise HubError(f"{self.spec}: no files match {glob!r} at commit {self.commit}")
+        self._note(f"{self.spec} revision {self.revision} = commit {self.commit}: "
+                   f"{len(files)} file(s) match {glob!r}; {self.workers} download worker(s), "
+                   f"cache {self.cache_dir}")
         return [SourceFile(f.path, f.size, f.sha256) for f in files]
+
+    def read_range(self, path: str, start: int, stop: int) -> bytes:
+        """Bytes ``[start, stop)`` of ``path`` at the pinned commit, by one ranged request
+        (retried like any other); :class:`~.ranged.RangesUnsupported` when the server
+        answers with the whole file instead (nothing of it is read)."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers
+
+        url = hf_hub_url(self.spec.repo_id, path, repo_type="dataset", revision=self.pin(),
+                         endpoint=self.endpoint)
+        headers = build_hf_headers(token=self.token)
+        return self._attempts(self.spec.label(path), lambda: http_range(
+            url, start, stop, headers, API_TIMEOUT))
+
+    def label(self, name: str) -> str:
+        return self.spec.label(name)
+
+    def open_lazy(self, file: SourceFile) -> RangedFile:
+        """``file`` as a seekable binary file read by ranged requests."""
+        return RangedFile(file.size, lambda a, b: self.read_range(file.name, a, b),
+                          name=self.spec.label(file.name))
 
     # ------------------------------------------------------------------- download
     def download(self, f: HubFile) -> _Download:
@@ -328,8 +360,10 @@ class HubSource(Source):
         within ``(download_workers + h) x`` the largest file. When the consumer closes
         the iteration early, the files fetched and not released are released (deleted
         unless kept); after the last file, or a download that failed, they stay the
-        consumer's to release.
+        consumer's to release. Abandoned partial downloads of earlier runs are swept
+        first.
         """
+        self.sweep_stale_partials()
         pending: deque[Future] = deque()
         todo = iter(files)
         handed: list[_Download] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import BadInputError
 from .base import Fetched, Source, SourceFile, is_local_spec
@@ -35,6 +36,9 @@ class LocalSource(Source):
     def fetch(self, files: Iterable[SourceFile]) -> Iterator[Fetched]:
         for f in files:
             yield Fetched(f, f.path if f.path is not None else self.root / f.name)
+
+    def open_lazy(self, file: SourceFile) -> BinaryIO:
+        return open(file.path if file.path is not None else self.root / file.name, "rb")
 
     def record(self, glob: str) -> dict:
         return {"kind": self.kind, "path": str(self.root.resolve())}

@@ -122,6 +122,14 @@ class PairedSource(Source):
             self.inner.release(m, bad)
         item.released = True
 
+    def label(self, name: str) -> str:
+        return self.inner.label(name)
+
+    def open_lazy(self, file: SourceFile):
+        if file.parts:
+            raise NotImplementedError
+        return self.inner.open_lazy(file)
+
     def record(self, glob: str) -> dict:
         return self.inner.record(glob)
 

@@ -45,6 +45,12 @@ class ZarrSource(Source):
                            path=self.root, runs=(a, b))
                 for a, b in blocks(int(test.shape[0]), per)]
 
+    def array_shape(self) -> tuple[int, int, int, str]:
+        """(n_test, n_train, classes, dtype) of the group's arrays."""
+        test, train = open_arrays(self.root, self.keys, str(self.root))
+        return (int(test.shape[1]), int(train.shape[1]), int(test.shape[2]),
+                str(test.dtype))
+
     def fetch(self, files: Iterable[SourceFile]) -> Iterator[Fetched]:
         for f in files:
             yield Fetched(f, self.root)
