@@ -166,7 +166,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     labels = load_labels(job.labels_spec(), n_train=st.shape.n_train,
                          n_test=st.shape.n_test, classes=st.shape.classes)
     ev = evaluate(job.store_path, job.kernel_path, labels, **job.evaluate_options(),
-                  device=a.device, workers=a.read_threads, show_progress=_progress(a))
+                  show_progress=_progress(a))
     if a.json:
         print(json.dumps(ev.as_json(per_run=job.evaluate.per_run), sort_keys=True))
     else:
@@ -289,9 +289,16 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from .bundled import job_path
-    from .pipeline import run_job
+    from .config import load_job
+    from .pipeline import plan_run, run_job
 
-    return run_job(job_path(a.job), workdir=a.workdir, quiet=a.quiet, device=a.device)
+    cfg = load_job(job_path(a.job), a.workdir, sets=a.set or ())
+    plan = plan_run(cfg, a.only or ())
+    if a.dry_run:
+        print(plan.text(), end="")
+        plan.check()
+        return 0
+    return run_job(cfg, plan, quiet=a.quiet, device=a.device)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -318,21 +325,23 @@ def cmd_submit(a: argparse.Namespace) -> int:
     from .slurm import submit
 
     overrides = {k: getattr(a, k) for k in SLURM_OVERRIDES if getattr(a, k) is not None}
-    return submit(job_path(a.job), workdir=a.workdir, dry_run=a.dry_run, overrides=overrides)
+    return submit(job_path(a.job), workdir=a.workdir, dry_run=a.dry_run, overrides=overrides,
+                  sets=a.set or ())
 
 
 def cmd_status(a: argparse.Namespace) -> int:
     from .bundled import job_path
     from .slurm import status
 
-    return status(job_path(a.job), workdir=a.workdir)
+    return status(job_path(a.job), workdir=a.workdir, sets=a.set or ())
 
 
 def cmd_gather(a: argparse.Namespace) -> int:
     from .bundled import job_path
     from .slurm import gather
 
-    return gather(job_path(a.job), workdir=a.workdir, evaluate=not a.no_evaluate)
+    return gather(job_path(a.job), workdir=a.workdir, evaluate=not a.no_evaluate,
+                  sets=a.set or ())
 
 
 DESCRIPTION = """\
@@ -588,6 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="report directory (index.html + figures)")
     add_knn_options(s)
     s.add_argument("--curve", metavar="JSON", help="curve.json of `kernelscale curve`")
+    s.add_argument("--compare", metavar="JSON", help="compare.json of `kernelscale compare` "
+                   "(or its --out folder): a section comparing the kernel with another")
     s.add_argument("--ablations", metavar="DIR",
                    help="compute (or reuse) the per-class and no-log-softmax kernels in DIR")
     s.add_argument("--images", metavar="cifar10:ROOT",
@@ -677,29 +688,48 @@ def build_parser() -> argparse.ArgumentParser:
              "again later: submit only what is missing", cmd_submit)
     s.add_argument("job", help="job file with a [slurm] table (or a bundled job's name)")
     s.add_argument("--workdir", help="override the job's workdir")
+    _set_option(s)
     s.add_argument("--dry-run", action="store_true",
                    help="print the plan and the sbatch scripts; submit nothing")
     for key, typ in SLURM_OVERRIDES.items():
         s.add_argument("--" + key.replace("_", "-"), dest=key, type=typ,
                        help=f"override [slurm] {key}")
 
-    s = _sub(sub, "status", "what a submitted job has done, is doing and has left",
-             cmd_status)
+    s = _sub(sub, "status", "what a job has done (on Slurm or by `kernelscale run`), is "
+             "doing and has left", cmd_status)
     s.add_argument("job", help="the job file given to submit")
     s.add_argument("--workdir", help="override the job's workdir")
+    _set_option(s, "the same as given to submit")
 
     s = _sub(sub, "gather", "check every tile of a submitted kernel, mark it complete, "
              "evaluate", cmd_gather)
     s.add_argument("job", help="the job file given to submit")
     s.add_argument("--workdir", help="override the job's workdir")
+    _set_option(s, "the same as given to submit")
     s.add_argument("--no-evaluate", action="store_true", help="skip the [evaluate] stage")
 
     s = _sub(sub, "run", "run the stages a job file names", cmd_run)
     s.add_argument("job", nargs="?", help="job file or bundled job's name (default: the "
                    "bundled demo)")
-    s.add_argument("--workdir", help="override the job's workdir")
+    s.add_argument("--workdir", help="override the job's workdir (as --set job.workdir=DIR)")
     s.add_argument("--device", help="override the kernel device")
+    _set_option(s)
+    s.add_argument("--only", action="append", metavar="STAGE[,STAGE...]",
+                   help="run only these stages (repeatable): simulate, ingest, kernel, "
+                   "evaluate, curve, report; each must find what it reads (a store, a "
+                   "finished kernel) there or made by an earlier one")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the resolved job (a job file run accepts) and the stages it "
+                   "would run, in order; run nothing")
     return p
+
+
+def _set_option(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--set", action="append", metavar="TABLE.FIELD=VALUE",
+                   help="override a value of the job file, read and checked as the file's "
+                   "own (repeatable), e.g. --set kernel.max_memory=40G --set "
+                   "ingest.source=hf://datasets/OWNER/NAME/FOLDER"
+                   + (f"; {note}" if note else ""))
 
 
 def _setup_logging(verbose: int) -> None:

@@ -10,22 +10,25 @@ the key. Text values that stand for numbers (``max_memory = "40G"``, ``tile =
 The command line builds the same tables from its options (:func:`table_from_options`),
 so a stage is configured by one schema whether it comes from a job file or from flags,
 and :class:`JobConfig`'s ``*_config`` methods are the one adapter from tables to the
-stages' configs. Relative paths are relative to the job's ``workdir`` (the current
-directory for the command line), except specs that name a scheme (``hf://``,
-``cifar10:``).
+stages' configs. ``--set TABLE.FIELD=VALUE`` overrides (:func:`parse_sets`) are values of
+the job file's tables, read and checked by the same code when the job is loaded, and
+:func:`job_toml` writes a loaded job back as a job file. Relative paths are relative to
+the job's ``workdir`` (the current directory for the command line), except specs that
+name a scheme (``hf://``, ``cifar10:``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError
 from .formats import DEFAULT_KEYS, FORMATS, check_keys
+from .knn import WEIGHTINGS
 from .labels import is_labels_spec
 from .sources.base import FetchOptions, is_local_spec
 from .units import (
@@ -65,6 +68,13 @@ def _format(value: Any, where: str) -> str:
     return value
 
 
+def _weighting(value: Any, where: str) -> str:
+    """A k-NN ``weighting``: one of :data:`kernelscale.knn.WEIGHTINGS`."""
+    if value not in WEIGHTINGS:
+        raise ConfigError(f"{where} {value!r}: expected one of {', '.join(WEIGHTINGS)}")
+    return value
+
+
 def _keys(value: Any, where: str) -> tuple[str, str]:
     """Ingest ``keys``: ``"TEST,TRAIN"`` or a list of two names."""
     return check_keys(value, where)
@@ -80,6 +90,16 @@ def _colon(v: Any) -> str:
 
 def _comma(v: Any) -> str:
     return ",".join(map(str, v))
+
+
+def _size(n: int) -> str:
+    """Bytes as the shortest exact size text :func:`~kernelscale.units.parse_bytes`
+    reads: 40000000000 -> "40G", 2**31 -> "2GiB", 12345 -> "12345"."""
+    for unit, scale in (("T", 10**12), ("TiB", 2**40), ("G", 10**9), ("GiB", 2**30),
+                        ("M", 10**6), ("MiB", 2**20), ("k", 10**3), ("KiB", 2**10)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
 
 
 def flag_of(cls: type, name: str) -> str:
@@ -164,7 +184,7 @@ class KernelTable:
     pairs: str = "test-train"
     device: str = "auto"
     precision: str = "fp32"
-    max_memory: int | None = _parsed(parse_bytes)  #: device bytes, e.g. "40G"
+    max_memory: int | None = _parsed(parse_bytes, show=_size)  #: device bytes, e.g. "40G"
     checkpoint_every: float = 600.0
     tile: tuple[int, int] | None = _parsed(parse_pair, show=_x)  #: "ROWSxCOLS", x chunks
     chunks: tuple[int, int] | None = _parsed(parse_pair, show=_x)  #: of a new output
@@ -182,25 +202,30 @@ class KernelTable:
 
 @dataclass
 class EvaluateTable:
+    """The k-NN evaluation of the [kernel] stage's kernel (``kernelscale evaluate``): one
+    field per option of the command, ``json`` being the file a job writes."""
+
     labels: str | None = None  #: default: the labels recorded in the store
     k: int = 3
-    weighting: str = "none"
-    power: float | None = None
-    temperature: float | None = None
-    select: bool = False
-    seed: int = 0
+    weighting: str = _parsed(_weighting, "none")  #: none, power (max(K,0)^p), softmax (exp(K/T))
+    power: float | None = None  #: p of weighting power (default 8)
+    temperature: float | None = None  #: T of weighting softmax (default 0.02)
+    select: bool = False  #: choose k and the weighting without the test labels
+    seed: int = 0  #: of the cross-fitting halves
     #: a train x train kernel of the same runs: select by leave-one-out (a job computes it)
     train_kernel: str | None = None
     ablations: str | None = None  #: directory of per-class / no-log-softmax kernels (computed)
-    json: str | None = "results.json"
+    json: str | None = "results.json"  #: the results file a job writes ("" for none)
     per_run: bool = False  #: every run's accuracy in the JSON
+    device: str | None = None  #: of the ablation kernels (default: the [kernel] device)
+    read_threads: int | None = None  #: threads reading kernel rows (default: cores, at most 4)
 
 
 @dataclass
 class CurveTable:
     """Accuracy against the number of runs (``kernelscale curve``)."""
 
-    labels: str | None = None  #: default: the [evaluate] labels
+    labels: str | None = None  #: default: the [evaluate] labels, else the store's
     #: run counts, e.g. [10, 20, 50, "all"] or "10,20,50,all"
     runs: tuple = _parsed(parse_run_counts, (10, 20, 50, 100, 200, "all"), show=_comma)
     out: str = "curve"  #: directory of curve.json (and of the per-point kernels)
@@ -215,12 +240,14 @@ class ReportTable:
     """The HTML report (``kernelscale report``) of the [kernel] stage's kernel."""
 
     out: str = "report"  #: directory of index.html and its figures
-    labels: str | None = None  #: default: the [evaluate] labels
+    labels: str | None = None  #: default: the [evaluate] labels, else the store's
     train_kernel: str | None = None  #: train-train kernel for leave-one-out (computed if absent)
     ablations: str | None = None  #: directory of per-class / no-log-softmax kernels (computed)
     images: str | None = None  #: cifar10:ROOT (default: the labels when they are cifar10:)
+    #: compare.json of `kernelscale compare` (or its --out folder): a comparison section
+    compare: str | None = None
     k: int = 3
-    weighting: str = "none"
+    weighting: str = _parsed(_weighting, "none")
     power: float | None = None
     temperature: float | None = None
     threshold: float = 0.5
@@ -239,7 +266,9 @@ class SlurmTable:
 
     partition: str | None = None  #: every job
     account: str | None = None  #: every job
-    time: str = _parsed(_slurm_time, "04:00:00")  #: each kernel array task
+    #: every job: each kernel array task, and the ingest and gather jobs unless
+    #: ingest_time / gather_time say otherwise
+    time: str = _parsed(_slurm_time, "04:00:00")
     mem: str | None = None  #: each kernel array task, e.g. "64G"
     gres: str = "gpu:1"  #: each kernel array task ("" for none)
     cpus_per_task: int = 4  #: each kernel array task
@@ -247,10 +276,10 @@ class SlurmTable:
     max_parallel: int | None = None  #: array tasks running at once (the %M of --array)
     signal_lead: int = 120  #: seconds before the time limit that SIGUSR1 arrives
     max_requeues: int = 3  #: self-requeues per array task after that signal
-    ingest_time: str = _parsed(_slurm_time, "04:00:00")
+    ingest_time: str | None = _parsed(_slurm_time)  #: default: time
     ingest_mem: str | None = None
     ingest_cpus: int = 8  #: also the number of dask workers unless [ingest] workers
-    gather_time: str = _parsed(_slurm_time, "01:00:00")
+    gather_time: str | None = _parsed(_slurm_time)  #: default: time
     gather_mem: str | None = None
     gather_cpus: int = 2
     gather_gres: str = ""  #: e.g. "gpu:1" when [curve]/[report] compute kernels in the gather
@@ -259,6 +288,11 @@ class SlurmTable:
     command: str | None = None  #: how nodes run kernelscale (default: this interpreter)
     log_dir: str = "slurm"  #: scripts, plan and logs (relative to the workdir)
     templates: str | None = None  #: directory of *.sbatch.in templates (default: bundled)
+
+    def time_of(self, stage: str) -> str:
+        """The time limit of ``stage`` (ingest, kernel, gather): its own, else ``time``."""
+        own = {"ingest": self.ingest_time, "gather": self.gather_time}.get(stage)
+        return own or self.time
 
     def validate(self, where: str) -> None:
         limit = parse_slurm_time(self.time, f"{where} time")
@@ -347,6 +381,9 @@ class JobConfig:
     curve: CurveTable | None = None
     report: ReportTable | None = None
     slurm: SlurmTable = field(default_factory=SlurmTable)
+    #: the ``--set TABLE.FIELD=VALUE`` overrides it was loaded with (a Slurm gather job
+    #: loads the job file again with them)
+    sets: tuple[str, ...] = ()
 
     @property
     def workdir(self) -> Path:
@@ -438,18 +475,25 @@ class JobConfig:
             train_kernel=Path(self.path_of(r.train_kernel)) if r.train_kernel else None,
             curve=Path(self.path_of(self.curve.out)) / "curve.json" if self.curve else None,
             ablations=Path(self.path_of(r.ablations)) if r.ablations else None,
-            images=self.path_of(r.images) if r.images else None, k=r.k,
+            images=self.path_of(r.images) if r.images else None,
+            compare=Path(self.path_of(r.compare)) if r.compare else None, k=r.k,
             weighting=r.weighting, power=r.power, temperature=r.temperature,
             threshold=r.threshold, examples=r.examples, seed=r.seed,
             device=device or k.device, show_progress=show_progress)
 
-    def evaluate_options(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`~kernelscale.evaluation.evaluate` from [evaluate]."""
+    def evaluate_options(self, device: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of :func:`~kernelscale.evaluation.evaluate` from [evaluate]:
+        every field but ``labels`` (:meth:`labels_spec`), ``json`` and ``per_run`` (what
+        is written). ``device`` (``run --device``) wins over the table's and the
+        [kernel] device."""
         e = self._need("evaluate")
         return {"k": e.k, "weighting": e.weighting, "power": e.power,
                 "temperature": e.temperature, "select": e.select, "seed": e.seed,
                 "train_kernel": self.path_of(e.train_kernel) if e.train_kernel else None,
-                "ablations_dir": self.path_of(e.ablations) if e.ablations else None}
+                "ablations_dir": self.path_of(e.ablations) if e.ablations else None,
+                "device": device or e.device or (self.kernel.device if self.kernel
+                                                 else "auto"),
+                "workers": e.read_threads}
 
     def _need(self, stage: str) -> Any:
         t = getattr(self, stage)
@@ -458,8 +502,15 @@ class JobConfig:
         return t
 
 
-def load_job(path: str | Path, workdir: str | None = None) -> JobConfig:
-    """Parse and validate a job file; raises :class:`ConfigError` naming file and key."""
+def load_job(path: str | Path, workdir: str | None = None,
+             sets: Sequence[str] = ()) -> JobConfig:
+    """Parse and validate a job file; raises :class:`ConfigError` naming file and key.
+
+    ``sets`` are ``--set TABLE.FIELD=VALUE`` overrides (:func:`parse_sets`): each replaces
+    (or adds, with its table) that value of the file before the tables are built, so it
+    is read and checked as the file's own value would be; a bad one is named as
+    ``--set TABLE.FIELD``. ``workdir`` replaces ``[job] workdir`` (after the sets).
+    """
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -473,16 +524,134 @@ def load_job(path: str | Path, workdir: str | None = None) -> JobConfig:
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)} (allowed: "
                           f"{', '.join(TABLES)})")
-    cfg = JobConfig(path=path)
+    overrides = parse_sets(sets)
+    cfg = JobConfig(path=path, sets=tuple(sets))
     for name, cls in TABLES.items():
-        if name in raw:
-            setattr(cfg, name, table_from_options(cls, raw[name], f"{path} [{name}]"))
-    cfg.slurm.validate(f"{path} [slurm]")
+        if name not in raw and name not in overrides:
+            continue
+        where = f"{path} [{name}]"
+        data = raw.get(name, {})
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: must be a table")
+        set_here = overrides.get(name, {})
+
+        def label(key: str, name=name, where=where, set_here=set_here) -> str:
+            return f"--set {name}.{key}" if key in set_here else f"{where} {key}"
+
+        setattr(cfg, name, table_from_options(cls, {**data, **set_here}, where, label))
+    slurm_sets = sorted(overrides.get("slurm", {}))
+    cfg.slurm.validate(f"{path} [slurm]" + (" with --set " + ", ".join(
+        f"slurm.{k}" for k in slurm_sets) if slurm_sets else ""))
     if workdir is not None:
         cfg.job = dataclasses.replace(cfg.job, workdir=workdir)
     if not any(getattr(cfg, s) for s in STAGES):
         raise ConfigError(f"{path}: names no stage ({', '.join(STAGES)})")
     return cfg
+
+
+def parse_sets(sets: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``TABLE.FIELD=VALUE`` overrides as job-file values: {table: {field: value}}.
+
+    VALUE is what would follow ``FIELD =`` in the job file, quotes optional for text: a
+    TOML value of the field's type is taken as such (``kernel.topk=100``,
+    ``evaluate.select=true``, ``slurm.extra=["--qos=high"]``), anything else as text
+    (``kernel.max_memory=40G``, ``curve.runs=10,20,all``, ``ingest.source=hf://...``,
+    ``job.name=2024``). A field whose text is parsed (sizes, shapes, run lists, Slurm
+    times) takes the text unless VALUE is a TOML array. The table then checks and parses
+    the value exactly as the file's. Malformed overrides, unknown tables and unknown
+    fields raise :class:`ConfigError` naming the ``--set``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in sets:
+        key, eq, text = item.partition("=")
+        table, dot, name = key.strip().partition(".")
+        if not eq or not dot or not table or not name:
+            raise ConfigError(f"--set {item}: expected TABLE.FIELD=VALUE, e.g. "
+                              "kernel.topk=100")
+        cls = TABLES.get(table)
+        if cls is None:
+            raise ConfigError(f"--set {item}: no table {table!r} (tables: "
+                              f"{', '.join(TABLES)})")
+        by_name = {f.name: f for f in fields(cls)}
+        if name not in by_name:
+            raise ConfigError(f"--set {item}: [{table}] has no field {name!r} (fields: "
+                              f"{', '.join(by_name)})")
+        out.setdefault(table, {})[name] = _set_value(text.strip(), by_name[name],
+                                                     get_type_hints(cls)[name])
+    return out
+
+
+def _set_value(text: str, f: dataclasses.Field, hint: Any) -> Any:
+    """The job-file value that ``--set ...=TEXT`` stands for (see :func:`parse_sets`)."""
+    value: Any = text
+    if "\n" not in text and "\r" not in text:
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return text
+    if "parse" in f.metadata:
+        return value if isinstance(value, list) else text
+    allowed = getattr(hint, "__args__", None) or (hint,)
+    if str in allowed and not isinstance(value, str):
+        return text  # a name or path that looks like a number or a date
+    return value
+
+
+# ----------------------------------------------------------------- a job as TOML
+
+def job_toml(cfg: JobConfig) -> str:
+    """The loaded job as a job file that :func:`load_job` reads back into the same
+    tables: every table the job has with every field, defaults included (a field that is
+    not set is a comment), parsed values as their text, the workdir (and a ``[slurm]
+    templates`` folder, which is relative to the job file) made absolute."""
+    lines: list[str] = []
+    for name in TABLES:
+        table = getattr(cfg, name)
+        if table is None:
+            continue
+        lines.append(f"[{name}]")
+        for f in fields(table):
+            value = getattr(table, f.name)
+            if name == "job" and f.name == "workdir":
+                value = str(cfg.workdir.resolve())
+            elif (name == "slurm" and f.name == "templates" and value
+                  and cfg.path is not None and not Path(value).is_absolute()):
+                value = str((cfg.path.parent / value).resolve())
+            if value is None:
+                lines.append(f"# {f.name}: not set")
+                continue
+            if "parse" in f.metadata:
+                value = f.metadata["show"](value)
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # 600.0, 1e-05, inf, nan: each a TOML float
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__} {value!r}")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped."""
+    out = []
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def slurm_settings(cfg: JobConfig, overrides: Mapping[str, Any] | None = None) -> SlurmTable:

@@ -32,6 +32,11 @@ class CheckpointMismatchError(KernelscaleError):
     """A checkpoint was written for another store, run set, region or precision."""
 
 
+class MissingInputError(KernelscaleError):
+    """A stage of a job would read what no earlier stage made and is not there (a store
+    or a finished kernel for ``kernelscale run --only``)."""
+
+
 class Interrupted(KernelscaleError):
     """A long stage stopped on a signal after saving its state; re-run to resume."""
 

@@ -137,14 +137,19 @@ def fig_ablation(ev: Evaluation, names: Sequence[str], path: Path) -> str:
 
 
 def fig_class_hist(acc: np.ndarray, lines: Sequence[tuple[str, float, str]], xlabel: str,
-                   path: Path) -> str:
+                   path: Path, other: tuple[str, np.ndarray] | None = None) -> str:
     """Histogram of per-class accuracies ``acc`` float64 (classes,), percent, one bar per
-    2.5 points; ``lines``: (label, accuracy, colour) reference lines. For class counts too
-    large for one bar or row per class."""
+    2.5 points; ``lines``: (label, accuracy, colour) reference lines; ``other``: (label,
+    accuracies float64 (classes,)) of a second classifier, drawn as an outline. For class
+    counts too large for one bar or row per class."""
     fig = _figure(7.5, 3.4)
     ax = fig.add_subplot()
-    ax.hist(acc, bins=np.linspace(0.0, 100.0, 41), color=GREY, alpha=0.9,
+    bins = np.linspace(0.0, 100.0, 41)
+    ax.hist(acc, bins=bins, color=GREY, alpha=0.9,
             label=f"{acc.size} classes (mean {acc.mean():.2f})")
+    if other is not None and other[1].size:
+        ax.hist(other[1], bins=bins, histtype="step", color=ORANGE, linewidth=1.8,
+                label=f"{other[0]} (mean {other[1].mean():.2f})")
     for label, x, colour in lines:
         ax.axvline(x, color=colour, linestyle="--", linewidth=1.2, label=f"{label} {x:.2f}")
     ax.set_xlim(0.0, 100.0)
@@ -190,9 +195,107 @@ def fig_per_run(ev: Evaluation, path: Path) -> str:
     return _save(fig, path)
 
 
+def fig_confusion(m: np.ndarray, names: Sequence[str], title: str, path: Path) -> str:
+    """A confusion matrix ``m`` int64 (C, C) (rows: true label, columns: predicted) as a
+    heatmap: colour the share of the row's test examples, every nonzero count written in
+    its cell. For up to about 20 classes."""
+    from matplotlib.colors import LinearSegmentedColormap
+
+    c = len(names)
+    cmap = LinearSegmentedColormap.from_list("kernelscale", ["#ffffff", BLUE])
+    side = 2.6 + 0.22 * c
+    fig = _figure(side + 2.4, side)
+    ax = fig.add_subplot()
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(share, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    for (i, j), v in np.ndenumerate(m):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7 if c > 12 else 8.5,
+                    color="white" if share[i, j] > 0.55 else "#1a1a1a")
+    ticks = [f"{n[:16]} ({i})" if n != f"class {i}" else str(i) for i, n in enumerate(names)]
+    ax.set_xticks(range(c), [str(i) for i in range(c)], fontsize=8)
+    ax.set_yticks(range(c), ticks, fontsize=8)
+    ax.set_xlabel("predicted label (class index)")
+    ax.set_ylabel("true label")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true label's examples")
+    return _save(fig, path)
+
+
+def fig_kernel_values(panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
+                      path: Path) -> str:
+    """Histograms (densities) of kernel values of same-label and different-label pairs,
+    one panel per (title, same float (a,), different float (b,)) of ``panels``; each
+    group's count and median in the legend. The x range is the 0.5-99.5 % quantile range
+    of the panel's values; the values outside it are counted in the axis label."""
+    fig = _figure(3.9 * len(panels) + 0.3, 3.4)
+    for p, (title, same, diff) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        both = np.concatenate([same, diff]).astype(np.float64)
+        # the bulk of the values: a few near-duplicates would squeeze it into a few bins
+        lo, hi = (np.quantile(both, [0.005, 0.995]) if both.size else (0.0, 1.0))
+        lo, hi = float(lo), float(hi) if hi > lo else float(lo) + 1e-6
+        bins = np.linspace(lo, hi, 61)
+        out = int(((both < lo) | (both > hi)).sum())
+        for vals, colour, what, kind in ((same, GREEN, "same label", "stepfilled"),
+                                         (diff, RED, "different label", "step")):
+            if vals.size:
+                ax.hist(vals, bins=bins, density=True, color=colour, histtype=kind,
+                        alpha=0.55 if kind == "stepfilled" else 1.0, linewidth=1.6,
+                        label=f"{what}: {vals.size} (median {np.median(vals):.3f})")
+        ax.set_xlim(lo, hi)
+        ax.set_xlabel("kernel value" + (f" ({out} values outside the range drawn)"
+                                         if out else ""), fontsize=8 if out else None)
+        ax.set_ylabel("density")
+        _style(ax)
+        ax.legend(fontsize=7.5, title=title, title_fontsize=8.5, loc="lower left",
+                  bbox_to_anchor=(0.0, 1.01), frameon=False, borderaxespad=0.2,
+                  alignment="left")
+    return _save(fig, path)
+
+
+def _blocks(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Of sorted labels int (n,): the edges between label blocks (n_blocks - 1,), the
+    blocks' centres (n_blocks,) and labels, in axis coordinates."""
+    if not lab.size:
+        return np.zeros(0), np.zeros(0), []
+    change = np.flatnonzero(np.diff(lab)) + 1
+    starts = np.concatenate([[0], change])
+    ends = np.concatenate([change, [lab.size]])
+    return change - 0.5, (starts + ends - 1) / 2, [int(x) for x in lab[starts]]
+
+
+def fig_heatmap(values: np.ndarray, row_labels: np.ndarray, col_labels: np.ndarray,
+                names: Sequence[str], path: Path) -> str:
+    """Kernel entries ``values`` float32 (r, m) of test rows and train columns sorted by
+    label (``row_labels`` int (r,), ``col_labels`` int (m,)): a diverging colour map
+    centred on 0, the class blocks outlined and named."""
+    fig = _figure(7.5, 5.6)
+    ax = fig.add_subplot()
+    v = values.astype(np.float64)
+    lim = float(np.quantile(np.abs(v), 0.99)) if v.size else 0.0
+    lim = lim if lim > 0 else 1.0
+    im = ax.imshow(v, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto",
+                   interpolation="nearest")
+    r_edges, r_mid, r_cls = _blocks(np.asarray(row_labels))
+    c_edges, c_mid, c_cls = _blocks(np.asarray(col_labels))
+    for x in c_edges:
+        ax.axvline(x, color="#333333", linewidth=0.5)
+    for y in r_edges:
+        ax.axhline(y, color="#333333", linewidth=0.5)
+    few = len(r_cls) <= 20
+    ax.set_yticks(r_mid, [names[c][:16] for c in r_cls] if few else [], fontsize=7)
+    ax.set_xticks(c_mid, [str(c) for c in c_cls] if few else [], fontsize=7)
+    ax.set_xlabel(f"{v.shape[1]} train examples, sorted by label (class index)")
+    ax.set_ylabel(f"{v.shape[0]} test examples, sorted by label")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="kernel value")
+    return _save(fig, path)
+
+
 def fig_grid(entries: Sequence[dict], images: Images, names: Sequence[str], path: Path,
              neighbours: int) -> str:
-    """One row per test example: its image, then its nearest train images."""
+    """One row per test example: its image, then its nearest train images, each marked
+    ✓ (green frame) when it shares the test example's label and ✗ (red) when not."""
     cols = 1 + max(1, min(neighbours, max(len(e["neighbours"]) for e in entries)))
     rows = len(entries)
     fig = _figure(1.45 * cols, 1.6 * rows)
@@ -205,8 +308,9 @@ def fig_grid(entries: Sequence[dict], images: Images, names: Sequence[str], path
             ax = fig.add_subplot(rows, cols, r * cols + j + 2)
             ax.imshow(images.train[nbr["train"]], interpolation="nearest")
             ok = nbr["label"] == e["label"]
-            ax.set_title(f"{names[nbr['label']]}  K={nbr['value']:.3f}\ntrain {nbr['train']}",
-                         fontsize=7.5, color="#1a1a1a" if ok else RED)
+            ax.set_title(f"{'✓' if ok else '✗'} {names[nbr['label']]}  K={nbr['value']:.3f}"
+                         f"\ntrain {nbr['train']}", fontsize=7.5,
+                         color="#1a1a1a" if ok else RED)
             _frame(ax, GREEN if ok else RED, 2.0)
     return _save(fig, path)
 

@@ -74,3 +74,293 @@ def test_bad_text_values_fail_on_load_naming_file_table_and_key(tmp_path, table,
     with pytest.raises(ConfigError, match=message) as e:
         load_job(job)
     assert str(e.value).startswith(str(job))
+
+
+# ------------------------------------------------------------- --set TABLE.FIELD=VALUE
+
+BASE = """
+[job]
+workdir = "w"
+[simulate]
+[ingest]
+[kernel]
+[evaluate]
+[curve]
+[report]
+[slurm]
+"""
+
+
+def _job_with(tmp_path, table: str, line: str):
+    """The base job with ``line`` written into ``[table]`` (the job file's own value)."""
+    job = tmp_path / f"with-{table}.toml"
+    job.write_text(BASE.replace(f"[{table}]\n", f"[{table}]\n{line}\n", 1))
+    return load_job(job)
+
+
+@pytest.mark.parametrize("item, toml_line, expected", [
+    ("job.name=2024", 'name = "2024"', "2024"),
+    ("job.description=a \"b\" c", 'description = "a \\"b\\" c"', 'a "b" c'),
+    ("simulate.runs=40", "runs = 40", 40),
+    ("simulate.seed=7", "seed = 7", 7),
+    ("ingest.source=hf://datasets/o/n/logs_b", 'source = "hf://datasets/o/n/logs_b"',
+     "hf://datasets/o/n/logs_b"),
+    ("ingest.shape=10x20x3", 'shape = "10x20x3"', (10, 20, 3)),
+    ("ingest.keys=a,b", 'keys = ["a", "b"]', ("a", "b")),
+    ("ingest.skip_bad=true", "skip_bad = true", True),
+    ("ingest.revision=1234", 'revision = "1234"', "1234"),
+    ("kernel.max_memory=40G", 'max_memory = "40G"', 40 * 10**9),
+    ("kernel.topk=100", "topk = 100", 100),
+    ("kernel.tile=64x128", 'tile = "64x128"', (64, 128)),
+    ("kernel.classes=1,3", "classes = [1, 3]", (1, 3)),
+    ("kernel.checkpoint_every=30", "checkpoint_every = 30.0", 30.0),
+    ("kernel.log_softmax=false", "log_softmax = false", False),
+    ("kernel.device=cuda:1", 'device = "cuda:1"', "cuda:1"),
+    ("evaluate.weighting=power", 'weighting = "power"', "power"),
+    ("evaluate.power=4", "power = 4.0", 4.0),
+    ("evaluate.select=true", "select = true", True),
+    ("evaluate.read_threads=2", "read_threads = 2", 2),
+    ("curve.runs=10,20,all", 'runs = [10, 20, "all"]', (10, 20, "all")),
+    ('curve.runs=[10, "all"]', 'runs = "10,all"', (10, "all")),
+    ("report.threshold=0.7", "threshold = 0.7", 0.7),
+    ("report.images=cifar10:data/c", 'images = "cifar10:data/c"', "cifar10:data/c"),
+    ("slurm.time=30:00", 'time = "30:00"', "30:00"),
+    ('slurm.extra=["--qos=high"]', 'extra = ["--qos=high"]', ["--qos=high"]),
+    ("slurm.tasks=4", "tasks = 4", 4),
+])
+def test_set_values_are_read_like_the_job_files_own(tmp_path, item, toml_line, expected):
+    table, field = item.partition("=")[0].split(".")
+    job = tmp_path / "base.toml"
+    job.write_text(BASE)
+    by_set = load_job(job, sets=[item])
+    by_file = _job_with(tmp_path, table, toml_line)
+    assert getattr(getattr(by_set, table), field) == expected
+    assert getattr(by_set, table) == getattr(by_file, table)
+    assert by_set.sets == (item,)
+
+
+def test_set_reaches_the_stage_configs(tmp_path):
+    job = tmp_path / "base.toml"
+    job.write_text(BASE)
+    cfg = load_job(job, sets=["kernel.topk=50", "kernel.max_memory=2GiB",
+                              "ingest.source=hf://datasets/o/n/logs_b",
+                              "job.workdir=" + str(tmp_path / "elsewhere"),
+                              "evaluate.train_kernel=tk", "evaluate.read_threads=3",
+                              "evaluate.device=cpu", "curve.runs=5,all"])
+    kc = cfg.kernel_config(show_progress=False)
+    assert (kc.topk, kc.max_memory) == (50, 2 * 2**30)
+    assert kc.out == tmp_path / "elsewhere" / "kernel"
+    assert cfg.ingest_config(show_progress=False).source == "hf://datasets/o/n/logs_b"
+    opts = cfg.evaluate_options()
+    assert opts["train_kernel"] == str(tmp_path / "elsewhere" / "tk")
+    assert (opts["workers"], opts["device"]) == (3, "cpu")
+    assert cfg.evaluate_options(device="cuda")["device"] == "cuda"  # run --device wins
+    assert cfg.curve_config(show_progress=False).runs == (5, "all")
+    # later sets win; a table the job lacks is added, as writing it into the file would
+    only = tmp_path / "only-kernel.toml"
+    only.write_text('[kernel]\nout = "k"\n')
+    cfg = load_job(only, sets=["kernel.topk=5", "kernel.topk=6", "evaluate.k=1"])
+    assert cfg.kernel.topk == 6 and cfg.evaluate.k == 1 and cfg.curve is None
+
+
+@pytest.mark.parametrize("item, message", [
+    ("kernel.topk", r"^--set kernel\.topk: expected TABLE\.FIELD=VALUE"),
+    ("topk=5", r"^--set topk=5: expected TABLE\.FIELD=VALUE"),
+    ("kernal.topk=5", r"^--set kernal\.topk=5: no table 'kernal' \(tables: job, "),
+    ("kernel.topkk=5", r"^--set kernel\.topkk=5: \[kernel\] has no field 'topkk'"),
+    ("job.name=", None),  # an empty name is text, as name = "" is
+    ("simulate.runs=many", r"^--set simulate\.runs must be int, got str 'many'"),
+    ("simulate.classes=", r"^--set simulate\.classes must be int, got str ''"),
+    ("ingest.shape=10x10", r"^--set ingest\.shape '10x10': expected N_TESTxN_TRAINxCLASSES"),
+    ("ingest.format=hdf5", r"^--set ingest\.format 'hdf5': expected one of auto"),
+    ("ingest.skip_bad=yes", r"^--set ingest\.skip_bad must be bool, got str 'yes'"),
+    ("kernel.max_memory=lots", r"^--set kernel\.max_memory 'lots': cannot read it as a size"),
+    ("kernel.topk=1.5", r"^--set kernel\.topk must be int, got float 1\.5"),
+    ("kernel.tile=12", r"^--set kernel\.tile '12': expected ROWSxCOLS"),
+    ("evaluate.weighting=cubic",
+     r"^--set evaluate\.weighting 'cubic': expected one of none, power, softmax"),
+    ("evaluate.select=1", r"^--set evaluate\.select must be bool, got int 1"),
+    ("curve.runs=1,all", r"^--set curve\.runs: 1 runs; a kernel needs at least 2"),
+    ("curve.runs=ten", r"^--set curve\.runs: 'ten' is not a number of runs"),
+    ("report.threshold=high", r"^--set report\.threshold must be float, got str 'high'"),
+    ("report.weighting=x", r"^--set report\.weighting 'x': expected one of"),
+    ("slurm.time=4h", r"^--set slurm\.time '4h': expected a Slurm time"),
+    ("slurm.extra=--qos=high", r"^--set slurm\.extra must be list, got str"),
+    ("slurm.signal_lead=99999",
+     r"\[slurm\] with --set slurm\.signal_lead: signal_lead must be 1\.\.65535"),
+])
+def test_bad_set_values_fail_on_load_naming_the_set(tmp_path, item, message):
+    job = tmp_path / "base.toml"
+    job.write_text(BASE)
+    if message is None:
+        assert load_job(job, sets=[item]).job.name == ""
+        return
+    with pytest.raises(ConfigError, match=message):
+        load_job(job, sets=[item])
+
+
+def test_job_values_other_than_the_set_ones_keep_naming_the_file(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('[kernel]\nmax_memory = "lots"\n')
+    with pytest.raises(ConfigError, match=r"job\.toml \[kernel\] max_memory 'lots'"):
+        load_job(job, sets=["kernel.topk=5"])
+    # the set value replaces the file's bad one before it is read
+    assert load_job(job, sets=["kernel.max_memory=1G"]).kernel.max_memory == 10**9
+
+
+# ----------------------------------------------------------------- a job as TOML
+
+FULL = """
+[job]
+name = "all \\"tables\\" \\\\ \\u00e9\\u0001"
+workdir = "w"
+description = "every table, none at its defaults"
+
+[simulate]
+out = "sim"
+runs = 30
+files = 3
+n_train = 100
+n_test = 40
+classes = 4
+seed = 9
+
+[ingest]
+source = "hf://datasets/o/n/logs_b"
+store = "st"
+glob = "**/*.npz"
+format = "npy"
+keys = "a,b"
+skip_bad = true
+max_files = 3
+max_runs = 99
+run_chunk = 7
+shape = "40x100x4"
+workers = 2
+scheduler = "tcp://h:8786"
+converters = 1
+device = "cpu"
+revision = "v1"
+download_workers = 2
+retries = 1
+keep_downloads = true
+cache_dir = "cache"
+labels = "lab.npz"
+labels_replace = true
+
+[kernel]
+out = "kern"
+store = "other-store"
+runs = 20
+pairs = "train-train"
+device = "cuda:1"
+precision = "tf32"
+max_memory = "3GiB"
+checkpoint_every = 1e-3
+tile = "64x128"
+chunks = "32x64"
+rows = "0:32"
+cols = "64:128"
+runs_per_step = 5
+topk = 10
+log_softmax = false
+log_softmax_fp32 = true
+classes = "0,2"
+overwrite = true
+restart = true
+
+[evaluate]
+labels = "cifar10:data/c"
+k = 5
+weighting = "softmax"
+power = 2.5
+temperature = 0.05
+select = true
+seed = 3
+train_kernel = "tk"
+ablations = "abl"
+json = "r.json"
+per_run = true
+device = "cpu"
+read_threads = 1
+
+[curve]
+labels = "lab.npz"
+runs = "5,10,all"
+out = "cv"
+k = 1
+keep_kernels = true
+seed = 2
+topk = 4
+
+[report]
+out = "rep"
+labels = "lab.npz"
+train_kernel = "tk"
+ablations = "abl"
+images = "cifar10:data/c"
+k = 5
+weighting = "power"
+power = 16.0
+temperature = 0.1
+threshold = 0.25
+examples = 3
+seed = 4
+
+[slurm]
+partition = "gpu"
+account = "acct"
+time = "1-00:00:00"
+mem = "64G"
+gres = ""
+cpus_per_task = 2
+tasks = 9
+max_parallel = 3
+signal_lead = 60
+max_requeues = 0
+ingest_time = "10:00"
+ingest_mem = "8G"
+ingest_cpus = 4
+gather_time = "5:00"
+gather_mem = "4G"
+gather_cpus = 1
+gather_gres = "gpu:1"
+extra = ["--qos=high", "--comment=\\"x y\\""]
+setup = "module load cuda\\nexport A=1"
+command = "kernelscale"
+log_dir = "logs"
+templates = "tpl"
+"""
+
+
+@pytest.mark.parametrize("body", ["full", "demo", "cifar10-20k", "demo-slurm"])
+def test_job_toml_loads_back_to_the_same_job(tmp_path, body):
+    from kernelscale.config import TABLES, job_toml
+
+    if body == "full":
+        job = tmp_path / "full.toml"
+        job.write_text(FULL)
+    else:
+        from kernelscale.bundled import BUNDLED_JOBS
+
+        job = BUNDLED_JOBS / f"{body}.toml"
+    cfg = load_job(job)
+    back_file = tmp_path / "elsewhere" / "back.toml"
+    back_file.parent.mkdir()
+    back_file.write_text(job_toml(cfg))
+    back = load_job(back_file)
+    assert back.workdir == cfg.workdir.resolve()
+    for name in TABLES:
+        a, b = getattr(cfg, name), getattr(back, name)
+        if name == "job":
+            a, b = dataclasses.replace(a, workdir=""), dataclasses.replace(b, workdir="")
+        if name == "slurm" and a.templates:  # relative to the job file: made absolute
+            assert b.templates == str((job.parent / a.templates).resolve())
+            b = dataclasses.replace(b, templates=a.templates)
+        assert a == b, name
+    # every value the file sets is written as a value, not as a comment
+    import tomllib
+
+    raw, written = tomllib.loads(job.read_text()), tomllib.loads(job_toml(cfg))
+    for name, table in raw.items():
+        assert set(table) <= set(written[name]), name

@@ -632,13 +632,171 @@ def test_gather_merges_the_partial_topks_of_every_region(tmp_path, small_store):
     assert "--topk 6" in p.stdout
 
 
-def test_ingest_format_and_keys_reach_the_ingest_job(tmp_path):
+def test_ingest_format_keys_and_labels_reach_the_ingest_job(tmp_path):
     body = DRY_JOB.replace('store = "store"\n', 'store = "store"\nformat = "safetensors"\n'
-                           'keys = "scores,scores_train"\n')
+                           'keys = "scores,scores_train"\nlabels = "simulated/labels.npz"\n'
+                           'labels_replace = true\n')
     job = _write_job(tmp_path / "job.toml", body)
     p = run_cli("submit", str(job), "--dry-run", "--workdir", str(tmp_path / "run"))
     line = next(x for x in p.stdout.splitlines() if x.strip().startswith("kernelscale ingest"))
     assert "--format safetensors" in line and "--keys scores,scores_train" in line
+    assert f"--labels {tmp_path / 'run' / 'simulated' / 'labels.npz'}" in line
+    assert "--labels-replace" in line
     p = run_cli("submit", str(_write_job(tmp_path / "plain.toml", DRY_JOB)), "--dry-run",
                 "--workdir", str(tmp_path / "run2"))
     assert "--format" not in p.stdout and "--keys" not in p.stdout
+
+
+# ------------------------------------------- work done outside Slurm, --set, times
+
+def _outside_job(tmp_path, store, source: str) -> Path:
+    return _write_job(tmp_path / "job.toml", f"""
+[job]
+name = "outside"
+workdir = "{tmp_path / "w"}"
+[ingest]
+source = "{source}"
+store = "{store}"
+shape = "40x96x5"
+[kernel]
+out = "kernel"
+device = "cpu"
+chunks = "8x32"
+[slurm]
+gres = ""
+tasks = 3
+""")
+
+
+@pytest.mark.parametrize("source", ["local", "hub"])
+def test_a_kernel_finished_by_run_is_done_for_status_and_submit(tmp_path, small_store,
+                                                                 capsys, source):
+    """`kernelscale run` computed the job's kernel: status shows it done and submit has
+    nothing to compute. With an hf:// source (listed only by an ingest) the ingest counts
+    as done once the job's kernel of the store is finished. A finished kernel of other
+    options (another run count) is not the job's."""
+    store, *_ = small_store
+    src = str(tmp_path / "src") if source == "local" else "hf://datasets/o/n/logs"
+    job = _outside_job(tmp_path, store, src)
+    assert status(job) == 0
+    before = capsys.readouterr().out
+    assert "kernel: not submitted yet (no plan)" in before
+    assert ("ingest: left" if source == "hub" else "ingest: done") in before
+    run_cli("run", str(job), "--only", "kernel")
+    kernel = tmp_path / "w" / "kernel"
+    assert status(job) == 0
+    st = capsys.readouterr().out
+    assert "ingest: done: 3/" in st
+    assert f"kernel: done: {kernel} is finished (computed outside Slurm" in st
+    assert "gather: done" in st
+    assert submit(job, dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert "sbatch: nothing to submit" in out and "3 done, 0 to submit" in out
+    assert "ingest: done" in out
+    # the same job with another run count: that finished kernel is not its kernel
+    assert status(job, sets=["kernel.runs=10"]) == 0
+    st = capsys.readouterr().out
+    assert "kernel: not submitted yet (no plan)" in st
+    assert submit(job, dry_run=True, sets=["kernel.runs=10"]) == 0
+    assert "sbatch: nothing to submit" not in capsys.readouterr().out
+
+
+def test_a_top_k_kernel_finished_by_run_is_done_and_keeps_its_chunks(tmp_path, small_store,
+                                                                     capsys):
+    """A top-K kernel has no `kernel` array: it is found all the same, and the plan takes
+    its chunk grid (the job names none), so that a real submit finds it the job's kernel
+    and, everything being done, submits nothing (no Slurm needed)."""
+    store, *_ = small_store
+    job = _outside_job(tmp_path, store, str(tmp_path / "src"))
+    job.write_text(job.read_text().replace('chunks = "8x32"', "topk = 4"))
+    run_cli("run", str(job), "--only", "kernel", "--set", "kernel.chunks=16x64")
+    assert submit(job) == 0
+    out = capsys.readouterr().out
+    assert "chunks 16x64" in out and "sbatch: nothing to submit" in out
+    assert not (tmp_path / "w" / "slurm").exists()
+
+
+def test_slurm_time_applies_to_every_job_unless_its_own_is_set(tmp_path):
+    job = _write_job(tmp_path / "job.toml", DRY_JOB.replace('time = "02:00:00"',
+                                                            'time = "30:00"'))
+
+    def times(*args):
+        p = run_cli("submit", str(job), "--dry-run", "--workdir", str(tmp_path / "run"),
+                    *args)
+        scripts = dict(re.findall(r"^==> \S+/(\S+) <==\n(.*?)(?=^==> |\Z)", p.stdout,
+                                  flags=re.M | re.S))
+        return {name: re.search(r"^#SBATCH --time=(\S+)$", body, re.M).group(1)
+                for name, body in scripts.items()}
+
+    assert times() == {"ingest.sbatch": "30:00", "kernel-array.sbatch": "30:00",
+                       "gather.sbatch": "30:00"}
+    assert times("--time", "45:00") == {"ingest.sbatch": "45:00",
+                                        "kernel-array.sbatch": "45:00",
+                                        "gather.sbatch": "45:00"}
+    assert times("--set", "slurm.gather_time=5:00", "--set", "slurm.ingest_time=1-00") == {
+        "ingest.sbatch": "1-00", "kernel-array.sbatch": "30:00", "gather.sbatch": "5:00"}
+
+
+def test_submit_set_reaches_every_script_and_the_gather_job(tmp_path, small_store, capsys):
+    """--set changes what the kernel tasks compute, and the gather job loads the job file
+    with the same --set (else it would check and evaluate another kernel)."""
+    import shlex
+
+    from kernelscale.cli import build_parser
+
+    job = _write_job(tmp_path / "job.toml", DRY_JOB)
+    sets = ["kernel.topk=7", "slurm.time=20:00", "job.name=config b",
+            "evaluate.json=b results.json"]
+    p = run_cli("submit", str(job), "--dry-run", "--workdir", str(tmp_path / "run"),
+                *[x for s in sets for x in ("--set", s)])
+    scripts = dict(re.findall(r"^==> \S+/(\S+) <==\n(.*?)(?=^==> |\Z)", p.stdout,
+                              flags=re.M | re.S))
+    assert "--topk 7" in scripts["kernel-array.sbatch"]
+    assert "--topk 7" in scripts["ingest.sbatch"]  # the output it creates is top-K
+    assert "#SBATCH --time=20:00" in scripts["kernel-array.sbatch"]
+    assert "#SBATCH --job-name=config_b-gather" in scripts["gather.sbatch"]
+    line = next(x for x in scripts["gather.sbatch"].splitlines() if " gather " in x)
+    argv = shlex.split(line.split(" gather ", 1)[1])
+    a = build_parser().parse_args(["gather", *argv])
+    assert a.set == sets and a.workdir == str(tmp_path / "run")
+    cfg = load_job(a.job, a.workdir, a.set)
+    assert cfg.kernel.topk == 7 and cfg.evaluate.json == "b results.json"
+    # status finds the records of that submission only with the same --set
+    assert (SlurmPaths.of(cfg, slurm_settings(cfg)).folder ==
+            (tmp_path / "run" / "slurm").resolve())
+
+
+@pytest.mark.slurm
+def test_kernel_by_run_then_submit_with_set_runs_only_the_gather(slurm, small_store, tmp_path,
+                                                                 capsys):
+    """A top-K kernel computed by `run` with --set: `submit` with the same --set submits
+    only the gather job, which loads the job with those --set (else it would find no
+    kernel of its options) and writes the results where the --set says."""
+    from kernelscale.kernelread import load_kernel
+    from tests.reference import labels_file
+
+    store, *_ = small_store
+    labels_file(tmp_path / "labels.npz", 96, 40, 5)
+    job = _outside_job(tmp_path, store, str(tmp_path / "src"))
+    job.write_text(job.read_text().replace("[slurm]", f'''[evaluate]
+labels = "{tmp_path / "labels.npz"}"
+[slurm]
+cpus_per_task = 1
+gather_cpus = 1
+time = "10:00"'''))
+    sets = ["kernel.topk=5", "evaluate.json=top5.json", f"job.name=top5-{tmp_path.name[-8:]}"]
+    set_args = [x for s in sets for x in ("--set", s)]
+    run_cli("run", str(job), "--only", "kernel", *set_args)
+    assert submit(job, sets=sets) == 0
+    out = capsys.readouterr().out
+    assert "3 done, 0 to submit" in out
+    jobs = _submitted(tmp_path)["submissions"][0]["jobs"]
+    assert sorted(jobs) == ["gather"]
+    q = _wait("the gather job", lambda: _finished(jobs["gather"]["id"]))
+    assert q[jobs["gather"]["id"]][0] == "COMPLETED", (tmp_path / "w" / "slurm").iterdir()
+    res = json.loads((tmp_path / "w" / "top5.json").read_text())
+    assert res["runs"] == 24 and load_kernel(tmp_path / "w" / "kernel").topk == 5
+    assert status(job, sets=sets) == 0
+    assert "gather: done" in capsys.readouterr().out
+    assert submit(job, sets=sets) == 0
+    assert "sbatch: nothing to submit" in capsys.readouterr().out

@@ -17,6 +17,11 @@ with ``--dependency=afterok``:
 3. **gather** (CPU): ``kernelscale gather``: checks every tile of the plan against the
    done-markers, marks the kernel complete and evaluates it.
 
+What is done is read from disk, whoever did it: a kernel finished by ``kernelscale run``
+(the job's kernel: of its options over the store as it is now) is done for ``status``
+and ``submit`` (:func:`~kernelscale.slurm.commands.job_state`). ``--set`` overrides of
+the job file reach every script; the gather job is given them too.
+
 Modules: :mod:`.geometry` (the output's shape before the store exists, and the array
 plan), :mod:`.scripts` (sbatch scripts from the templates in ``templates/``),
 :mod:`.queue` (every on-disk name of a submission, and the calls to sbatch, squeue and

@@ -9,16 +9,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..atomic import atomic_write_bytes, atomic_write_json, read_json
 from ..config import JobConfig, SlurmTable, load_job, slurm_settings
 from ..errors import ConfigError, Interrupted, KernelOutputError, KernelscaleError
-from ..kernel import create_output
+from ..kernel import create_output, setup_kernel
 from ..output import KernelOutput
 from ..plan import ArrayPlan
 from ..signals import STOP_SIGNALS
+from ..sources.base import is_local_spec
+from ..store import Store
 from .geometry import IngestState, ingest_state, plan_array
 from .queue import (
     ACTIVE_STATES,
@@ -37,7 +39,8 @@ from .scripts import abs_spec, array_spec, render_scripts
 
 
 def _open_output(path: Path) -> KernelOutput | None:
-    if not (path / "kernel").exists():
+    """The kernel group at ``path`` (full or top-K, finished or not), else None."""
+    if not (path / "zarr.json").is_file():
         return None
     try:
         return KernelOutput.open(path, mode="r")
@@ -45,10 +48,46 @@ def _open_output(path: Path) -> KernelOutput | None:
         return None
 
 
+def job_output(cfg: JobConfig) -> KernelOutput | None:
+    """The kernel at the job's kernel path when it is the job's, whoever computes it (a
+    Slurm array or ``kernelscale run``), finished or not: of the job's [kernel] options
+    over the store as it is now (its identity). None otherwise: no kernel there, no
+    store yet, or a kernel of other inputs, whose done-markers count for nothing here."""
+    if cfg.kernel is None or not Store.exists(cfg.store_path):
+        return None
+    out = _open_output(_kernel_path(cfg))
+    if out is None:
+        return None
+    try:
+        want = setup_kernel(cfg.kernel_config(show_progress=False)).identity
+    except KernelscaleError:
+        return None
+    return out if out.attrs.get("identity") == want else None
+
+
+def job_state(cfg: JobConfig) -> tuple[IngestState, KernelOutput | None]:
+    """How far the job got, on Slurm or not: the ingest's state, and the job's kernel
+    (:func:`job_output`; None while the ingest has files left, which change the store).
+
+    A remote source is listed only by the ingest itself, so its ingest counts as left
+    until the job's kernel of the store is finished: an ingest ran to its end before that
+    kernel was computed."""
+    ist = ingest_state(cfg)
+    out = job_output(cfg)
+    remote = cfg.ingest is not None and not is_local_spec(cfg.path_of(cfg.ingest.source))
+    if (out is not None and out.attrs.get("complete") and ist.needed and remote
+            and not ist.simulate):
+        ist = dataclasses.replace(ist, needed=False)
+    return ist, (None if ist.needed else out)
+
+
 def regions_done(kp: ArrayPlan, out: KernelOutput | None) -> list[bool]:
-    """For each region: do finished tiles of the output's identity cover all its chunks?"""
+    """For each region: do finished tiles of the output's identity cover all its chunks?
+    (All do in a complete kernel, whatever tiles computed it.)"""
     if out is None or tuple(out.shape) != tuple(kp.shape):
         return [False] * len(kp.regions)
+    if out.attrs.get("complete"):
+        return [True] * len(kp.regions)
     grid = out.done_grid()
     return [out.tile_done(r, grid) for r in kp.regions]
 
@@ -129,9 +168,11 @@ def _plan_text(cfg: JobConfig, ist: IngestState, kp: ArrayPlan | None,
 
 
 def submit(job: str | Path, *, workdir: str | None = None, dry_run: bool = False,
-           overrides: dict | None = None) -> int:
-    """Submit what the job still needs (see the module docstring); 0 on success."""
-    cfg = load_job(job, workdir)
+           overrides: dict | None = None, sets: Sequence[str] = ()) -> int:
+    """Submit what the job still needs (see the module docstring); 0 on success. A kernel
+    finished outside Slurm (``kernelscale run``) is not computed again. ``sets``:
+    ``--set`` overrides of the job file (the gather job is given them too)."""
+    cfg = load_job(job, workdir, sets)
     t = slurm_settings(cfg, overrides)
     if cfg.kernel is None:
         raise ConfigError(f"{cfg.path}: `submit` needs a [kernel] table")
@@ -140,14 +181,13 @@ def submit(job: str | Path, *, workdir: str | None = None, dry_run: bool = False
     if not dry_run:
         _check_previous(subs)
 
-    ist = ingest_state(cfg)
+    ist, out = job_state(cfg)
     kp = plan_array(cfg, t, ist.needed)
-    kpath = _kernel_path(cfg)
     if not ist.needed and not dry_run:
         # the store is final: create (or check) the output now, before any task runs
         create_output(dataclasses.replace(cfg.kernel_config(), chunks=kp.chunks))
-    out = _open_output(kpath)
-    done = [False] * len(kp.regions) if ist.needed else regions_done(kp, out)
+        out = job_output(cfg)
+    done = regions_done(kp, out)
     todo = [i for i, ok in enumerate(done) if not ok]
     gather = bool(todo) or ist.needed or not _gather_done(cfg, out)
 
@@ -254,7 +294,8 @@ def _stop_raises() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def gather(job: str | Path, *, workdir: str | None = None, evaluate: bool = True) -> int:
+def gather(job: str | Path, *, workdir: str | None = None, evaluate: bool = True,
+           sets: Sequence[str] = ()) -> int:
     """Check every planned tile against the done-markers, mark complete, evaluate; then
     the job's ``[curve]`` and ``[report]`` stages, when it has them. A stop signal
     (SIGTERM, SIGUSR1) raises :class:`~kernelscale.errors.Interrupted` after the stage in
@@ -262,15 +303,16 @@ def gather(job: str | Path, *, workdir: str | None = None, evaluate: bool = True
     finishes the rest."""
     try:
         with _stop_raises():
-            return _gather(job, workdir=workdir, evaluate=evaluate)
+            return _gather(job, workdir=workdir, evaluate=evaluate, sets=sets)
     except _Stopped as e:
         raise Interrupted(f"gather: stopped by {signal.Signals(e.signum).name}; what was "
                           "finished is kept; run the same `kernelscale gather` (or "
                           "`kernelscale submit`) again to finish") from None
 
 
-def _gather(job: str | Path, *, workdir: str | None, evaluate: bool) -> int:
-    cfg = load_job(job, workdir)
+def _gather(job: str | Path, *, workdir: str | None, evaluate: bool,
+            sets: Sequence[str]) -> int:
+    cfg = load_job(job, workdir, sets)
     t = slurm_settings(cfg)
     kp = read_plan(cfg, t)
     kpath = _kernel_path(cfg)
@@ -320,9 +362,10 @@ def _last_task_event(log: Path) -> tuple[str, int | None] | None:
     return last
 
 
-def status(job: str | Path, *, workdir: str | None = None) -> int:
-    """Print, per stage, what is done, running, failed (with its log) and left."""
-    cfg = load_job(job, workdir)
+def status(job: str | Path, *, workdir: str | None = None, sets: Sequence[str] = ()) -> int:
+    """Print, per stage, what is done, running, failed (with its log) and left; work
+    done outside Slurm (a kernel finished by ``kernelscale run``) counts as done."""
+    cfg = load_job(job, workdir, sets)
     t = slurm_settings(cfg)
     paths = SlurmPaths.of(cfg, t)
     subs = load_submissions(paths)
@@ -354,7 +397,7 @@ def status(job: str | Path, *, workdir: str | None = None) -> int:
             s += f", log {log}"
         return s
 
-    ist = ingest_state(cfg)
+    ist, out = job_state(cfg)
     if cfg.ingest is not None:
         word = "left" if ist.needed else "done"
         lines.append(f"  ingest: {word}: {ist.line()}{job_line('ingest')}")
@@ -362,9 +405,11 @@ def status(job: str | Path, *, workdir: str | None = None) -> int:
         kp = read_plan(cfg, t)
     except SlurmError:
         kp = None
-    out = _open_output(_kernel_path(cfg))
     if cfg.kernel is not None:
-        if kp is None:
+        if kp is None and out is not None and out.attrs.get("complete"):
+            lines.append(f"  kernel: done: {_kernel_path(cfg)} is finished (computed "
+                         "outside Slurm: nothing was submitted)")
+        elif kp is None:
             lines.append("  kernel: not submitted yet (no plan)")
         else:
             done = regions_done(kp, out)

@@ -132,7 +132,7 @@ def plan_array(cfg: JobConfig, t: SlurmTable, need_ingest: bool) -> ArrayPlan:
     shape = (g.examples(rsplit), g.examples(csplit))
     runs = kc.runs if kc.runs is not None else g.runs
     chunks = kc.chunks
-    if chunks is None and (Path(kc.out) / "kernel").exists():
+    if chunks is None and (Path(kc.out) / "zarr.json").is_file():  # full or top-K
         try:
             chunks = KernelOutput.open(kc.out).chunks
         except KernelOutputError:

@@ -94,7 +94,9 @@ def _ingest_args(cfg: JobConfig) -> str:
              ("--run-chunk", i.run_chunk), ("--skip-bad", i.skip_bad),
              ("--shape", "x".join(map(str, i.shape)) if i.shape else None),
              ("--format", i.format if i.format != "auto" else None),
-             ("--keys", ",".join(i.keys) if tuple(i.keys) != DEFAULT_KEYS else None)]
+             ("--keys", ",".join(i.keys) if tuple(i.keys) != DEFAULT_KEYS else None),
+             ("--labels", abs_spec(cfg, i.labels) if i.labels else None),
+             ("--labels-replace", i.labels_replace)]
     remote = not is_local_spec(i.source)
     if remote:
         pairs += [("--revision", i.revision), ("--download-workers", i.download_workers),
@@ -155,7 +157,8 @@ def render_scripts(cfg: JobConfig, t: SlurmTable, kp: ArrayPlan | None, paths: S
             **common, "output": paths.output("ingest"),
             "simulate": _simulate_block(cfg, cmd), "ingest_args": _ingest_args(cfg),
             "kernel_args": _kernel_args(cfg, kp, create=True).replace(" \\\n    ", " "),
-            "resources": _resources(t, t.ingest_time, t.ingest_cpus, t.ingest_mem, None)},
+            "resources": _resources(t, t.time_of("ingest"), t.ingest_cpus, t.ingest_mem,
+                                    None)},
             f"{SCRIPTS['ingest']}.in")
     if kp is not None:
         regions = "\n".join(f'    "{r.r0}:{r.r1} {r.c0}:{r.c1}"  # {i}'
@@ -166,13 +169,16 @@ def render_scripts(cfg: JobConfig, t: SlurmTable, kp: ArrayPlan | None, paths: S
             "array": array_spec(list(range(len(kp.regions))) if todo is None else todo,
                                 t.max_parallel),
             "signal_lead": str(t.signal_lead), "max_requeues": str(t.max_requeues),
-            "resources": _resources(t, t.time, t.cpus_per_task, t.mem, t.gres or None)},
+            "resources": _resources(t, t.time_of("kernel"), t.cpus_per_task, t.mem,
+                                    t.gres or None)},
             f"{SCRIPTS['kernel']}.in")
-    gather_args = (f"{shlex.quote(str(cfg.path.resolve()))} --workdir "
-                   f"{shlex.quote(str(cfg.workdir.resolve()))}")
+    # the gather job loads the job file again: with the --set overrides submit was given
+    gather_args = " ".join([shlex.quote(str(cfg.path.resolve())), "--workdir",
+                            shlex.quote(str(cfg.workdir.resolve())),
+                            *(f"--set {shlex.quote(s)}" for s in cfg.sets)])
     out["gather"] = render(load("gather"), {
         **common, "output": paths.output("gather"), "gather_args": gather_args,
-        "resources": _resources(t, t.gather_time, t.gather_cpus, t.gather_mem,
+        "resources": _resources(t, t.time_of("gather"), t.gather_cpus, t.gather_mem,
                                 t.gather_gres or None)},
         f"{SCRIPTS['gather']}.in")
     return out
