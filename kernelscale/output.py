@@ -240,17 +240,23 @@ class KernelOutput:
     def ckpt_dir(self) -> Path:
         return self.path / ".checkpoints"
 
-    def done_tiles(self) -> list[Tile]:
+    def markers(self) -> list[dict]:
+        """The done-markers of this kernel's identity (an earlier kernel's at this path
+        are ignored), in file name order."""
         out = []
+        ident = self.attrs.get("identity")
         if self.done_dir.is_dir():
             for p in sorted(self.done_dir.glob("*.json")):
                 try:
                     d = read_json(p)
-                except (OSError, json.JSONDecodeError):
+                except (OSError, ValueError):
                     continue  # a torn marker cannot exist (atomic); a foreign file is ignored
-                if d.get("identity") == self.attrs.get("identity"):
-                    out.append(Tile(*d["tile"]))
+                if isinstance(d, dict) and d.get("identity") == ident:
+                    out.append(d)
         return out
+
+    def done_tiles(self) -> list[Tile]:
+        return [Tile(*d["tile"]) for d in self.markers()]
 
     def done_grid(self) -> np.ndarray:
         """bool (row chunks, col chunks): chunks covered by some finished tile."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import read_json
 from .labels import Labels, is_labels_spec
 from .output import KernelOutput
 from .store import Store
@@ -65,17 +64,8 @@ def command_line(argv: Sequence[str] | None = None) -> str | None:
 def kernel_devices(kern: KernelOutput) -> str | None:
     """The device types (``cuda``, ``cpu``) the kernel's done-markers record, joined by
     commas; None when none records one."""
-    ident = kern.attrs.get("identity")
-    seen = set()
-    if kern.done_dir.is_dir():
-        for p in kern.done_dir.glob("*.json"):
-            try:
-                d = read_json(p)
-            except (OSError, ValueError):
-                continue
-            if isinstance(d, dict) and d.get("identity") == ident and d.get("device"):
-                seen.add(str(d["device"]))
-    return ",".join(sorted(seen)) or None
+    return ",".join(sorted({str(d["device"]) for d in kern.markers()
+                            if d.get("device")})) or None
 
 
 def _torch_version() -> str | None:

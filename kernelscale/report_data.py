@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import read_json
 from .errors import KernelOutputError
 from .knn import Selection
 from .labels import default_class_names, is_labels_spec, npy_pair
@@ -288,16 +287,7 @@ def sample_kernel(kern: KernelOutput, labels_train: np.ndarray, labels_test: np.
 def kernel_finished(kern: KernelOutput) -> tuple[str, str] | None:
     """(first, last) ``finished_at`` UTC times of the kernel's tiles, from its
     done-markers of its own identity; None when none records one."""
-    ident = kern.attrs.get("identity")
-    times = []
-    if kern.done_dir.is_dir():
-        for p in kern.done_dir.glob("*.json"):
-            try:
-                d = read_json(p)
-            except (OSError, ValueError):
-                continue
-            if isinstance(d, dict) and d.get("identity") == ident and d.get("finished_at"):
-                times.append(str(d["finished_at"]))
+    times = [str(d["finished_at"]) for d in kern.markers() if d.get("finished_at")]
     return (min(times), max(times)) if times else None
 
 
