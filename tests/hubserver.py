@@ -585,3 +585,23 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def private_hf_home(tmp_path, monkeypatch, *, cache: bool = False):
+    """A private HF home under ``tmp_path`` for one test: Xet off (plain LFS), offline
+    mode off, telemetry off, no token or endpoint from the environment; ``cache``: the
+    Hub cache inside it too. Returns the home folder."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf-home"
+    for k, v in {"HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+                 "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    if cache:
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    return home

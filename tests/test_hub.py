@@ -23,7 +23,7 @@ from kernelscale.sources.hub import HubError
 from kernelscale.sources.hubspec import glob_regex, parse_hub_spec
 from kernelscale.store import Store
 from tests.conftest import ROOT, ingest_dir, run_cli
-from tests.hubserver import HubServer
+from tests.hubserver import HubServer, private_hf_home
 from tests.reference import write_log
 
 REPO = "local/sim"
@@ -55,22 +55,12 @@ def hf_env(tmp_path, monkeypatch):
     and a cap on the client's own retry sleeping."""
     import huggingface_hub.file_download
     import huggingface_hub.utils._http
-    from huggingface_hub import constants
 
     guard = _SleepGuard()
     monkeypatch.setattr(huggingface_hub.utils._http, "time", guard)
     monkeypatch.setattr(huggingface_hub.file_download, "time", guard)
 
-    home = tmp_path / "hf-home"
-    for k, v in {"HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
-                 "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
-        monkeypatch.setenv(k, v)
-    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    return home
+    return private_hf_home(tmp_path, monkeypatch)
 
 
 @pytest.fixture

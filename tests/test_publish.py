@@ -26,7 +26,7 @@ from kernelscale.errors import BadInputError, KernelOutputError
 from kernelscale.publish import PublishConfig, publish
 from kernelscale.sources.hub import HubError
 from tests.conftest import ROOT, ingest_dir, run_cli
-from tests.hubserver import HubServer
+from tests.hubserver import HubServer, private_hf_home
 from tests.reference import knn_predict, labels_file, random_source, reference_kernel
 
 REPO = "me/kernels"
@@ -38,19 +38,7 @@ READ_ONLY = "hf_READtokenNeverToBeSeen9876543210"
 @pytest.fixture(autouse=True)
 def hf_env(tmp_path, monkeypatch):
     """A private HF home, Xet off (plain LFS uploads), offline mode off, no token."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf-home"
-    for k, v in {"HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
-                 "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
-        monkeypatch.setenv(k, v)
-    for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_HUB_CACHE"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    return home
+    return private_hf_home(tmp_path, monkeypatch, cache=True)
 
 
 @pytest.fixture
