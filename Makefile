@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/kernelscale run
 
+# Two workers, each test file on one worker: module fixtures are built once, and the Slurm
+# tests (one file) never race each other for the cluster.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # the fault-injection cases alone, with their table (also printed by `make test`)
 faults: $(STAMP)

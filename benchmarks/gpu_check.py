@@ -232,6 +232,7 @@ def s3_out_of_memory(args) -> None:
 
     from kernelscale import kernel as kmod
     from kernelscale.device import resolve_device
+    from kernelscale.kernel_plan import engine_plan
     from tests.reference import random_source
 
     section("3 out of memory: a blocker makes the first budget fail, one retry")
@@ -249,7 +250,7 @@ def s3_out_of_memory(args) -> None:
     budget = 2 << 30
     cfg = KernelConfig(store=store, out=args.work / "k-oom", device=args.device,
                        max_memory=budget, show_progress=False, overwrite=True, restart=True)
-    p1, p2 = kmod.engine_plan(cfg, budget), kmod.engine_plan(cfg, budget // 2)
+    p1, p2 = engine_plan(cfg, budget), engine_plan(cfg, budget // 2)
     need2 = max(p2.pass_bytes(i) for i in range(len(p2.passes)))
 
     def peak_reserved(b: int) -> int:
@@ -274,13 +275,13 @@ def s3_out_of_memory(args) -> None:
          f"({len(p1.passes)} pass(es)), halved -> {r2 >> 20} MiB ({len(p2.passes)}); "
          f"blocker leaves {leave >> 20} MiB free")
     calls = []
-    real = kmod._run_plan
+    real = kmod.run_plan
 
     def counted(p, ctx):
         calls.append(p.budget)
         return real(p, ctx)
 
-    kmod._run_plan = counted
+    kmod.run_plan = counted
     base = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     try:
@@ -289,7 +290,7 @@ def s3_out_of_memory(args) -> None:
     except Exception as e:  # reported, not raised: the other sections still run
         ok, calls = False, calls + [f"{type(e).__name__}: {e}"]
     finally:
-        kmod._run_plan = real
+        kmod.run_plan = real
     peak = torch.cuda.max_memory_allocated(dev) - base
     del blocker
     torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 """One pass of the kernel engine on its device: copy, normalise, multiply, accumulate,
 and the final write of the finished tiles.
 
-The pass loop in :mod:`kernelscale.kernel` is the same for every device; what one step
+The pass loop in :mod:`kernelscale.kernel_passes` is the same for every device; what one step
 does is a :class:`Steps` object:
 
 * :class:`CpuSteps`: normalise into a reused float32 operand, multiply, all synchronous.

@@ -9,7 +9,7 @@ import numpy as np
 
 from .device import matmul_precision, resolve_device
 from .errors import BadInputError, ConfigError
-from .kernel import PRECISIONS
+from .kernel_setup import PRECISIONS
 from .normalise import Normaliser
 from .stats import LOG1P32, LOGITS, RunningStats, stats_of_logits
 

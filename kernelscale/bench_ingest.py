@@ -4,12 +4,17 @@ Measured in one invocation, on the same ``log.pt`` files (``simulate``-shaped, 5
 per file) and machine:
 
 * **floors**: reading the files' bytes cold (page cache dropped) and warm,
-  ``torch.load`` of every file alone (a subprocess, files cached), and the statistics of
+  ``torch.load`` of every file alone (a subprocess, files cached), the statistics of
   one file computed from memory (times the number of files): the compute any ingest pays;
+  writing the same bytes durably (one file per input file, each fsynced): what any
+  ingest that keeps its store after a crash pays; and the kernel's matrix products
+  (``classes`` products of (n_test, runs) by (runs, n_train) float32, one timed and
+  multiplied), which the kernel and the published method both pay;
 * **ingest**: ``kernelscale ingest`` with 1 and 2 converters (a subprocess each, files
   dropped from the page cache first): GB/s, and the ratio to the ``torch.load`` floor;
 * **files -> kernel**: ``ingest`` then ``kernel`` (two processes, wall time and peak RSS
-  of each) against the published method on the same files (one process).
+  of each) against the published method on the same files (one process), and the floor
+  of the two stages: the durable write plus the matrix products.
 
 Results are printed and written to ``OUT/bench-ingest.json``.
 """
@@ -17,6 +22,7 @@ Results are printed and written to ``OUT/bench-ingest.json``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -75,6 +81,46 @@ def _stats_floor(path: Path, device: str) -> float:
     return best
 
 
+def _write_floor(folder: Path, sizes: list[int]) -> float:
+    """Seconds to write ``sizes`` bytes as one file each, each fsynced before the next
+    (as the store commits a file's chunks), from one reused buffer; the files are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = memoryview(bytearray(8 << 20))
+    t0 = time.perf_counter()
+    for i, size in enumerate(sizes):
+        with open(folder / f"w{i:05d}", "wb", buffering=0) as fh:
+            left = size
+            while left > 0:
+                left -= fh.write(buf[:min(left, len(buf))])
+            os.fsync(fh.fileno())
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(folder)
+    return seconds
+
+
+def _matmul_floor(n_test: int, n_train: int, runs: int, classes: int, device: str) -> float:
+    """Seconds of the kernel's ``classes`` float32 products (n_test, runs) @ (runs, n_train):
+    one product timed (best of 2, after a warm-up on the device) times ``classes``."""
+    import torch
+
+    from .device import resolve_device
+
+    dev = resolve_device(device)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(runs, n_test, generator=g).to(dev)
+    b = torch.randn(runs, n_train, generator=g).to(dev)
+    best = float("inf")
+    for _ in range(3):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        a.T @ b
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - t0)
+    return best * classes
+
+
 def run_ingest_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes: int,
                      device: str, skip_reference: bool, keep: bool) -> dict:
     """Write the files, measure every figure above, print and save them."""
@@ -100,10 +146,15 @@ def run_ingest_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes
     load = run_measured([py, "-c", LOAD_ALONE, json.dumps([str(f) for f in files])], env)
     r["torch_load_s"] = json.loads(load.stdout.strip().splitlines()[-1])["seconds"]
     r["stats_s"] = _stats_floor(files[0], device) * len(files)
+    r["write_s"] = _write_floor(out / "write-floor", [f.stat().st_size for f in files])
+    r["matmul_s"] = _matmul_floor(n_test, n_train, runs, classes, device)
     print(f"bench: floors: read cold {gb / r['read_cold_s']:.2f} GB/s, warm "
           f"{gb / r['read_warm_s']:.2f} GB/s; torch.load alone {gb / r['torch_load_s']:.3f} "
           f"GB/s ({r['torch_load_s']:.2f} s); statistics alone (one file in memory, all "
           f"cores) {gb / r['stats_s']:.3f} GB/s", flush=True)
+    print(f"bench: floors: durable write (fsync per file) {gb / r['write_s']:.3f} GB/s "
+          f"({r['write_s']:.2f} s); kernel products ({classes} x ({n_test}, {runs}) @ "
+          f"({runs}, {n_train}) float32 on {device}) {r['matmul_s']:.2f} s", flush=True)
 
     def ingest(store: Path, converters: int) -> dict:
         shutil.rmtree(store, ignore_errors=True)
@@ -136,8 +187,11 @@ def run_ingest_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes
     total = ing["seconds"] + k.seconds
     peak = max(ing["peak_rss_above_baseline"], k.peak_rss - base)
     r["files_to_kernel"] = {"seconds": total, "peak_rss_above_baseline": peak}
+    floor = r["write_s"] + r["matmul_s"]
+    r["files_to_kernel"]["floor_s"] = floor
     print(f"bench: files -> kernel: ingest {ing['seconds']:.2f} s + kernel {k.seconds:.2f} s "
-          f"= {total:.2f} s; peak RSS above baseline {peak / 1e9:.3f} GB", flush=True)
+          f"= {total:.2f} s; peak RSS above baseline {peak / 1e9:.3f} GB; floor (durable "
+          f"write + kernel products) {floor:.2f} s", flush=True)
     if not skip_reference:
         drop_cache([src])
         m = run_measured([py, "-c", REFERENCE, json.dumps([str(f) for f in files]), device,
@@ -145,7 +199,7 @@ def run_ingest_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes
         r["reference"] = {"seconds": m.seconds, "peak_rss_above_baseline": m.peak_rss - base}
         print(f"bench: published method: {m.seconds:.2f} s, peak RSS above baseline "
               f"{(m.peak_rss - base) / 1e9:.3f} GB; files -> kernel / published = "
-              f"{total / m.seconds:.3f}", flush=True)
+              f"{total / m.seconds:.3f} (floor {floor / m.seconds:.3f})", flush=True)
         (out / "reference.npy").unlink(missing_ok=True)
     (out / "bench-ingest.json").write_text(json.dumps(r, indent=1))
     if not keep:

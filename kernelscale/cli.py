@@ -49,7 +49,7 @@ def _table(cls: type, a: argparse.Namespace, **renamed: str) -> Any:
     field -> option dest), parsed and checked like a job file's table."""
     from dataclasses import fields
 
-    from .config import flag_of, table_from_options
+    from .jobfields import flag_of, table_from_options
 
     data = {}
     for f in fields(cls):
@@ -70,6 +70,16 @@ def _kernel_table(a: argparse.Namespace):
 
 def _progress(a: argparse.Namespace) -> bool:
     return not a.quiet
+
+
+def _local_kernels(a: argparse.Namespace, *options: str) -> None:
+    """Replace each ``hf://`` kernel among ``options`` by its local folder, downloaded and
+    verified (:func:`kernelscale.hubkernel.local_kernel`)."""
+    from .hubkernel import local_kernel
+
+    for opt in options:
+        if getattr(a, opt, None):
+            setattr(a, opt, str(local_kernel(getattr(a, opt), quiet=a.quiet)))
 
 
 # ------------------------------------------------------------------------- commands
@@ -152,13 +162,10 @@ def cmd_kernel(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .config import EvaluateTable, KernelTable
     from .evaluation import evaluate
-    from .hubkernel import fetch_kernel, is_hub_kernel
     from .labels import load_labels
     from .store import Store
 
-    for opt in ("kernel", "train_kernel"):  # hf://datasets/...: downloaded and verified
-        if is_hub_kernel(getattr(a, opt, None)):
-            setattr(a, opt, str(fetch_kernel(getattr(a, opt), quiet=a.quiet)))
+    _local_kernels(a, "kernel", "train_kernel")
     # --json prints JSON here; the table's json is a file a job writes
     job = _job(kernel=KernelTable(store=a.store, out=a.kernel),
                evaluate=_table(EvaluateTable, a, json="-"))
@@ -199,6 +206,7 @@ def cmd_report(a: argparse.Namespace) -> int:
     from .config import KernelTable, ReportTable
     from .report import build_report
 
+    _local_kernels(a, "kernel", "train_kernel")
     job = _job(kernel=KernelTable(store=a.store, out=a.kernel, device=a.device),
                report=_table(ReportTable, a))
     cfg = dataclasses.replace(job.report_config(show_progress=_progress(a)),
@@ -226,6 +234,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_neighbours(a: argparse.Namespace) -> int:
     from .neighbours import export_neighbours
 
+    _local_kernels(a, "kernel")
     s = export_neighbours(a.kernel, a.k, a.out, overwrite=a.overwrite,
                           workers=a.read_threads, show_progress=_progress(a))
     print(s.line())
@@ -234,12 +243,18 @@ def cmd_neighbours(a: argparse.Namespace) -> int:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     from .compare import compare_kernels, write_comparison
+    from .config import CompareTable, KernelTable
     from .labels import load_labels
 
-    labels = load_labels(a.labels) if a.labels else None
-    cmp = compare_kernels(a.kernel_a, a.kernel_b, labels=labels, k=a.k, sample=a.sample,
-                          seed=a.seed, workers=a.read_threads, show_progress=_progress(a))
-    written = write_comparison(cmp, a.out) if a.out else None
+    # KERNEL_B is the table's one kernel; no --out is the table's out = "" (write nothing)
+    table = _table(CompareTable, argparse.Namespace(**{**vars(a), "kernels": [a.kernel_b],
+                                                       "out": a.out or ""}))
+    job = _job(kernel=KernelTable(out=a.kernel_a), compare=table)
+    ((other, out),) = job.compare_targets()
+    spec = job.compare_labels()
+    cmp = compare_kernels(a.kernel_a, other, labels=load_labels(spec) if spec else None,
+                          show_progress=_progress(a), **job.compare_options())
+    written = write_comparison(cmp, out) if out else None
     if a.json:
         print(json.dumps(cmp.as_json(), sort_keys=True))
         return 0
@@ -432,7 +447,8 @@ def add_knn_options(p: argparse.ArgumentParser) -> None:
                    help="T of --weighting softmax (default 0.02)")
     p.add_argument("--train-kernel", metavar="KERNEL",
                    help="a train-train kernel (`kernelscale kernel --pairs train-train`) of "
-                        "the same store and runs: select by leave-one-out (implies --select)")
+                        "the same store and runs, or hf://datasets/...: select by "
+                        "leave-one-out (implies --select)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-fitting halves")
     _read_threads(p)
 
@@ -591,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _sub(sub, "report", "one self-contained HTML report of a kernel", cmd_report)
     s.add_argument("--store", required=True, help="the store the kernel was computed from")
-    s.add_argument("--kernel", required=True, help="the test-train kernel")
+    s.add_argument("--kernel", required=True, help="the test-train kernel (or "
+                   "hf://datasets/OWNER/NAME[@REV]/PATH, downloaded and verified)")
     s.add_argument("--labels", help="default: the labels recorded in the store "
                    "(`ingest --labels`); " + LABELS_HELP)
     s.add_argument("--out", required=True, help="report directory (index.html + figures)")
@@ -611,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _sub(sub, "neighbours", "the top-K kernel of a full kernel (the format of "
              "`kernel --topk K`)", cmd_neighbours)
-    s.add_argument("--kernel", required=True, help="a finished full kernel")
+    s.add_argument("--kernel", required=True, help="a finished full kernel (or "
+                   "hf://datasets/OWNER/NAME[@REV]/PATH, downloaded and verified)")
     s.add_argument("--k", type=int, required=True, help="neighbours kept per row")
     s.add_argument("--out", required=True, help="output Zarr group of the top-K kernel")
     s.add_argument("--overwrite", action="store_true",
@@ -620,7 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _sub(sub, "compare", "how alike two kernels over the same examples are: neighbour "
              "overlap, rank correlation of rows, k-NN agreement", cmd_compare)
-    s.add_argument("kernel_a", metavar="KERNEL_A", help="a finished kernel, full or top-K")
+    s.add_argument("kernel_a", metavar="KERNEL_A", help="a finished kernel, full or top-K; "
+                   "either may be hf://datasets/OWNER/NAME[@REV]/PATH (downloaded and "
+                   "verified)")
     s.add_argument("kernel_b", metavar="KERNEL_B",
                    help="a finished kernel of the same pairs and shape (its store may differ)")
     s.add_argument("--labels", help="with labels: k-NN agreement, both accuracies and the "
@@ -716,8 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     _set_option(s)
     s.add_argument("--only", action="append", metavar="STAGE[,STAGE...]",
                    help="run only these stages (repeatable): simulate, ingest, kernel, "
-                   "evaluate, curve, report; each must find what it reads (a store, a "
-                   "finished kernel) there or made by an earlier one")
+                   "evaluate, compare, curve, report, publish; each must find what it "
+                   "reads (a store, a finished kernel) there or made by an earlier one")
     s.add_argument("--dry-run", action="store_true",
                    help="print the resolved job (a job file run accepts) and the stages it "
                    "would run, in order; run nothing")

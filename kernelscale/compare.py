@@ -1,7 +1,8 @@
 """``kernelscale compare``: how alike two finished kernels over the same examples are.
 
 The kernels may come from different stores (two training configurations of one data
-set) but must have the same pairs and shape. Either may be full or top-K. Reported:
+set) but must have the same pairs and shape. Either may be full or top-K, local or a
+published ``hf://`` kernel (downloaded into the Hub cache and verified). Reported:
 
 * neighbour overlap: for each ``k`` of :data:`OVERLAP_KS` (and ``--k``) up to what both
   kernels hold, the mean over rows of the Jaccard index of the two top-``k`` sets, and the
@@ -41,6 +42,7 @@ import numpy as np
 
 from .atomic import atomic_write_json, check_output_dir
 from .errors import BadInputError, ConfigError, KernelOutputError
+from .hubkernel import local_kernel
 from .kernelread import CheckedArray, kernel_neighbours, load_kernel
 from .knn import predictions_by_k
 from .labels import Labels, class_names
@@ -220,8 +222,9 @@ def _rank_result(plan: _Plan, rho: np.ndarray, sides: dict[str, KernelSide], n: 
 
 # ---------------------------------------------------------------------- comparing
 
-def _open_pair(path_a, path_b) -> tuple[KernelOutput, KernelOutput, str, int, int]:
-    ka, kb = load_kernel(path_a), load_kernel(path_b)
+def _open_pair(path_a, path_b, quiet: bool
+               ) -> tuple[KernelOutput, KernelOutput, str, int, int]:
+    ka, kb = (load_kernel(local_kernel(p, quiet=quiet)) for p in (path_a, path_b))
     pa, pb = (k.attrs.get("identity", {}).get("pairs") for k in (ka, kb))
     if pa != pb:
         raise KernelOutputError(f"{path_a} is a {pa} kernel, {path_b} a {pb} one: compare "
@@ -281,7 +284,9 @@ def compare_kernels(path_a: str | os.PathLike, path_b: str | os.PathLike, *,
                     seed: int = 0, workers: int | None = None,
                     show_progress: bool = False) -> Comparison:
     """Compare two finished kernels of the same pairs and shape (see the module
-    docstring). ``k``: the k-NN's and the per-row Jaccard's; ``ks``: the overlap's, cut to
+    docstring); either may be ``hf://datasets/OWNER/NAME[@REV]/PATH``, fetched and
+    verified first (:mod:`kernelscale.hubkernel`) and named by its spec in the result.
+    ``k``: the k-NN's and the per-row Jaccard's; ``ks``: the overlap's, cut to
     what both hold; ``sample``: rows of a sampled rank correlation (forces sampling);
     ``seed``: its draw. Raises :class:`KernelOutputError` for kernels over other examples
     and :class:`ConfigError` for a ``k`` they cannot give."""
@@ -289,7 +294,7 @@ def compare_kernels(path_a: str | os.PathLike, path_b: str | os.PathLike, *,
         raise ConfigError(f"--k must be >= 1, not {k}")
     if sample is not None and sample < 2:
         raise ConfigError(f"--sample must be >= 2 rows, not {sample}")
-    ka, kb, pairs, n, m = _open_pair(path_a, path_b)
+    ka, kb, pairs, n, m = _open_pair(path_a, path_b, quiet=not show_progress)
     square = PAIRS[pairs][0] == PAIRS[pairs][1]
     held_k = {p: kern.topk or m - square for p, kern in ((path_a, ka), (path_b, kb))}
     avail = min(held_k.values())

@@ -1,17 +1,20 @@
-"""Job configuration: one table per stage, values parsed on load, one adapter to stages.
+"""Job configuration: a job file loaded into its tables, and the one adapter from tables
+to the stages' configs.
 
 A job file is TOML with a ``[job]`` table, one table per stage it runs (``simulate``,
-``ingest``, ``kernel``, ``evaluate``, ``curve``, ``report``) and, for ``kernelscale
-submit``, a ``[slurm]`` table. Unknown tables or keys are an error naming the file and
-the key. Text values that stand for numbers (``max_memory = "40G"``, ``tile =
-"2048x8192"``, ``shape = "10000x50000x10"``, Slurm times) are parsed by
-:mod:`kernelscale.units` when the job is loaded, so a typo fails before anything runs.
+``ingest``, ``kernel``, ``evaluate``, ``compare``, ``curve``, ``report``, ``publish``) and,
+for ``kernelscale submit``, a ``[slurm]`` table (:mod:`kernelscale.jobtables`). Unknown
+tables or keys are an error naming the file and the key. Text values that stand for
+numbers (``max_memory = "40G"``, ``tile = "2048x8192"``, ``shape = "10000x50000x10"``,
+Slurm times) are parsed by :mod:`kernelscale.units` when the job is loaded, so a typo
+fails before anything runs.
 
-The command line builds the same tables from its options (:func:`table_from_options`),
-so a stage is configured by one schema whether it comes from a job file or from flags,
-and :class:`JobConfig`'s ``*_config`` methods are the one adapter from tables to the
-stages' configs. ``--set TABLE.FIELD=VALUE`` overrides (:func:`parse_sets`) are values of
-the job file's tables, read and checked by the same code when the job is loaded, and
+The command line builds the same tables from its options
+(:func:`~kernelscale.jobfields.table_from_options`), so a stage is configured by one
+schema whether it comes from a job file or from flags, and :class:`JobConfig`'s
+``*_config`` and ``*_options`` methods are the one adapter from tables to the stages'
+configs. ``--set TABLE.FIELD=VALUE`` overrides (:func:`parse_sets`) are values of the job
+file's tables, read and checked by the same code when the job is loaded, and
 :func:`job_toml` writes a loaded job back as a job file. Relative paths are relative to
 the job's ``workdir`` (the current directory for the command line), except specs that
 name a scheme (``hf://``, ``cifar10:``).
@@ -21,351 +24,31 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError
-from .formats import DEFAULT_KEYS, FORMATS, check_keys
-from .knn import WEIGHTINGS
+from .jobfields import table_from_options
+from .jobtables import MAX_ARRAY_TASKS as MAX_ARRAY_TASKS
+from .jobtables import (
+    STAGES,
+    TABLES,
+    CompareTable,
+    CurveTable,
+    EvaluateTable,
+    IngestTable,
+    JobTable,
+    KernelTable,
+    PublishTable,
+    ReportTable,
+    SimulateTable,
+    SlurmTable,
+)
 from .labels import is_labels_spec
 from .sources.base import FetchOptions, is_local_spec
-from .units import (
-    parse_bytes,
-    parse_int_list,
-    parse_pair,
-    parse_range,
-    parse_run_counts,
-    parse_shape,
-    parse_slurm_time,
-)
-
-#: Slurm's default MaxArraySize is 1001: array indices 0..1000.
-MAX_ARRAY_TASKS = 1000
-
-
-def _parsed(parse: Callable[[Any, str], Any], default: Any = None, *,
-            show: Callable[[Any], str] = str, flag: str | None = None) -> Any:
-    """A field whose text value is parsed on load by ``parse(value, where)``; ``show``
-    writes a parsed value back as the option's text, ``flag`` is its command-line name
-    when that is not ``--`` + the field name with ``-`` for ``_``."""
-    meta: dict[str, Any] = {"parse": parse, "show": show}
-    if flag:
-        meta["flag"] = flag
-    return field(default=default, metadata=meta)
-
-
-def _negated(default: bool, flag: str) -> Any:
-    """A boolean field whose command-line option ``flag`` sets it to ``not default``."""
-    return field(default=default, metadata={"flag": flag, "negated": True})
-
-
-def _format(value: Any, where: str) -> str:
-    """An ingest ``format``: one of :data:`kernelscale.formats.FORMATS`."""
-    if value not in FORMATS:
-        raise ConfigError(f"{where} {value!r}: expected one of {', '.join(FORMATS)}")
-    return value
-
-
-def _weighting(value: Any, where: str) -> str:
-    """A k-NN ``weighting``: one of :data:`kernelscale.knn.WEIGHTINGS`."""
-    if value not in WEIGHTINGS:
-        raise ConfigError(f"{where} {value!r}: expected one of {', '.join(WEIGHTINGS)}")
-    return value
-
-
-def _keys(value: Any, where: str) -> tuple[str, str]:
-    """Ingest ``keys``: ``"TEST,TRAIN"`` or a list of two names."""
-    return check_keys(value, where)
-
-
-def _x(v: Any) -> str:
-    return "x".join(map(str, v))
-
-
-def _colon(v: Any) -> str:
-    return ":".join(map(str, v))
-
-
-def _comma(v: Any) -> str:
-    return ",".join(map(str, v))
-
-
-def _size(n: int) -> str:
-    """Bytes as the shortest exact size text :func:`~kernelscale.units.parse_bytes`
-    reads: 40000000000 -> "40G", 2**31 -> "2GiB", 12345 -> "12345"."""
-    for unit, scale in (("T", 10**12), ("TiB", 2**40), ("G", 10**9), ("GiB", 2**30),
-                        ("M", 10**6), ("MiB", 2**20), ("k", 10**3), ("KiB", 2**10)):
-        if n % scale == 0:
-            return f"{n // scale}{unit}"
-    return str(n)
-
-
-def flag_of(cls: type, name: str) -> str:
-    """The command-line option of field ``name`` of table ``cls``."""
-    f = next(f for f in fields(cls) if f.name == name)
-    return f.metadata.get("flag") or "--" + name.replace("_", "-")
-
-
-def table_flags(table: Any, skip: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
-    """The command-line options that reproduce ``table`` (its fields that differ from the
-    defaults, in field order) as (flag, value) pairs; ``True`` for a bare flag."""
-    out: list[tuple[str, Any]] = []
-    for f in fields(table):
-        value = getattr(table, f.name)
-        if f.name in skip or value == f.default:
-            continue
-        flag = flag_of(type(table), f.name)
-        if f.metadata.get("negated"):
-            out.append((flag, not value))
-        elif isinstance(value, bool):
-            out.append((flag, value))
-        elif "show" in f.metadata and value is not None:
-            out.append((flag, f.metadata["show"](value)))
-        elif isinstance(value, float):
-            out.append((flag, f"{value:g}"))
-        else:
-            out.append((flag, value))
-    return out
-
-
-@dataclass
-class JobTable:
-    name: str = "job"
-    workdir: str = ""  #: default out/<name>, relative to the current directory
-    description: str = ""
-
-
-@dataclass
-class SimulateTable:
-    out: str = "simulated"
-    runs: int = 200
-    files: int = 2
-    n_train: int = 2000
-    n_test: int = 500
-    classes: int = 10
-    seed: int = 0
-
-
-@dataclass
-class IngestTable:
-    source: str = "simulated"
-    store: str = "store"
-    glob: str = "**/log.pt"
-    #: auto (each file by its content), logpt, safetensors, npy (.npz, .npy pairs), zarr
-    format: str = _parsed(_format, "auto")
-    #: "TEST,TRAIN": names of the two arrays (tensors, members, files, Zarr arrays)
-    keys: tuple[str, str] = _parsed(_keys, DEFAULT_KEYS, show=_comma)
-    skip_bad: bool = False
-    max_files: int | None = None
-    max_runs: int | None = None
-    run_chunk: int | None = None
-    #: "N_TESTxN_TRAINxCLASSES" every file must have; lets `submit` plan before the store exists
-    shape: tuple[int, int, int] | None = _parsed(parse_shape, show=_x)
-    workers: int | None = None  #: dask worker processes converting files (1: no dask)
-    scheduler: str | None = None  #: address of a running dask scheduler to use instead
-    converters: int = 2  #: threads converting files in the ingest process (every source)
-    device: str = "auto"  #: where the statistics are computed: auto, cpu, cuda, cuda:N
-    revision: str | None = None  #: hf:// sources: branch, tag or commit (default main)
-    download_workers: int = 4  #: hf:// sources: parallel downloads
-    retries: int = 5  #: hf:// sources: retries per request on transient errors
-    keep_downloads: bool = False  #: hf:// sources: keep downloaded files in the cache
-    cache_dir: str | None = None  #: hf:// sources: download cache (default: the Hub's)
-    labels: str | None = None  #: labels to record in the store (later stages default to them)
-    labels_replace: bool = False  #: replace other labels the store holds
-
-
-@dataclass
-class KernelTable:
-    out: str = "kernel"
-    store: str | None = None  #: default: the [ingest] store
-    runs: int | None = None
-    pairs: str = "test-train"
-    device: str = "auto"
-    precision: str = "fp32"
-    max_memory: int | None = _parsed(parse_bytes, show=_size)  #: device bytes, e.g. "40G"
-    checkpoint_every: float = 600.0
-    tile: tuple[int, int] | None = _parsed(parse_pair, show=_x)  #: "ROWSxCOLS", x chunks
-    chunks: tuple[int, int] | None = _parsed(parse_pair, show=_x)  #: of a new output
-    rows: tuple[int, int] | None = _parsed(parse_range, show=_colon)  #: "START:STOP"
-    cols: tuple[int, int] | None = _parsed(parse_range, show=_colon)  #: "START:STOP"
-    runs_per_step: int | None = None  #: runs folded per GEMM step (default: planned)
-    topk: int | None = None  #: keep each row's K largest values, not the full matrix
-    log_softmax: bool = _negated(True, "--no-log-softmax")  #: false: raw logits (ablation)
-    log_softmax_fp32: bool = False  #: float32 log-softmax, as the published code
-    classes: tuple[int, ...] | None = _parsed(parse_int_list, show=_comma,
-                                               flag="--class")  #: only these classes
-    overwrite: bool = False
-    restart: bool = False
-
-
-@dataclass
-class EvaluateTable:
-    """The k-NN evaluation of the [kernel] stage's kernel (``kernelscale evaluate``): one
-    field per option of the command, ``json`` being the file a job writes."""
-
-    labels: str | None = None  #: default: the labels recorded in the store
-    k: int = 3
-    weighting: str = _parsed(_weighting, "none")  #: none, power (max(K,0)^p), softmax (exp(K/T))
-    power: float | None = None  #: p of weighting power (default 8)
-    temperature: float | None = None  #: T of weighting softmax (default 0.02)
-    select: bool = False  #: choose k and the weighting without the test labels
-    seed: int = 0  #: of the cross-fitting halves
-    #: a train x train kernel of the same runs: select by leave-one-out (a job computes it)
-    train_kernel: str | None = None
-    ablations: str | None = None  #: directory of per-class / no-log-softmax kernels (computed)
-    json: str | None = "results.json"  #: the results file a job writes ("" for none)
-    per_run: bool = False  #: every run's accuracy in the JSON
-    device: str | None = None  #: of the ablation kernels (default: the [kernel] device)
-    read_threads: int | None = None  #: threads reading kernel rows (default: cores, at most 4)
-
-
-@dataclass
-class CurveTable:
-    """Accuracy against the number of runs (``kernelscale curve``)."""
-
-    labels: str | None = None  #: default: the [evaluate] labels, else the store's
-    #: run counts, e.g. [10, 20, 50, "all"] or "10,20,50,all"
-    runs: tuple = _parsed(parse_run_counts, (10, 20, 50, 100, 200, "all"), show=_comma)
-    out: str = "curve"  #: directory of curve.json (and of the per-point kernels)
-    k: int = 3
-    keep_kernels: bool = False
-    seed: int = 0  #: of the cross-fitting halves
-    topk: int | None = None  #: each point's kernel as a top-K kernel (K >= k)
-
-
-@dataclass
-class ReportTable:
-    """The HTML report (``kernelscale report``) of the [kernel] stage's kernel."""
-
-    out: str = "report"  #: directory of index.html and its figures
-    labels: str | None = None  #: default: the [evaluate] labels, else the store's
-    train_kernel: str | None = None  #: train-train kernel for leave-one-out (computed if absent)
-    ablations: str | None = None  #: directory of per-class / no-log-softmax kernels (computed)
-    images: str | None = None  #: cifar10:ROOT (default: the labels when they are cifar10:)
-    #: compare.json of `kernelscale compare` (or its --out folder): a comparison section
-    compare: str | None = None
-    k: int = 3
-    weighting: str = _parsed(_weighting, "none")
-    power: float | None = None
-    temperature: float | None = None
-    threshold: float = 0.5
-    examples: int = 8
-    seed: int = 0
-
-
-def _slurm_time(value: Any, where: str) -> str:
-    parse_slurm_time(value, where)
-    return str(value)
-
-
-@dataclass
-class SlurmTable:
-    """How ``kernelscale submit`` turns the job into Slurm jobs (see README)."""
-
-    partition: str | None = None  #: every job
-    account: str | None = None  #: every job
-    #: every job: each kernel array task, and the ingest and gather jobs unless
-    #: ingest_time / gather_time say otherwise
-    time: str = _parsed(_slurm_time, "04:00:00")
-    mem: str | None = None  #: each kernel array task, e.g. "64G"
-    gres: str = "gpu:1"  #: each kernel array task ("" for none)
-    cpus_per_task: int = 4  #: each kernel array task
-    tasks: int | None = None  #: at most this many kernel array tasks (default: one per tile)
-    max_parallel: int | None = None  #: array tasks running at once (the %M of --array)
-    signal_lead: int = 120  #: seconds before the time limit that SIGUSR1 arrives
-    max_requeues: int = 3  #: self-requeues per array task after that signal
-    ingest_time: str | None = _parsed(_slurm_time)  #: default: time
-    ingest_mem: str | None = None
-    ingest_cpus: int = 8  #: also the number of dask workers unless [ingest] workers
-    gather_time: str | None = _parsed(_slurm_time)  #: default: time
-    gather_mem: str | None = None
-    gather_cpus: int = 2
-    gather_gres: str = ""  #: e.g. "gpu:1" when [curve]/[report] compute kernels in the gather
-    extra: list | None = None  #: more sbatch options for every job, e.g. ["--qos=high"]
-    setup: str = ""  #: shell lines run first in every job (module load, venv activation)
-    command: str | None = None  #: how nodes run kernelscale (default: this interpreter)
-    log_dir: str = "slurm"  #: scripts, plan and logs (relative to the workdir)
-    templates: str | None = None  #: directory of *.sbatch.in templates (default: bundled)
-
-    def time_of(self, stage: str) -> str:
-        """The time limit of ``stage`` (ingest, kernel, gather): its own, else ``time``."""
-        own = {"ingest": self.ingest_time, "gather": self.gather_time}.get(stage)
-        return own or self.time
-
-    def validate(self, where: str) -> None:
-        limit = parse_slurm_time(self.time, f"{where} time")
-        if not 1 <= self.signal_lead <= 65535:
-            raise ConfigError(f"{where}: signal_lead must be 1..65535 seconds, not "
-                              f"{self.signal_lead}")
-        if limit is not None and self.signal_lead >= limit:
-            raise ConfigError(f"{where}: signal_lead {self.signal_lead} s is not shorter "
-                              f"than the task time limit {self.time}")
-        for key in ("cpus_per_task", "ingest_cpus", "gather_cpus"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{where}: {key} must be >= 1")
-        if self.tasks is not None and not 1 <= self.tasks <= MAX_ARRAY_TASKS:
-            raise ConfigError(f"{where}: tasks must be 1..{MAX_ARRAY_TASKS} (Slurm's "
-                              f"default MaxArraySize), not {self.tasks}")
-        if self.max_parallel is not None and self.max_parallel < 1:
-            raise ConfigError(f"{where}: max_parallel must be >= 1")
-        if self.max_requeues < 0:
-            raise ConfigError(f"{where}: max_requeues must be >= 0")
-        for e in self.extra or []:
-            if not isinstance(e, str) or not e.startswith("-") or "\n" in e:
-                raise ConfigError(f"{where}: extra must list sbatch options such as "
-                                  f"\"--qos=high\", not {e!r}")
-
-
-TABLES = {"job": JobTable, "simulate": SimulateTable, "ingest": IngestTable,
-          "kernel": KernelTable, "evaluate": EvaluateTable,
-          "curve": CurveTable, "report": ReportTable, "slurm": SlurmTable}
-STAGES = ("simulate", "ingest", "kernel", "evaluate", "curve", "report")
-
-
-def _check_type(label: str, value: Any, hint: Any) -> Any:
-    allowed = getattr(hint, "__args__", None) or (hint,)
-    allowed = tuple(getattr(a, "__origin__", a) for a in allowed if a is not type(None))
-    if value is None:
-        return value
-    for a in allowed:
-        if a is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if a is int and isinstance(value, bool):
-            continue
-        if isinstance(value, a):
-            return value
-    names = " or ".join(a.__name__ for a in allowed)
-    raise ConfigError(f"{label} must be {names}, got {type(value).__name__} {value!r}")
-
-
-def table_from_options(cls: type, data: Mapping[str, Any], where: str,
-                       option: Callable[[str], str] | None = None) -> Any:
-    """Build table ``cls`` from a mapping (a TOML table, or command-line options).
-
-    Unknown keys are an error; parsed fields (sizes, shapes, ranges, times) are parsed
-    here, every other value is type-checked against the field's annotation. Messages
-    name a value as ``option(key)`` (the command line: ``--max-memory``), else as
-    ``WHERE key 'KEY'``.
-    """
-    label = option or (lambda key: f"{where} {key}")
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: must be a table")
-    hints = get_type_hints(cls)
-    by_name = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(by_name))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: "
-                          f"{', '.join(sorted(by_name))})")
-    kwargs = {}
-    for key, value in data.items():
-        parse = by_name[key].metadata.get("parse")
-        if parse is not None and value is not None:
-            kwargs[key] = parse(value, label(key))
-        else:
-            kwargs[key] = _check_type(label(key), value, hints[key])
-    return cls(**kwargs)
+from .sources.hubspec import is_hub_spec
 
 
 @dataclass
@@ -378,8 +61,10 @@ class JobConfig:
     ingest: IngestTable | None = None
     kernel: KernelTable | None = None
     evaluate: EvaluateTable | None = None
+    compare: CompareTable | None = None
     curve: CurveTable | None = None
     report: ReportTable | None = None
+    publish: PublishTable | None = None
     slurm: SlurmTable = field(default_factory=SlurmTable)
     #: the ``--set TABLE.FIELD=VALUE`` overrides it was loaded with (a Slurm gather job
     #: loads the job file again with them)
@@ -472,11 +157,11 @@ class JobConfig:
         return ReportConfig(
             store=self.store_path, kernel=self.kernel_path,
             labels=self.labels_spec(r.labels), out=Path(self.path_of(r.out)),
-            train_kernel=Path(self.path_of(r.train_kernel)) if r.train_kernel else None,
+            train_kernel=self.kernel_at(r.train_kernel),
             curve=Path(self.path_of(self.curve.out)) / "curve.json" if self.curve else None,
             ablations=Path(self.path_of(r.ablations)) if r.ablations else None,
             images=self.path_of(r.images) if r.images else None,
-            compare=Path(self.path_of(r.compare)) if r.compare else None, k=r.k,
+            compare=self.comparison(), k=r.k,
             weighting=r.weighting, power=r.power, temperature=r.temperature,
             threshold=r.threshold, examples=r.examples, seed=r.seed,
             device=device or k.device, show_progress=show_progress)
@@ -494,6 +179,79 @@ class JobConfig:
                 "device": device or e.device or (self.kernel.device if self.kernel
                                                  else "auto"),
                 "workers": e.read_threads}
+
+    def kernel_at(self, p: str | None) -> Path | str | None:
+        """A kernel the job reads: a local one as a Path relative to the workdir, an
+        ``hf://`` one as its spec (:func:`kernelscale.hubkernel.local_kernel` fetches it)."""
+        if not p:
+            return None
+        q = self.path_of(p)
+        return q if is_hub_spec(q) else Path(q)
+
+    def compare_targets(self) -> list[tuple[str, Path | None]]:
+        """(kernel, output folder) of each [compare] kernel, in order: local kernels
+        relative to the workdir, ``hf://`` ones as they are; the folder is ``out`` for one
+        kernel, ``out/1``, ``out/2``, ... for several, None when ``out`` is ""."""
+        c = self._need("compare")
+        out = Path(self.path_of(c.out)) if c.out else None
+        many = len(c.kernels) > 1
+        return [(self.path_of(spec), out / str(i) if out and many else out)
+                for i, spec in enumerate(c.kernels, 1)]
+
+    def comparison(self) -> Path | None:
+        """The comparison the report shows: [report] ``compare``, else the
+        ``compare.json`` of the first [compare] kernel; None when there is neither."""
+        if self.report is not None and self.report.compare:
+            return Path(self.path_of(self.report.compare))
+        if self.compare is None:
+            return None
+        out = self.compare_targets()[0][1]
+        return out / "compare.json" if out else None
+
+    def compare_labels(self) -> str | None:
+        """The [compare] labels, else the [evaluate] ones, resolved against the workdir;
+        None when neither names labels (the stage then takes the store's, if recorded)."""
+        spec = self._need("compare").labels or (self.evaluate.labels if self.evaluate
+                                                 else None)
+        return self.path_of(spec) if spec else None
+
+    def compare_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~kernelscale.compare.compare_kernels` from
+        [compare]: every field but ``kernels`` and ``out`` (:meth:`compare_targets`) and
+        ``labels`` (:meth:`compare_labels`)."""
+        c = self._need("compare")
+        return {"k": c.k, "sample": c.sample, "seed": c.seed, "workers": c.read_threads}
+
+    def publish_items(self) -> list[tuple[str, Path]]:
+        """(what, local path) of each output the [publish] stage uploads, in order: those
+        of ``what``, else the kernel, results and report, those the job writes. A
+        :class:`ConfigError` names one ``what`` asks for that the job does not write."""
+        p = self._need("publish")
+        have = {"kernel": self.kernel_path, "workdir": self.workdir}
+        if self.evaluate is not None and self.evaluate.json:
+            have["results"] = Path(self.path_of(self.evaluate.json))
+        if self.report is not None:
+            have["report"] = Path(self.path_of(self.report.out))
+        if p.what is None:
+            return [(w, have[w]) for w in ("kernel", "results", "report") if w in have]
+        for w in p.what:
+            if w not in have:
+                why = ("no [evaluate] table with a json file" if w == "results"
+                       else "no [report] table")
+                raise ConfigError(f"{self.where} [publish] what {w!r}: the job writes no "
+                                  f"{w} ({why})")
+        return [(w, have[w]) for w in p.what]
+
+    def publish_configs(self, show_progress: bool = True):
+        """The :class:`~kernelscale.publish.PublishConfig` of each output of
+        :meth:`publish_items`, all to the [publish] repo."""
+        from .publish import PublishConfig
+
+        p = self._need("publish")
+        return [PublishConfig(path, p.repo, revision=p.revision, message=p.message,
+                              create=p.create, private=p.private, license=p.license,
+                              show_progress=show_progress)
+                for _, path in self.publish_items()]
 
     def _need(self, stage: str) -> Any:
         t = getattr(self, stage)
@@ -538,14 +296,17 @@ def load_job(path: str | Path, workdir: str | None = None,
         def label(key: str, name=name, where=where, set_here=set_here) -> str:
             return f"--set {name}.{key}" if key in set_here else f"{where} {key}"
 
-        setattr(cfg, name, table_from_options(cls, {**data, **set_here}, where, label))
-    slurm_sets = sorted(overrides.get("slurm", {}))
-    cfg.slurm.validate(f"{path} [slurm]" + (" with --set " + ", ".join(
-        f"slurm.{k}" for k in slurm_sets) if slurm_sets else ""))
+        table = table_from_options(cls, {**data, **set_here}, where, label)
+        if hasattr(table, "validate"):
+            table.validate(where + (" with --set " + ", ".join(
+                f"{name}.{k}" for k in sorted(set_here)) if set_here else ""))
+        setattr(cfg, name, table)
     if workdir is not None:
         cfg.job = dataclasses.replace(cfg.job, workdir=workdir)
     if not any(getattr(cfg, s) for s in STAGES):
         raise ConfigError(f"{path}: names no stage ({', '.join(STAGES)})")
+    if cfg.publish is not None:
+        cfg.publish_items()  # a `what` the job does not write fails now
     return cfg
 
 

@@ -54,6 +54,12 @@ def is_hub_kernel(path: str | os.PathLike) -> bool:
     return isinstance(path, str) and is_hub_spec(path)
 
 
+def local_kernel(path: str | os.PathLike, *, quiet: bool = False) -> str | os.PathLike:
+    """The local folder of a kernel path: an ``hf://`` kernel fetched and verified
+    (:func:`fetch_kernel`, into the Hub cache), any other path as it is."""
+    return fetch_kernel(path, quiet=quiet) if is_hub_kernel(path) else path
+
+
 def fetch_kernel(spec: str, *, cache_dir: str | os.PathLike | None = None,
                  endpoint: str | None = None, token: str | bool | None = None,
                  quiet: bool = False) -> Path:

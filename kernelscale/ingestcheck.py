@@ -17,7 +17,8 @@ from pathlib import Path
 from .errors import BadInputError, StoreError
 from .labels import Labels, is_labels_spec, labels_from_arrays, load_labels
 from .sources import Source, SourceFile
-from .store import Store, labels_digest
+from .store import Store
+from .store_labelfile import labels_digest
 
 
 def check_labels(spec: str, store_path: str | Path, *,

@@ -28,7 +28,8 @@ from .formats.torchzip import ITEMSIZE
 from .ingestcheck import check_labels, check_unchanged
 from .ingestion import IngestConfig, list_ingest_files, open_ingest_source
 from .runcount import FileRuns, RunCounter, RunShape, known_runs, method_counts, methods_text
-from .store import Store, auto_run_chunk
+from .store import Store
+from .store_layout import auto_run_chunk
 from .units import format_bytes
 
 #: files whose zip directory a dry run reads (the rest: by their sizes)

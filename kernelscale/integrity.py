@@ -25,7 +25,9 @@ import numpy as np
 
 from .errors import BadInputError, KernelscaleError, StoreError
 from .rawchunks import ChunkDamaged, chunk_path, raw_layout, verify_chunk, write_chunk
-from .store import SPLITS, Store
+from .store import Store
+from .store_layout import SPLITS
+from .store_stats import write_generation
 
 
 @dataclass
@@ -89,8 +91,8 @@ def verify_store(path: Path) -> Report:
                                         f"runs, the manifest {store.runs}",
                                         "re-create the store"))
             continue
-        layout = raw_layout(arr) if store._raw_chunks(split) else None
-        size = rc * store._run_bytes(split)
+        layout = store.chunks(split).layout
+        size = rc * store.shape.run_bytes(split)
         for ci in range(-(-store.runs // rc)):
             chunk = chunk_path(path / "logits" / split, (ci, 0, 0))
             rep.checked += 1
@@ -264,7 +266,7 @@ def repair_store(path: Path, source: str | Path, rep: Report) -> int:
             if rel[0] != "logits" or len(rel) < 4:
                 continue
             split, lo, hi = store.chunk_runs(p.path)
-            rc, per_run = store.shape.run_chunk, store._run_bytes(split)
+            rc, per_run = store.shape.run_chunk, store.shape.run_bytes(split)
             chunk = np.zeros(rc * per_run, dtype=np.uint8)
             for f in store.manifest["files"]:
                 a, b = max(lo, f["run_start"]), min(hi, f["run_stop"])
@@ -291,26 +293,20 @@ def _recompute_stats(store: Store) -> None:
     """Recompute the current statistics generation from the logits, file by file and
     merged in order as ingest did; record their digest in the manifest (equal to the
     old one when computed on the same kind of device as the ingest)."""
-    from zarr.codecs import Crc32cCodec
-
     from .atomic import atomic_write_json
     from .stats import RunningStats, stats_of_logits
 
     gen = int(store.manifest["stats_generation"])
-    g = store.group["stats"].require_group(f"g{gen}")  # also when it went missing
-    digest = hashlib.sha256()
+    stats = {}
     for split in SPLITS:
         st = RunningStats.empty(store.shape.examples(split), store.shape.classes)
         for f in store.manifest["files"]:
             st = st.merge(stats_of_logits(store.read(split, f["run_start"], f["run_stop"]),
                                           store.transform))
-        for name, val in (("mean", st.mean), ("m2", st.m2)):
-            g.create_array(f"{split}_{name}", data=val, chunks=val.shape,
-                           compressors=[Crc32cCodec()], dimension_names=(split, "class"),
-                           overwrite=True)
-            digest.update(np.ascontiguousarray(val).tobytes())
-    if digest.hexdigest() != store.manifest["stats_sha256"]:
-        m = dict(store.manifest, stats_sha256=digest.hexdigest())
+        stats[split] = st
+    digest = write_generation(store.group, gen, stats)  # also when it went missing
+    if digest != store.manifest["stats_sha256"]:
+        m = dict(store.manifest, stats_sha256=digest)
         atomic_write_json(store.root / "manifest.json", m)
         store.manifest = m
         print(f"verify: {store.root}: statistics recomputed; they differ from the ingested "

@@ -2,14 +2,15 @@
 
 A source file is a ``torch.save``d dict with
 
-* ``logits``       -- float16 tensor (runs, n_test, classes)
-* ``logits_train`` -- float16 tensor (runs, n_train, classes)
+* ``logits``       -- float16 or float32 tensor (runs, n_test, classes)
+* ``logits_train`` -- tensor of the same dtype (runs, n_train, classes)
 * ``code``         -- str, the training script (optional; not stored by ingest)
 
 Files are untrusted: they are loaded with ``torch.load(..., weights_only=True)``, which
 refuses any pickle that is not plain tensors and containers (memory-mapped: the tensors
 are views of the file's pages, never a copy), and then checked completely
-(keys, shapes, dtypes, finiteness) before any byte of them reaches a store.
+(keys, shapes and dtypes as in every format, :func:`kernelscale.formats.common.check_meta`;
+dense storage; finiteness) before any byte of them reaches a store.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInputError
-
-#: dtypes a store can hold; logits keep their on-disk precision (the reference casts to
-#: float32 only for the computation, so widening here would only cost disk).
-ALLOWED_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -112,6 +109,9 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
     """
     import torch
 
+    # imported here: the package kernelscale.formats imports this module
+    from .formats.common import DEFAULT_KEYS, ArrayMeta, check_meta
+
     path = Path(path)
     label = name or str(path)
     obj = _load_object(path, label)
@@ -122,21 +122,16 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
     if not isinstance(obj, dict):
         raise BadInputError(f"{label}: expected a dict with 'logits' and 'logits_train', "
                             f"got {type(obj).__name__}")
-    missing = [k for k in ("logits", "logits_train") if k not in obj]
+    missing = [k for k in DEFAULT_KEYS if k not in obj]
     if missing:
         raise BadInputError(f"{label}: missing key(s) {', '.join(map(repr, missing))}")
-    arrays = {}
-    for key in ("logits", "logits_train"):
-        t = obj[key]
+    tensors = [obj[key] for key in DEFAULT_KEYS]
+    for key, t in zip(DEFAULT_KEYS, tensors, strict=True):
         if not isinstance(t, torch.Tensor):
             raise BadInputError(f"{label}: {key!r} is {type(t).__name__}, not a tensor")
-        if t.ndim != 3:
-            raise BadInputError(f"{label}: {key!r} has shape {tuple(t.shape)}, expected "
-                                "(runs, examples, classes)")
-        dt = str(t.dtype).removeprefix("torch.")
-        if dt not in ALLOWED_DTYPES:
-            raise BadInputError(f"{label}: {key!r} has dtype {dt}, expected one of "
-                                f"{', '.join(ALLOWED_DTYPES)}")
+    metas = [ArrayMeta(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in tensors]
+    check_meta(label, DEFAULT_KEYS, *metas, expect)
+    for key, t in zip(DEFAULT_KEYS, tensors, strict=True):
         # A tensor is data of this file: dense, and no larger than the file. A view
         # declaring more values than its storage holds (a stride-0 expand of one value
         # to 100,000 x 100,000 x 10) would otherwise be materialised here.
@@ -144,38 +139,10 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
         if nbytes > t.untyped_storage().nbytes() or nbytes > size:
             raise BadInputError(f"{label}: {key!r} declares {tuple(t.shape)} = {nbytes} "
                                 f"bytes, not stored densely in the file's {size} bytes")
-        if 0 in t.shape:
-            raise BadInputError(f"{label}: {key!r} has an empty dimension, shape "
-                                f"{tuple(t.shape)}")
-        arrays[key] = t.contiguous().numpy()  # a copy only for a permuted layout
-    test, train = arrays["logits"], arrays["logits_train"]
-    if test.shape[0] != train.shape[0]:
-        raise BadInputError(f"{label}: 'logits' has {test.shape[0]} runs but 'logits_train' "
-                            f"has {train.shape[0]}")
-    if test.shape[0] == 0:
-        raise BadInputError(f"{label}: holds zero runs")
-    if test.shape[2] != train.shape[2]:
-        raise BadInputError(f"{label}: 'logits' has {test.shape[2]} classes but "
-                            f"'logits_train' has {train.shape[2]}")
-    if test.shape[2] < 2:
-        raise BadInputError(f"{label}: {test.shape[2]} class(es); log-softmax needs >= 2")
-    if test.dtype != train.dtype:
-        raise BadInputError(f"{label}: 'logits' is {test.dtype} but 'logits_train' is "
-                            f"{train.dtype}")
-    if expect:
-        for key, got, want in (("n_test", test.shape[1], expect.get("n_test")),
-                               ("n_train", train.shape[1], expect.get("n_train")),
-                               ("classes", test.shape[2], expect.get("classes"))):
-            if want is not None and got != want:
-                what = {"n_test": "test examples", "n_train": "train examples",
-                        "classes": "classes"}[key]
-                holder = expect.get("holder", "the store holds")
-                raise BadInputError(f"{label}: {got} {what}, but {holder} {want}")
-        if expect.get("dtype") and str(test.dtype) != expect["dtype"]:
-            raise BadInputError(f"{label}: dtype {test.dtype}, but the store holds "
-                                f"{expect['dtype']}")
+    # a copy only for a permuted layout
+    test, train = (t.contiguous().numpy() for t in tensors)
     if check_finite:
-        for key, a in (("logits", test), ("logits_train", train)):
+        for key, a in zip(DEFAULT_KEYS, (test, train), strict=True):
             err = first_non_finite(label, key, a)
             if err is not None:
                 raise err

@@ -1,6 +1,6 @@
 """``kernelscale run``: the stages a job file names, in order: simulate, ingest, kernel,
-evaluate, curve, report -- or those of ``--only``. Each stage's config comes from the
-job's one adapter (:class:`~kernelscale.config.JobConfig`).
+evaluate, compare, curve, report, publish -- or those of ``--only``. Each stage's config
+comes from the job's one adapter (:class:`~kernelscale.config.JobConfig`).
 
 :func:`plan_run` says which stages run and what each reads and writes; a stage whose
 input neither exists nor is written by an earlier stage of the same run is refused
@@ -10,6 +10,7 @@ prints :meth:`RunPlan.text`: the resolved job as a job file, and the stages.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -25,7 +26,9 @@ from .sources.base import is_local_spec
 
 @dataclass(frozen=True)
 class StageInput:
-    """Something a stage reads: ``what`` (``store``, ``kernel``, ``source``) at ``path``."""
+    """Something a stage reads: ``what`` (``store``, ``kernel``, ``source``,
+    ``comparison``, and what ``publish`` uploads) at ``path`` (a local path or an
+    ``hf://`` kernel, which is not looked up before it is read)."""
 
     what: str
     path: str
@@ -39,6 +42,8 @@ class StageInput:
         return self.made_by is not None or self.present
 
     def note(self) -> str:
+        if not is_local_spec(self.path):
+            return f"{self.what} {self.path} (on the Hub)"
         if self.made_by is not None:
             return f"{self.what} {self.path} (from {self.made_by})"
         return f"{self.what} {self.path} ({'there' if self.present else 'missing'})"
@@ -129,21 +134,34 @@ def plan_run(cfg: JobConfig, only: Sequence[str] = ()) -> RunPlan:
     made: dict[str, str] = {}  # path -> the stage of this run that writes it
     steps = []
 
-    def need(what: str, path: str, present) -> StageInput:
+    def need(what: str, path: str | Path, present) -> StageInput:
+        path = _abs(path)
         if path in made:
             return StageInput(what, path, made[path], False)
-        return StageInput(what, path, None, present(path))
+        return StageInput(what, path, None, not is_local_spec(path) or present(path))
 
     for name in stages:
         reads: list[StageInput] = []
         if name == "ingest":
             src = cfg.path_of(cfg.ingest.source)
             if is_local_spec(src):
-                reads.append(need("source", _abs(src), lambda p: Path(p).exists()))
+                reads.append(need("source", src, lambda p: Path(p).exists()))
+        elif name == "compare":
+            reads.append(need("kernel", cfg.kernel_path, _kernel_finished))
+            reads += [need("kernel", k, _kernel_finished) for k, _ in cfg.compare_targets()]
+        elif name == "publish":
+            # the workdir itself is made by the run
+            reads += [need(what, path, _PRESENT[what]) for what, path in cfg.publish_items()
+                      if what != "workdir"]
         elif name != "simulate":
-            reads.append(need("store", _abs(cfg.store_path), _store_present))
+            reads.append(need("store", cfg.store_path, _store_present))
             if name in ("evaluate", "report"):
-                reads.append(need("kernel", _abs(cfg.kernel_path), _kernel_finished))
+                reads.append(need("kernel", cfg.kernel_path, _kernel_finished))
+                tk = getattr(cfg, name).train_kernel
+                if tk and not is_local_spec(cfg.path_of(tk)):
+                    reads.append(need("kernel", cfg.path_of(tk), _kernel_finished))
+            if name == "report" and cfg.comparison() is not None:
+                reads.append(need("comparison", cfg.comparison(), lambda p: Path(p).exists()))
         writes = _writes(cfg, name)
         for w in writes:
             made.setdefault(w, name)
@@ -155,7 +173,7 @@ def plan_run(cfg: JobConfig, only: Sequence[str] = ()) -> RunPlan:
 
 
 def _writes(cfg: JobConfig, name: str) -> list[str]:
-    """What stage ``name`` of the job writes (absolute paths)."""
+    """What stage ``name`` of the job writes (absolute paths; publish: its repo)."""
     if name == "simulate":
         out = [cfg.simulate.out]
     elif name == "ingest":
@@ -164,13 +182,18 @@ def _writes(cfg: JobConfig, name: str) -> list[str]:
         out = [cfg.kernel.out]
     elif name == "curve":
         out = [cfg.curve.out]
+    elif name == "compare":
+        return [_abs(out / "compare.json") for _, out in cfg.compare_targets() if out]
+    elif name == "publish":
+        p = cfg.publish
+        return [p.repo + (f" (branch {p.revision})" if p.revision else "")]
     elif name == "evaluate":
         e = cfg.evaluate
         out = [e.json or None, e.train_kernel, e.ablations]
     else:
         r = cfg.report
         out = [r.out, r.train_kernel, r.ablations]
-    return [_abs(cfg.path_of(p)) for p in out if p]
+    return [_abs(cfg.path_of(p)) for p in out if p and is_local_spec(cfg.path_of(p))]
 
 
 def _abs(path: str | Path) -> str:
@@ -195,6 +218,15 @@ def _kernel_finished(path: str) -> bool:
     except KernelscaleError:
         return False
     return True
+
+
+#: whether what the publish stage uploads is there, by its kind
+_PRESENT = {"kernel": _kernel_finished,
+            "results": lambda p: Path(p).is_file(),
+            "report": lambda p: (Path(p) / "report.json").is_file()}
+
+#: the stages that read a finished kernel, in order
+AFTER_KERNEL = ("evaluate", "compare", "curve", "report", "publish")
 
 
 def run_job(cfg: JobConfig, plan: RunPlan | None = None, *, quiet: bool = False,
@@ -224,20 +256,24 @@ def run_job(cfg: JobConfig, plan: RunPlan | None = None, *, quiet: bool = False,
 
         print(compute_kernel(cfg.kernel_config(device, not quiet)).line())
     run_after_kernel(cfg, quiet=quiet, device=device,
-                     stages=[s for s in stages if s in ("evaluate", "curve", "report")])
+                     stages=[s for s in stages if s in AFTER_KERNEL])
     print(f"job {cfg.job.name}: done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
 def run_after_kernel(cfg: JobConfig, *, quiet: bool, device: str | None = None,
                      stages: Sequence[str] | None = None) -> None:
-    """The stages that read a finished kernel: evaluate, curve, report (those the job has,
-    or those of ``stages``)."""
+    """The stages that read a finished kernel: evaluate, compare, curve, report, then
+    publish (those the job has, or those of ``stages``)."""
+    from .share import run_compare, run_publish
+
     def on(name: str) -> bool:
         return getattr(cfg, name) is not None and (stages is None or name in stages)
 
     if on("evaluate"):
         _evaluate(cfg, quiet, device)
+    if on("compare"):
+        run_compare(cfg, quiet)
     if on("curve"):
         from .curve import compute_curve, curve_table
 
@@ -246,6 +282,8 @@ def run_after_kernel(cfg: JobConfig, *, quiet: bool, device: str | None = None,
         print(f"curve: {doc.path}", file=sys.stderr)
     if on("report"):
         _report(cfg, quiet, device)
+    if on("publish"):
+        run_publish(cfg, quiet)
 
 
 def _simulate(cfg: JobConfig, quiet: bool) -> None:
@@ -271,7 +309,7 @@ def _evaluate(cfg: JobConfig, quiet: bool, device: str | None) -> None:
                          n_test=st.shape.n_test, classes=st.shape.classes)
     options = cfg.evaluate_options(device)
     if options["train_kernel"] is not None:
-        _train_kernel(cfg, Path(options["train_kernel"]), quiet, device)
+        options["train_kernel"] = _train_kernel(cfg, options["train_kernel"], quiet, device)
     ev = evaluate(cfg.store_path, cfg.kernel_path, labels, **options,
                   show_progress=not quiet)
     print(ev.table())
@@ -283,14 +321,20 @@ def _evaluate(cfg: JobConfig, quiet: bool, device: str | None) -> None:
         print(f"results: {out}", file=sys.stderr)
 
 
-def _train_kernel(cfg: JobConfig, path: Path, quiet: bool, device: str | None) -> None:
-    """The train x train kernel of the job's kernel options at ``path`` (reused when it
-    is there and finished): leave-one-out selection needs it."""
+def _train_kernel(cfg: JobConfig, spec: str | Path, quiet: bool,
+                  device: str | None) -> Path:
+    """The train x train kernel at ``spec``, which leave-one-out selection needs: an
+    ``hf://`` one fetched and verified, a local one computed with the job's kernel
+    options (reused when it is there and finished)."""
+    from .hubkernel import is_hub_kernel, local_kernel
     from .kernel import compute_kernel
 
-    print(compute_kernel(cfg.kernel_config(device, not quiet, out=path, pairs="train-train",
-                                           tile=None, chunks=None, rows=None,
-                                           cols=None)).line())
+    if is_hub_kernel(spec):
+        return Path(local_kernel(spec, quiet=quiet))
+    print(compute_kernel(cfg.kernel_config(device, not quiet, out=Path(spec),
+                                           pairs="train-train", tile=None, chunks=None,
+                                           rows=None, cols=None)).line())
+    return Path(spec)
 
 
 def _report(cfg: JobConfig, quiet: bool, device: str | None) -> None:
@@ -298,6 +342,7 @@ def _report(cfg: JobConfig, quiet: bool, device: str | None) -> None:
 
     rc = cfg.report_config(device, not quiet)
     if rc.train_kernel is not None:
-        _train_kernel(cfg, rc.train_kernel, quiet, device)
+        rc = dataclasses.replace(rc, train_kernel=_train_kernel(cfg, rc.train_kernel, quiet,
+                                                                device))
     path = build_report(rc)
     print(f"report: {path.resolve()}")

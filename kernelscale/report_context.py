@@ -161,8 +161,8 @@ def compare_section(data: dict | None, figure: str | None) -> str:
     if data is None:
         return ("<p class='note'>No comparison given: run <code>kernelscale compare "
                 "KERNEL_A KERNEL_B --labels LABELS --out DIR</code> and pass "
-                "<code>DIR/compare.json</code> with <code>--compare</code> (a job: "
-                "<code>[report] compare</code>).</p>")
+                "<code>DIR/compare.json</code> with <code>--compare</code> (a job: a "
+                "<code>[compare]</code> table, or <code>[report] compare</code>).</p>")
     out, known = [], ["a", "b", "pairs", "shape", "overlap", "same_nearest",
                       "rank_correlation", "knn", "disagreements", "figure"]
     if "a" in data and "b" in data:

@@ -25,150 +25,54 @@ consistent data (runs past ``manifest.runs`` and unreferenced generations are ig
 cleaned up by the next writer).
 
 Labels travel with the data: :meth:`Store.record_labels` writes the label vectors and
-class names once, as an ``.npz`` (int64 ``train``, ``test``; str ``class_names`` when
-known) named by the digest of its content, then points the manifest's ``labels`` entry
-at it (file, sha256, digest, source, class names); a store without that entry, from
-before or never given labels, opens as ever.
+class names once (:mod:`kernelscale.store_labelfile`), then points the manifest's
+``labels`` entry at them (file, sha256, digest, source, class names); a store without
+that entry, from before or never given labels, opens as ever.
 
 Logits are stored uncompressed: fp16 logits compress ~1.09x with zstd, not worth the
-decode time on the kernel's read path.
+decode time on the kernel's read path. :class:`Store` is the front of the store's parts:
+``store_layout`` (schema, shape, creation), ``store_chunks`` (chunk file I/O),
+``store_stats`` (statistics generations), ``store_labelfile`` (the labels file).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import functools
 import hashlib
-import io
 import json
 import os
-import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
-from zarr.storage import LocalStore
 
-from .atomic import (
-    atomic_write_bytes,
-    atomic_write_json,
-    check_output_dir,
-    dir_umask,
-    fsync_dir,
-    read_json,
-)
+from .atomic import atomic_write_json, check_output_dir, read_json
 from .errors import StoreError
-from .rawchunks import (
-    ChunkDamaged,
-    RawLayout,
-    VerifiedChunks,
-    chunk_path,
-    raw_layout,
-    read_chunk,
-    read_strided,
-    write_chunk,
-)
 from .stats import FLOAT64, LOG1P32, STORE_TRANSFORMS, RunningStats
+from .store_chunks import SplitChunks
+from .store_labelfile import (
+    fitted_labels,
+    labels_digest,
+    remove_other_labels_files,
+    write_labels_file,
+)
+from .store_layout import (
+    SPLITS,
+    DurableLocalStore,
+    StoreShape,
+    auto_run_chunk,
+    check_schema,
+    create_layout,
+)
+from .store_stats import drop_generation, read_generation, sweep_generations, write_generation
 from .units import format_bytes
 
-SCHEMA = "kernelscale-store"
-SCHEMA_VERSION = 1
-SPLITS = ("test", "train")
-#: target bytes of one run-chunk of the larger split: large enough for sequential disk
-#: reads to run at full speed, small enough to overlap reads with compute.
-TARGET_CHUNK_BYTES = 32 << 20
 
-
-class DurableLocalStore(LocalStore):
-    """A :class:`zarr.storage.LocalStore` whose writes are fsynced before the rename.
-
-    Zarr's own local store renames a temp file into place (atomic under ``kill -9``) but
-    does not fsync; the manifest may only point at data that survives a power loss.
-    """
-
-    async def _set(self, key: str, value, exclusive: bool = False) -> None:
-        import asyncio
-
-        if not self._is_open:
-            await self._open()
-        self._check_writable()
-        path = self.root / key
-        if exclusive and path.exists():
-            raise FileExistsError(path)
-        await asyncio.to_thread(atomic_write_bytes, path, value.as_buffer_like())
-
-
-def _sweep_creations(root: Path, max_age: float = 600.0) -> None:
-    """Remove the temp folders of creations of ``root`` killed more than ``max_age``
-    seconds ago (a live creation takes well under a second)."""
-    now = time.time()
-    for p in root.parent.glob(f".{root.name}.creating-*"):
-        with contextlib.suppress(OSError):
-            if p.is_dir() and not p.is_symlink() and now - p.stat().st_mtime > max_age:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def auto_run_chunk(n_examples: int, classes: int, itemsize: int,
-                   file_runs: int | None = None) -> int:
-    """Runs per store chunk so that one chunk of the larger split is ~32 MB.
-
-    With ``file_runs`` (the runs of the files to come), the largest divisor of it not
-    above that size, when one is at least half of it: every file then fills whole chunks
-    and a commit never rewrites a chunk an earlier file began.
-    """
-    per_run = max(1, n_examples * classes * itemsize)
-    target = int(max(1, min(4096, TARGET_CHUNK_BYTES // per_run)))
-    if file_runs:
-        if file_runs <= target:
-            return file_runs
-        best = max(d for d in range(1, target + 1) if file_runs % d == 0)
-        if 2 * best >= target:
-            return best
-    return target
-
-
-@dataclass(frozen=True)
-class StoreShape:
-    n_test: int
-    n_train: int
-    classes: int
-    dtype: str
-    run_chunk: int
-
-    def examples(self, split: str) -> int:
-        return self.n_test if split == "test" else self.n_train
-
-
-#: the name :meth:`Store.record_labels` gives a labels file
-_LABELS_FILE = re.compile(r"labels-[0-9a-f]{16}\.npz")
-
-
-def labels_digest(train: np.ndarray, test: np.ndarray,
-                  class_names: Sequence[str] | None) -> str:
-    """sha256 of label vectors (as int64) and class names: equal for the same labels,
-    whatever file they were read from."""
-    h = hashlib.sha256()
-    for a in (train, test):
-        v = np.ascontiguousarray(np.asarray(a, dtype="<i8"))
-        h.update(f"{v.shape[0]}:".encode())
-        h.update(v.tobytes())
-    h.update(json.dumps(None if class_names is None else [str(n) for n in class_names]
-                        ).encode())
-    return h.hexdigest()
-
-
-def _empty_manifest() -> dict:
-    return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "runs": 0,
-            "stats_generation": 0, "stats_sha256": None, "files": [], "rejected": [],
-            "sources": []}
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class Store:
@@ -186,8 +90,7 @@ class Store:
         #: in stores from before the float32 log1p form)
         self.transform = str(a.get("transform", FLOAT64))
         self._stats_cache: dict[tuple[str, int], RunningStats] = {}
-        self._raw: dict[str, RawLayout | None] = {}
-        self._verified = VerifiedChunks()  # chunk files read whole and verified
+        self._chunks: dict[str, SplitChunks] = {}
 
     # ------------------------------------------------------------------ open / create
     @staticmethod
@@ -199,7 +102,8 @@ class Store:
                dtype: str, run_chunk: int | None = None, file_runs: int | None = None,
                transform: str = LOG1P32) -> Store:
         """A new empty store; ``run_chunk`` by default from the shape and ``file_runs``
-        (:func:`auto_run_chunk`); ``transform``: the log-softmax of its statistics."""
+        (:func:`~kernelscale.store_layout.auto_run_chunk`); ``transform``: the
+        log-softmax of its statistics."""
         root = check_output_dir(path, "--store")
         if cls.exists(root):
             raise StoreError(f"{root}: a store already exists here")
@@ -210,46 +114,8 @@ class Store:
         itemsize = np.dtype(dtype).itemsize
         run_chunk = run_chunk or auto_run_chunk(max(n_test, n_train), classes, itemsize,
                                                 file_runs)
-        # Built in a temp folder beside it and renamed into place: a creation killed
-        # half-way leaves no half-store at the path (only a temp folder, swept by the
-        # next creation), and of two racing creations exactly one rename succeeds.
-        root.parent.mkdir(parents=True, exist_ok=True)
-        _sweep_creations(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.creating-", dir=root.parent))
-        tmp.chmod(0o777 & ~dir_umask())
-        try:
-            cls._build(tmp, n_test, n_train, classes, dtype, run_chunk, transform)
-            try:
-                os.rename(tmp, root)  # over an empty folder too; fails over a non-empty one
-            except OSError as e:
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise StoreError(f"{root}: cannot be created there ({e.strerror}); give "
-                                     "a path that is not a link or a mount point") from None
-                raise StoreError(f"{root}: created by another process at the same time (a "
-                                 "concurrent first ingest); re-run to ingest into it"
-                                 ) from None
-            fsync_dir(root.parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        create_layout(root, n_test, n_train, classes, dtype, run_chunk, transform)
         return cls.open(root, mode="a")
-
-    @staticmethod
-    def _build(root: Path, n_test: int, n_train: int, classes: int, dtype: str,
-               run_chunk: int, transform: str) -> None:
-        zs = DurableLocalStore(root)
-        g = zarr.open_group(store=zs, mode="w", zarr_format=3)
-        g.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-                        "n_test": n_test, "n_train": n_train, "classes": classes,
-                        "dtype": dtype, "run_chunk": run_chunk, "transform": transform})
-        lg = g.create_group("logits")
-        for split, n in (("test", n_test), ("train", n_train)):
-            lg.create_array(split, shape=(0, n, classes), chunks=(run_chunk, n, classes),
-                            dtype=dtype, compressors=[Crc32cCodec()], fill_value=0,
-                            dimension_names=("run", split, "class"))
-        g.create_group("stats")
-        # The manifest is written last: its presence is what makes the directory a store.
-        atomic_write_json(root / "manifest.json", _empty_manifest())
 
     @classmethod
     def open(cls, path: str | os.PathLike, mode: str = "r") -> Store:
@@ -260,9 +126,7 @@ class Store:
             manifest = read_json(root / "manifest.json")
         except (OSError, json.JSONDecodeError) as e:
             raise StoreError(f"{root}/manifest.json: unreadable ({e})") from None
-        if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{root}: store schema {manifest.get('schema')}/"
-                             f"{manifest.get('schema_version')} is not {SCHEMA}/{SCHEMA_VERSION}")
+        check_schema(root, manifest)
         read_only = mode == "r"
         zs = DurableLocalStore(root, read_only=read_only)
         g = zarr.open_group(store=zs, mode="r" if read_only else "r+", zarr_format=3)
@@ -276,34 +140,30 @@ class Store:
     def array(self, split: str) -> zarr.Array:
         return self.group["logits"][split]
 
-    def read(self, split: str, start: int, stop: int,
-             examples: slice | None = None) -> np.ndarray:
-        """Logits of runs ``[start, stop)``: (stop - start, examples, classes), store dtype."""
+    def _check_runs(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.runs:
             raise StoreError(f"{self.root}: runs [{start}, {stop}) outside the "
                              f"{self.runs} committed runs")
+
+    def read(self, split: str, start: int, stop: int,
+             examples: slice | None = None) -> np.ndarray:
+        """Logits of runs ``[start, stop)``: (stop - start, examples, classes), store dtype."""
+        self._check_runs(start, stop)
         sel = examples if examples is not None else slice(None)
         return self.array(split)[start:stop, sel, :]
 
-    def _raw_chunks(self, split: str) -> bool:
-        """Whether ``split``'s chunk files hold the little-endian C-order bytes of whole
-        runs (:func:`rawchunks.raw_layout`, one chunk across examples and classes),
-        with or without their CRC-32C.
-
-        True for every store this module creates; then :meth:`read_into` reads chunk
-        files straight into the caller's buffer instead of through Zarr's codec pipeline.
-        """
-        if split not in self._raw:
-            arr = self.array(split)
-            m = arr.metadata
-            layout = raw_layout(arr)
-            ok = layout is not None and tuple(m.chunk_grid.chunk_shape[1:]) == tuple(m.shape[1:])
-            self._raw[split] = layout if ok else None
-        return self._raw[split] is not None
+    def chunks(self, split: str) -> SplitChunks:
+        """The chunk files of ``split``'s logits; plain bytes (``raw``) in every store
+        this module creates, read straight into the caller's buffer by :meth:`read_into`."""
+        if split not in self._chunks:
+            self._chunks[split] = SplitChunks(split, self.array(split),
+                                              self.root / "logits" / split, self.shape,
+                                              self.repair_hint)
+        return self._chunks[split]
 
     def checksummed(self, split: str) -> bool:
         """Whether ``split``'s chunk files carry a CRC-32C (stores from before do not)."""
-        return self._raw_chunks(split) and self._raw[split].checksum
+        return self.chunks(split).checksum
 
     def read_into(self, split: str, start: int, stop: int, out: np.ndarray,
                   pool=None) -> None:
@@ -332,46 +192,27 @@ class Store:
         each chunk file is verified whole on its first read in this store object, and
         later reads take only those examples' bytes (:func:`rawchunks.read_strided`).
         """
-        if not 0 <= start <= stop <= self.runs:
-            raise StoreError(f"{self.root}: runs [{start}, {stop}) outside the "
-                             f"{self.runs} committed runs")
+        self._check_runs(start, stop)
         if not out.flags.c_contiguous or out.dtype != np.dtype(self.shape.dtype):
             raise ValueError("out must be C-contiguous of the store dtype")
-        if not self._raw_chunks(split):
+        chunks = self.chunks(split)
+        if not chunks.raw:
             return None
-        per_run = self._run_bytes(split)
         n = self.shape.examples(split)
         if examples is not None and tuple(examples) != (0, n):
             a, b = examples
             if not 0 <= a < b <= n:
                 raise StoreError(f"{self.root}: examples [{a}, {b}) outside 0:{n}")
-            item = self.shape.classes * np.dtype(self.shape.dtype).itemsize
-            rows = out.reshape(stop - start, -1).view(np.uint8)
-            return [functools.partial(self._read_strided, split, path, offset + a * item,
-                                      rows[lo - start:hi - start])
-                    for path, offset, lo, hi in self._chunk_spans(split, start, stop,
-                                                                  per_run)]
-        dest = out.reshape(-1).view(np.uint8)
-        return [functools.partial(self._read_chunk, split, path, offset,
-                                  dest[(lo - start) * per_run:(hi - start) * per_run])
-                for path, offset, lo, hi in self._chunk_spans(split, start, stop, per_run)]
+            return chunks.read_jobs(start, stop, out, (a, b))
+        return chunks.read_jobs(start, stop, out)
 
-    def _read_strided(self, split: str, path: Path, offset: int, dest: np.ndarray) -> None:
-        try:
-            read_strided(path, self.shape.run_chunk * self._run_bytes(split), offset,
-                         self._run_bytes(split), dest, self.checksummed(split),
-                         self._verified)
-        except ChunkDamaged as e:
-            raise ChunkDamaged(e.path, f"{e.problem}; {self.repair_hint(path)}") from None
-
-    def _read_chunk(self, split: str, path: Path, offset: int, dest: np.ndarray) -> None:
-        """Bytes ``[offset, ...)`` of the logits chunk file ``path`` into ``dest``,
-        verified when the store is checksummed; damage names the files to repair from."""
-        try:
-            read_chunk(path, self.shape.run_chunk * self._run_bytes(split), offset, dest,
-                       self.checksummed(split))
-        except ChunkDamaged as e:
-            raise ChunkDamaged(e.path, f"{e.problem}; {self.repair_hint(path)}") from None
+    def advise_willneed(self, split: str, start: int, stop: int) -> None:
+        """Ask the kernel to start reading runs ``[start, stop)`` of ``split`` into the
+        page cache (``POSIX_FADV_WILLNEED``), so a later :meth:`read_into` finds them
+        there; a no-op where unsupported or when the chunks are not plain bytes."""
+        chunks = self.chunks(split)
+        if chunks.raw:
+            chunks.advise_willneed(start, min(stop, self.runs))
 
     def chunk_runs(self, chunk: Path) -> tuple[str, int, int] | None:
         """(split, first run, end run) the logits chunk file ``chunk`` holds of the
@@ -395,62 +236,15 @@ class Store:
                 f"{', '.join(names) or 'no ingested file'}; repair with `kernelscale "
                 f"verify {self.root} --repair SOURCE`")
 
-    def _run_bytes(self, split: str) -> int:
-        """Bytes of one run of ``split`` (examples x classes in the store dtype)."""
-        return (self.shape.examples(split) * self.shape.classes
-                * np.dtype(self.shape.dtype).itemsize)
-
-    def _chunk_spans(self, split: str, start: int, stop: int, per_run: int):
-        """(chunk file, byte offset, first run, end run) of each chunk runs
-        ``[start, stop)`` touch."""
-        rc = self.shape.run_chunk
-        base = self.root / "logits" / split
-        for ci in range(start // rc, (stop - 1) // rc + 1 if stop > start else 0):
-            lo, hi = max(start, ci * rc), min(stop, (ci + 1) * rc)
-            yield chunk_path(base, (ci, 0, 0)), (lo - ci * rc) * per_run, lo, hi
-
-    def advise_willneed(self, split: str, start: int, stop: int) -> None:
-        """Ask the kernel to start reading runs ``[start, stop)`` of ``split`` into the
-        page cache (``POSIX_FADV_WILLNEED``), so a later :meth:`read_into` finds them
-        there; a no-op where unsupported or when the chunks are not plain bytes."""
-        if not hasattr(os, "posix_fadvise") or not self._raw_chunks(split):
-            return
-        per_run = self._run_bytes(split)
-        for path, offset, lo, hi in self._chunk_spans(split, start, min(stop, self.runs),
-                                                      per_run):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, offset, (hi - lo) * per_run, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
     def stats(self, split: str) -> RunningStats:
         """Statistics of all committed runs for ``split`` (float64, (examples, classes))."""
         gen = int(self.manifest["stats_generation"])
         key = (split, gen)
         if key not in self._stats_cache:
-            n = self.shape.examples(split)
             if gen == 0:
-                st = RunningStats.empty(n, self.shape.classes)
+                st = RunningStats.empty(self.shape.examples(split), self.shape.classes)
             else:
-                try:
-                    sg = self.group["stats"][f"g{gen}"]
-                    st = RunningStats(self.runs, sg[f"{split}_mean"][...],
-                                      sg[f"{split}_m2"][...])
-                except (KeyError, ValueError) as e:  # a missing array, a bad checksum
-                    if not (self.root / "stats" / f"g{gen}").is_dir():
-                        raise StoreError(f"{self.root}: changed while being read (a "
-                                         "concurrent ingest committed twice); re-run"
-                                         ) from None
-                    raise StoreError(f"{self.root}/stats/g{gen}/{split}_*: unreadable "
-                                     f"({str(e).splitlines()[0][:100]}); recompute with "
-                                     f"`kernelscale verify {self.root} --repair SOURCE`"
-                                     ) from None
+                st = read_generation(self.root, self.group, gen, split, self.runs)
             self._stats_cache[key] = st
         return self._stats_cache[key]
 
@@ -467,6 +261,10 @@ class Store:
 
     def known_names(self) -> set[str]:
         return {f["name"] for f in self.manifest["files"]}
+
+    def labels_record(self) -> dict | None:
+        """The manifest's record of the store's labels (see :meth:`record_labels`)."""
+        return self.manifest.get("labels")
 
     # ------------------------------------------------------------------------ writes
     @contextlib.contextmanager
@@ -487,17 +285,21 @@ class Store:
             fh.close()
 
     def _cleanup(self) -> None:
-        """Remove what a crashed writer may have left: stray generations, temp files."""
-        gen = int(self.manifest["stats_generation"])
-        keep = {f"g{gen}", f"g{gen - 1}"}  # the previous one: see commit_file
-        sdir = self.root / "stats"
-        if sdir.is_dir():
-            for child in sdir.iterdir():
-                if child.is_dir() and child.name not in keep:
-                    shutil.rmtree(child, ignore_errors=True)
+        """Remove what a crashed writer may have left: stray generations (the previous
+        one stays, see :meth:`commit_file`), temp files."""
+        sweep_generations(self.root, int(self.manifest["stats_generation"]))
         for tmp in self.root.rglob(".*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+    def _edit_manifest(self) -> dict:
+        """A deep copy of the manifest, to change and :meth:`_commit`."""
+        return json.loads(json.dumps(self.manifest))
+
+    def _commit(self, m: dict) -> None:
+        """Replace the manifest with ``m`` atomically: the commit point of every write."""
+        atomic_write_json(self.root / "manifest.json", m)
+        self.manifest = m
 
     def commit_file(self, entry: dict, test: np.ndarray, train: np.ndarray,
                     file_stats: dict[str, RunningStats], before_commit=None) -> dict:
@@ -518,76 +320,35 @@ class Store:
             arr = self.array(split)
             # Shrinking first drops whatever a crashed writer left past the committed runs.
             arr.resize((stop, *arr.shape[1:]))
-            if self._raw_chunks(split) and data.dtype == np.dtype(self.shape.dtype):
-                self._write_runs(split, start, np.ascontiguousarray(data))
+            chunks = self.chunks(split)
+            if chunks.raw and data.dtype == np.dtype(self.shape.dtype):
+                chunks.write_runs(start, np.ascontiguousarray(data))
             else:
                 arr[start:stop] = data
         if before_commit is not None:
             before_commit()
         gen = int(self.manifest["stats_generation"]) + 1
-        sg = self.group["stats"].create_group(f"g{gen}", overwrite=True)
-        digest = hashlib.sha256()
-        for split in SPLITS:
-            merged = self.stats(split).merge(file_stats[split])
-            for name, val in (("mean", merged.mean), ("m2", merged.m2)):
-                sg.create_array(f"{split}_{name}", data=val, chunks=val.shape,
-                                compressors=[Crc32cCodec()],
-                                dimension_names=(split, "class"))
-                digest.update(val.tobytes())
-        m = json.loads(json.dumps(self.manifest))
-        rec = dict(entry, runs=runs, run_start=start, run_stop=stop,
-                   ingested_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        merged = {split: self.stats(split).merge(file_stats[split]) for split in SPLITS}
+        digest = write_generation(self.group, gen, merged)
+        m = self._edit_manifest()
+        rec = dict(entry, runs=runs, run_start=start, run_stop=stop, ingested_at=_now())
         m["files"].append(rec)
         m["runs"] = stop
         m["stats_generation"] = gen
-        m["stats_sha256"] = digest.hexdigest()
-        atomic_write_json(self.root / "manifest.json", m)  # the commit point
-        self.manifest = m
+        m["stats_sha256"] = digest
+        self._commit(m)
         self._stats_cache.clear()
         # The generation before the previous one goes: a reader that opened the store
         # before this commit still finds its generation (it reads it right after
         # opening; a reader two commits behind is told the store changed).
-        shutil.rmtree(self.root / "stats" / f"g{gen - 2}", ignore_errors=True)
+        drop_generation(self.root, gen - 2)
         return rec
 
-    def _write_runs(self, split: str, start: int, data: np.ndarray) -> None:
-        """Write runs ``[start, start + len(data))`` of ``split`` chunk file by chunk file
-        (bytes and their CRC-32C, see :mod:`kernelscale.rawchunks`), each atomically
-        and fsynced.
-
-        A chunk begun by an earlier commit is read and completed; the rest of a chunk
-        this commit does not fill is the fill value, as Zarr writes it. Zarr would do the
-        same through its codec pipeline with two more copies of every byte.
-        """
-        per_run = self._run_bytes(split)
-        rc = self.shape.run_chunk
-        checksum = self.checksummed(split)
-        stop = start + data.shape[0]
-        src = data.reshape(-1).view(np.uint8)
-        base = self.root / "logits" / split
-        for c in range(start // rc, -(-stop // rc)):
-            lo, hi = max(start, c * rc), min(stop, (c + 1) * rc)
-            piece = src[(lo - start) * per_run:(hi - start) * per_run]
-            path = chunk_path(base, (c, 0, 0))
-            if lo == c * rc and hi == (c + 1) * rc:
-                write_chunk(path, piece, checksum, durable=True)
-                continue
-            chunk = np.zeros(rc * per_run, dtype=np.uint8)
-            if lo > c * rc:  # runs an earlier commit wrote into this chunk
-                self._read_chunk(split, path, 0, chunk[:(lo - c * rc) * per_run])
-            chunk[(lo - c * rc) * per_run:(hi - c * rc) * per_run] = piece
-            write_chunk(path, chunk, checksum, durable=True)
-
     def record_rejected(self, name: str, reason: str, sha256: str | None = None) -> None:
-        m = json.loads(json.dumps(self.manifest))
+        m = self._edit_manifest()
         m["rejected"] = [r for r in m["rejected"] if r["name"] != name]
         m["rejected"].append({"name": name, "sha256": sha256, "reason": reason})
-        atomic_write_json(self.root / "manifest.json", m)
-        self.manifest = m
-
-    def labels_record(self) -> dict | None:
-        """The manifest's record of the store's labels (see :meth:`record_labels`)."""
-        return self.manifest.get("labels")
+        self._commit(m)
 
     def record_labels(self, train: np.ndarray, test: np.ndarray,
                       class_names: Sequence[str] | None, source: str, *,
@@ -597,13 +358,7 @@ class Store:
         ``replaced``. Other labels than the recorded ones are an error unless ``replace``.
         The file is written first, the manifest then points at it (the commit), and a
         replaced file is removed. Must be called under :meth:`writer`."""
-        s = self.shape
-        train, test = np.asarray(train, np.int64), np.asarray(test, np.int64)
-        if train.shape != (s.n_train,) or test.shape != (s.n_test,) or (
-                class_names is not None and len(class_names) != s.classes) or any(
-                a.size and (a.min() < 0 or a.max() >= s.classes) for a in (train, test)):
-            raise StoreError(f"{self.root}: labels do not fit the store's (n_test, n_train, "
-                             f"classes) = {(s.n_test, s.n_train, s.classes)}")
+        train, test = fitted_labels(self.root, self.shape, train, test, class_names)
         digest = labels_digest(train, test, class_names)
         old = self.labels_record()
         if old is not None and old.get("digest") == digest:
@@ -613,36 +368,21 @@ class Store:
                              f"{old.get('source')}, digest {str(old.get('digest'))[:12]}) than "
                              f"{source} (digest {digest[:12]}); a store's labels are replaced "
                              "only with --labels-replace")
-        arrays = {"train": train, "test": test}
-        if class_names is not None:
-            arrays["class_names"] = np.array([str(n) for n in class_names])
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        data = buf.getvalue()
-        name = f"labels-{digest[:16]}.npz"
-        atomic_write_bytes(self.root / name, data)
-        m = json.loads(json.dumps(self.manifest))
-        m["labels"] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(),
-                       "digest": digest, "source": source,
+        name, sha256 = write_labels_file(self.root, train, test, class_names, digest)
+        m = self._edit_manifest()
+        m["labels"] = {"file": name, "sha256": sha256, "digest": digest, "source": source,
                        "class_names": None if class_names is None else
-                       [str(n) for n in class_names],
-                       "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_json(self.root / "manifest.json", m)  # the commit point
-        self.manifest = m
-        # the replaced file, and any a writer killed before its commit left
-        for p in self.root.glob("labels-*.npz"):
-            if p.name != name and _LABELS_FILE.fullmatch(p.name):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+                       [str(n) for n in class_names], "recorded_at": _now()}
+        self._commit(m)
+        remove_other_labels_files(self.root, name)
         return "recorded" if old is None else "replaced"
 
     def record_source(self, source: dict) -> None:
         """Remember a source (and e.g. its pinned commit) once, in the manifest."""
-        m = json.loads(json.dumps(self.manifest))
+        m = self._edit_manifest()
         if source not in m["sources"]:
             m["sources"].append(source)
-            atomic_write_json(self.root / "manifest.json", m)
-            self.manifest = m
+            self._commit(m)
 
     # -------------------------------------------------------------------------- info
     def describe(self) -> str:

@@ -243,3 +243,27 @@ def test_cli_prints_the_table_and_writes_json_and_figure(configs, tmp_path):
                 str(configs["labels"]), "--k", "5", "--json")
     printed = json.loads(j.stdout)
     assert printed == {k: v for k, v in doc.items() if k != "figure"}
+
+
+def test_cli_compares_a_hub_kernel_as_its_local_copy(configs, tmp_path, monkeypatch):
+    """`kernelscale compare hf://... KERNEL_B`: the published kernel is fetched, verified
+    and compared; the result is the local kernels' but for A's name, its spec."""
+    from kernelscale.publish import PublishConfig, publish
+    from tests.hubserver import HubServer, private_hf_home
+
+    home = private_hf_home(tmp_path, monkeypatch)
+    spec = "hf://datasets/me/cfg-a/a-full"
+    with HubServer() as hub:
+        publish(PublishConfig(configs["a-full"], "hf://datasets/me/cfg-a", create=True,
+                              show_progress=False), endpoint=hub.url, token="hf_write")
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_XET": "1"}
+        p = run_cli("compare", spec, str(configs["b-top"]), "--labels",
+                    str(configs["labels"]), "--k", "5", "--json", env=env)
+    remote = json.loads(p.stdout)
+    local = compare_kernels(configs["a-full"], configs["b-top"], k=5,
+                            labels=load_labels(str(configs["labels"]))).as_json()
+    assert remote["a"].pop("path") == spec
+    local["a"].pop("path")
+    assert remote == json.loads(json.dumps(local))
+    assert list(home.glob("hub/datasets--me--cfg-a/snapshots/*/a-full/zarr.json"))

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernelscale.cli import _kernel_table, build_parser
-from kernelscale.config import KernelTable, load_job, table_flags
+from kernelscale.config import KernelTable, load_job
 from kernelscale.errors import ConfigError
+from kernelscale.jobfields import table_flags
 
 pairs = st.tuples(st.integers(1, 4096), st.integers(1, 4096))
 ranges = st.tuples(st.integers(0, 100), st.integers(1, 100)).map(lambda t: (t[0], t[0] + t[1]))
@@ -293,6 +294,15 @@ keep_kernels = true
 seed = 2
 topk = 4
 
+[compare]
+kernels = ["../other/kern", "hf://datasets/o/n@v2/cfg-a/kernel"]
+labels = "lab.npz"
+k = 7
+sample = 20
+seed = 5
+out = "cmp"
+read_threads = 2
+
 [report]
 out = "rep"
 labels = "lab.npz"
@@ -306,6 +316,15 @@ temperature = 0.1
 threshold = 0.25
 examples = 3
 seed = 4
+
+[publish]
+repo = "hf://datasets/o/out/cfg-b"
+what = "kernel,report"
+revision = "cfg-b"
+private = true
+create = false
+message = "cfg-b"
+license = "cc-by-4.0"
 
 [slurm]
 partition = "gpu"
@@ -364,3 +383,134 @@ def test_job_toml_loads_back_to_the_same_job(tmp_path, body):
     raw, written = tomllib.loads(job.read_text()), tomllib.loads(job_toml(cfg))
     for name, table in raw.items():
         assert set(table) <= set(written[name]), name
+
+
+# ------------------------------------------------------------- [compare] and [publish]
+
+SHARE = """
+[job]
+workdir = "w"
+[kernel]
+[evaluate]
+labels = "lab.npz"
+[compare]
+kernels = "other"
+[report]
+[publish]
+repo = "hf://datasets/o/out"
+"""
+
+
+def _share_with(tmp_path, table: str, line: str, name: str = "file.toml"):
+    """SHARE with ``line`` in ``[table]`` (replacing that key's line when there is one)."""
+    key = line.split("=")[0].strip()
+    body = "".join(x + "\n" for x in SHARE.splitlines() if not x.startswith(f"{key} ="))
+    job = tmp_path / name
+    job.write_text(body.replace(f"[{table}]\n", f"[{table}]\n{line}\n", 1))
+    return job
+
+
+@pytest.mark.parametrize("item, toml_line, expected", [
+    ("compare.kernels=hf://datasets/o/n/cfg/kernel", 'kernels = "hf://datasets/o/n/cfg/kernel"',
+     ("hf://datasets/o/n/cfg/kernel",)),
+    ('compare.kernels=["a", "hf://datasets/o/n@v1/k"]', 'kernels = ["a", "hf://datasets/o/n@v1/k"]',
+     ("a", "hf://datasets/o/n@v1/k")),
+    ("compare.k=5", "k = 5", 5),
+    ("compare.sample=100", "sample = 100", 100),
+    ("compare.out=", 'out = ""', ""),
+    ("compare.labels=cifar10:data/c", 'labels = "cifar10:data/c"', "cifar10:data/c"),
+    ("publish.repo=hf://datasets/me/k@cfg-a/folder", 'repo = "hf://datasets/me/k@cfg-a/folder"',
+     "hf://datasets/me/k@cfg-a/folder"),
+    ("publish.what=kernel,report", 'what = ["kernel", "report"]', ("kernel", "report")),
+    ("publish.what=workdir", 'what = "workdir"', ("workdir",)),
+    ("publish.private=true", "private = true", True),
+    ("publish.revision=2024", 'revision = "2024"', "2024"),
+    ("publish.message=first kernels", 'message = "first kernels"', "first kernels"),
+])
+def test_compare_and_publish_set_values_are_read_like_the_files_own(tmp_path, item,
+                                                                    toml_line, expected):
+    table, field = item.partition("=")[0].split(".")
+    base = tmp_path / "base.toml"
+    base.write_text(SHARE)
+    by_set = load_job(base, sets=[item])
+    by_file = load_job(_share_with(tmp_path, table, toml_line))
+    assert getattr(getattr(by_set, table), field) == expected
+    assert getattr(by_set, table) == getattr(by_file, table)
+
+
+@pytest.mark.parametrize("table, line, message", [
+    ("compare", "kernels = []", r"\[compare\]: kernels: name the kernel\(s\) to compare"),
+    ("compare", "kernels = 3", r"\[compare\] kernels must be a kernel path or a list"),
+    ("compare", 'kernels = ["a", ""]', r"\[compare\] kernels must be a kernel path"),
+    ("compare", 'kernels = "hf://models/o/n/k"', r"\[compare\] kernels: hf://models/o/n/k: "
+     "only dataset repos"),
+    ("compare", "k = 0", r"\[compare\]: k must be >= 1, not 0"),
+    ("compare", "sample = 1", r"\[compare\]: sample must be >= 2 rows"),
+    ("publish", 'repo = "me/k"', r"\[publish\] repo 'me/k': expected hf://datasets/OWNER/NAME"),
+    ("publish", 'repo = "hf://datasets/o"', r"\[publish\] repo: hf://datasets/o: expected"),
+    ("publish", 'what = "kernel,figures"', r"\[publish\] what 'kernel,figures': expected "
+     "some of kernel, results, report, workdir"),
+    ("publish", 'what = ["workdir", "kernel"]', "the workdir holds the others"),
+    ("publish", 'repo = "hf://datasets/o/out@a"\nrevision = "b"',
+     r"\[publish\]: revision 'b' contradicts the @a of repo"),
+    ("publish", f'revision = "{"ab" * 20}"', "is a commit; publishing commits to a branch"),
+])
+def test_bad_compare_and_publish_values_fail_on_load_naming_file_and_key(tmp_path, table,
+                                                                         line, message):
+    job = _share_with(tmp_path, table, line)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_job(job)
+    assert str(e.value).startswith(str(job)), str(e.value)
+
+
+def test_missing_or_unwritten_publish_and_compare_values_are_named(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('[kernel]\n[publish]\nwhat = "report"\nrepo = "hf://datasets/o/n"\n')
+    with pytest.raises(ConfigError, match=r"job\.toml \[publish\] what 'report': the job "
+                       r"writes no report \(no \[report\] table\)"):
+        load_job(job)
+    job.write_text('[kernel]\n[publish]\nwhat = "results"\nrepo = "hf://datasets/o/n"\n'
+                   '[evaluate]\njson = ""\n')
+    with pytest.raises(ConfigError, match="writes no results"):
+        load_job(job)
+    job.write_text("[kernel]\n[publish]\n")
+    with pytest.raises(ConfigError, match=r'\[publish\]: repo: name the dataset repo'):
+        load_job(job)
+    # a table added by --set is checked as a whole too, naming the --set
+    with pytest.raises(ConfigError, match=r"^\S+job\.toml \[compare\] with --set compare\.k: "
+                       "kernels: name the kernel"):
+        load_job(job, sets=["compare.k=3", "publish.repo=hf://datasets/o/n"])
+
+
+def test_compare_and_publish_tables_reach_their_stage_configs(tmp_path):
+    wd = tmp_path / "w"
+    base = tmp_path / "base.toml"
+    base.write_text(SHARE)
+    cfg = load_job(base, sets=[f"job.workdir={wd}", "compare.k=4", "compare.sample=9",
+                               "compare.read_threads=2",
+                               'compare.kernels=["../o/kernel", "hf://datasets/o/n/k"]'])
+    assert cfg.compare_targets() == [(str(wd / "../o/kernel"), wd / "compare" / "1"),
+                                     ("hf://datasets/o/n/k", wd / "compare" / "2")]
+    assert cfg.compare_options() == {"k": 4, "sample": 9, "seed": 0, "workers": 2}
+    assert cfg.compare_labels() == str(wd / "lab.npz")  # the [evaluate] labels
+    # the report shows the first comparison unless [report] compare names one
+    assert cfg.report_config(show_progress=False).compare == wd / "compare/1/compare.json"
+    one = load_job(base, sets=[f"job.workdir={wd}", "compare.labels=own.npz",
+                               "report.compare=elsewhere"])
+    assert one.compare_targets() == [(str(wd / "other"), wd / "compare")]
+    assert one.compare_labels() == str(wd / "own.npz")
+    assert one.report_config(show_progress=False).compare == wd / "elsewhere"
+    assert load_job(base, sets=["compare.out="]).comparison() is None
+    # publish: the kernel, results and report by default, each to the repo
+    pubs = cfg.publish_configs(show_progress=False)
+    assert [p.path for p in pubs] == [wd / "kernel", wd / "results.json", wd / "report"]
+    assert {(p.target, p.revision, p.create, p.private, p.license) for p in pubs} == {
+        ("hf://datasets/o/out", None, True, False, "other")}
+    cfg = load_job(base, sets=[f"job.workdir={wd}", "publish.what=workdir",
+                               "publish.revision=cfg-b", "publish.private=true"])
+    (pub,) = cfg.publish_configs()
+    assert (pub.path, pub.revision, pub.private) == (wd, "cfg-b", True)
+    # an hf:// train kernel stays a spec (a Path would fold its '//')
+    cfg = load_job(base, sets=["report.train_kernel=hf://datasets/o/n/kernel-train"])
+    assert cfg.report_config(show_progress=False).train_kernel == \
+        "hf://datasets/o/n/kernel-train"

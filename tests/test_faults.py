@@ -499,9 +499,9 @@ def test_a_file_rewritten_while_it_is_ingested_is_refused_and_nothing_stored(tmp
     """A training job still writing a log.pt: the file changes after it was read and
     hashed. Its logits may be memory-mapped, so storing them would mix two versions
     under one sha256; the file is refused and the store keeps only the earlier files."""
-    from kernelscale import store as store_mod
     from kernelscale.errors import BadInputError
     from kernelscale.parallel import serial_preparer
+    from kernelscale.store_chunks import SplitChunks
     from tests.reference import write_log
 
     src = tmp_path / "src"
@@ -519,15 +519,15 @@ def test_a_file_rewritten_while_it_is_ingested_is_refused_and_nothing_stored(tmp
                 rewrite(files[1])
             yield f, item
 
-    original = store_mod.Store._write_runs
+    original = SplitChunks.write_runs
 
-    def write_runs(self, split, start, data):
-        original(self, split, start, data)
-        if when == "during the copy" and start > 0 and split == "train":
+    def write_runs(self, start, data):
+        original(self, start, data)
+        if when == "during the copy" and start > 0 and self.split == "train":
             rewrite(files[1])
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(store_mod.Store, "_write_runs", write_runs)
+    mp.setattr(SplitChunks, "write_runs", write_runs)
     try:
         with pytest.raises(BadInputError, match="changed while it was being ingested"):
             ingest_dir(src, tmp_path / "store", preparer=preparer, show_progress=False)

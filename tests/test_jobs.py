@@ -1,5 +1,7 @@
 import json
+import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -326,3 +328,288 @@ def test_evaluate_table_options_give_what_the_evaluate_command_gives(tmp_path):
     for key in set(res) | set(cli):
         if key != "provenance":
             assert cli[key] == res[key], key
+
+
+# ---------------------------------------------------------- [compare] and [publish]
+
+TOKEN = "hf_WRITEtokenOfTheShareJob0123456789"
+READ_ONLY = "hf_READtokenOfTheShareJob9876543210"
+
+SHARE_JOB = """
+[job]
+name = "share"
+
+[kernel]
+device = "cpu"
+chunks = "16x32"
+
+[evaluate]
+labels = "{root}/labels.npz"
+select = true
+train_kernel = "hf://datasets/me/tk/kernel-train"
+
+[compare]
+kernels = ["hf://datasets/me/other/kernel", "{root}/other-top"]
+k = 5
+
+[report]
+examples = 2
+
+[publish]
+repo = "hf://datasets/me/out"
+message = "the share job"
+"""
+
+
+def hub_env(server, home, **extra) -> dict:
+    return {"HF_ENDPOINT": server.url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def hub():
+    from tests.hubserver import HubServer
+
+    with HubServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, hub):
+    """SHARE_JOB run once with a write token, over a store ingested beforehand (40 test x
+    96 train, 5 classes, 13 runs). Published first: another configuration's kernel
+    (seed 1) as hf://datasets/me/other/kernel, and the store's train x train kernel as
+    hf://datasets/me/tk/kernel-train; the other configuration's top-20 kernel stays
+    local. Returns (root, job file, workdir, the run, HF home)."""
+    from kernelscale.kernel import KernelConfig, compute_kernel
+    from kernelscale.publish import PublishConfig, publish
+    from tests.conftest import ingest_dir
+    from tests.hubserver import private_hf_home
+    from tests.reference import labels_file, random_source
+
+    root = tmp_path_factory.mktemp("share")
+    wd = root / "w"
+    random_source(root / "src", [6, 7], seed=0)
+    random_source(root / "src-b", [6, 7], seed=1)
+    labels_file(root / "labels.npz", 96, 40, 5, seed=7)
+    ingest_dir(root / "src", wd / "store", show_progress=False)
+    ingest_dir(root / "src-b", root / "store-b", show_progress=False)
+    for store, out, kw in ((root / "store-b", root / "other" / "kernel", {}),
+                           (root / "store-b", root / "other-top", {"topk": 20}),
+                           (wd / "store", root / "tk" / "kernel-train",
+                            {"pairs": "train-train"})):
+        compute_kernel(KernelConfig(store=store, out=out, device="cpu", show_progress=False,
+                                    **kw))
+    with pytest.MonkeyPatch.context() as mp:
+        private_hf_home(root / "publisher", mp)
+        for path, repo in ((root / "other" / "kernel", "me/other"),
+                           (root / "tk" / "kernel-train", "me/tk")):
+            publish(PublishConfig(path, f"hf://datasets/{repo}", create=True,
+                                  show_progress=False), endpoint=hub.url, token=TOKEN)
+    job = root / "share.toml"
+    job.write_text(SHARE_JOB.format(root=root))
+    home = root / "hf-home"
+    p = run_cli("run", str(job), "--workdir", str(wd), env=hub_env(hub, home, HF_TOKEN=TOKEN))
+    return root, job, wd, p, home
+
+
+def _top(K: np.ndarray, k: int) -> list[set]:
+    """Each row's k largest columns (value descending, column ascending), as sets."""
+    return [set(sorted(range(K.shape[1]), key=lambda j: (-K[i, j], j))[:k])
+            for i in range(K.shape[0])]
+
+
+def test_a_job_compares_with_a_hub_kernel_reports_and_publishes(shared, hub):
+    """The job's kernel is compared with a published kernel (fetched and verified) and a
+    local top-K one, the report shows the first comparison, the [evaluate] train kernel
+    comes from the Hub, and the kernel, results and report land in the repo as they are
+    on disk; publishing again commits nothing. The token is never shown or stored."""
+    import zarr
+
+    from kernelscale.evaluation import evaluate
+    from kernelscale.labels import load_labels
+
+    root, job, wd, p, home = shared
+    doc = json.loads((wd / "compare" / "1" / "compare.json").read_text())
+    assert doc["a"]["path"] == str(wd / "kernel")
+    assert doc["b"]["path"] == "hf://datasets/me/other/kernel" and doc["k"] == 5
+    A = zarr.open_group(str(wd / "kernel"), mode="r")["kernel"][...]
+    B = zarr.open_group(str(root / "other" / "kernel"), mode="r")["kernel"][...]
+    for o in doc["overlap"]:
+        jac = [len(x & y) / len(x | y) for x, y in zip(_top(A, o["k"]), _top(B, o["k"]),
+                                                       strict=True)]
+        assert o["mean_jaccard"] == pytest.approx(np.mean(jac), abs=1e-6)
+    assert 0 < doc["overlap"][-1]["mean_jaccard"] < 1
+    with np.load(root / "labels.npz") as z:
+        train, test = z["train"], z["test"]
+    vote = [np.bincount(train[sorted(s)], minlength=5).argmax() for s in _top(B, 5)]
+    assert doc["knn"]["accuracy_b"] == pytest.approx(np.mean(vote == test) * 100, abs=1e-4)
+    top = json.loads((wd / "compare" / "2" / "compare.json").read_text())
+    assert top["b"]["kind"] == "top-20" and top["rank_correlation"]["method"] == "neighbours"
+    assert list(home.glob("hub/datasets--me--other/snapshots/*/kernel/zarr.json"))
+    # the report shows the first comparison
+    assert (wd / "report" / "compare.json").read_bytes() == \
+        (wd / "compare" / "1" / "compare.json").read_bytes()
+    assert "hf://datasets/me/other/kernel" in (wd / "report" / "index.html").read_text()
+    # leave-one-out on the Hub's train x train kernel, as on the local one; none computed
+    res = json.loads((wd / "results.json").read_text())
+    assert not (wd / "kernel-train").exists()
+    local = evaluate(str(wd / "store"), str(wd / "kernel"),
+                     load_labels(str(root / "labels.npz")), k=3, select=True,
+                     train_kernel=root / "tk" / "kernel-train").as_json()
+    assert res["selection"]["method"] == "leave-one-out"
+    for key in ("setting", "accuracy", "selection_accuracy"):
+        assert res["selection"][key] == local["selection"][key], key
+    # published: every file of the kernel, the results and the report, byte for byte
+    served = hub.files("me/out")
+    for sub in ("kernel", "report"):
+        for f in (wd / sub).rglob("*"):
+            rel = f.relative_to(wd).as_posix()
+            if f.is_file() and not any(part.startswith(".") and part != ".done"
+                                       for part in f.relative_to(wd).parts):
+                assert served[rel] == f.read_bytes(), rel
+    assert served["results.json"] == (wd / "results.json").read_bytes()
+    assert "README.md" in served
+    assert p.stdout.count("publish: hf://datasets/me/out (branch main): uploaded") == 3
+    commits = len(hub.requests("POST", "/api/datasets/me/out/commit/main"))
+    again = run_cli("run", str(job), "--workdir", str(wd), "--only", "publish",
+                    env=hub_env(hub, home, HF_TOKEN=TOKEN))
+    assert again.stdout.count("up to date") == 3
+    assert len(hub.requests("POST", "/api/datasets/me/out/commit/main")) == commits
+    for text in (p.stdout, p.stderr, again.stdout, again.stderr):
+        assert TOKEN not in text
+    for base in (wd, home):
+        for f in base.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                assert TOKEN.encode() not in f.read_bytes(), f
+
+
+def test_dry_run_lists_compare_and_publish_and_touches_no_hub(tmp_path):
+    import tomllib
+
+    from kernelscale.pipeline import plan_run
+
+    job = tmp_path / "share.toml"
+    job.write_text(SHARE_JOB.format(root=tmp_path))
+    wd = tmp_path / "w"
+    sets = [f"job.workdir={wd}", "compare.k=3", "publish.what=kernel,report",
+            "publish.revision=cfg-b", 'compare.kernels=["hf://datasets/me/o@v1/kernel"]']
+    p = run_cli("run", str(job), "--dry-run", *[x for s in sets for x in ("--set", s)],
+                check=False, env={"HF_ENDPOINT": "http://127.0.0.1:9"})
+    steps = dict(re.findall(r"^#   \d\. (\w+) +(.*)$", p.stdout, flags=re.M))
+    assert list(steps) == ["kernel", "evaluate", "compare", "report", "publish"]
+    assert steps["compare"] == (f"reads kernel {wd / 'kernel'} (from kernel), kernel "
+                                "hf://datasets/me/o@v1/kernel (on the Hub); writes "
+                                f"{wd / 'compare' / 'compare.json'}")
+    assert f"comparison {wd / 'compare' / 'compare.json'} (from compare)" in steps["report"]
+    assert "kernel hf://datasets/me/tk/kernel-train (on the Hub)" in steps["evaluate"]
+    assert steps["publish"] == (f"reads kernel {wd / 'kernel'} (from kernel), report "
+                                f"{wd / 'report'} (from report); writes "
+                                "hf://datasets/me/out (branch cfg-b)")
+    doc = tomllib.loads(p.stdout)
+    assert doc["compare"]["kernels"] == ["hf://datasets/me/o@v1/kernel"]
+    assert doc["publish"]["what"] == "kernel,report" and doc["compare"]["k"] == 3
+    # the store is not there: the dry run says so, and runs and fetches nothing
+    assert p.returncode == 2 and "the kernel stage reads the store" in p.stderr
+    assert not wd.exists()
+    back = tmp_path / "back.toml"
+    back.write_text(p.stdout)
+    a, b = load_job(job, sets=sets), load_job(back)
+    assert (a.compare, a.publish) == (b.compare, b.publish)
+    assert plan_run(b).stages == plan_run(a).stages
+
+
+@pytest.mark.parametrize("case", ["read-only token", "no network"])
+def test_a_failed_publish_is_one_line_and_keeps_the_outputs(shared, hub, tmp_path, case):
+    import shutil
+
+    root, job, wd, _, home = shared
+    w = tmp_path / "w"
+    shutil.copytree(wd, w, symlinks=True)
+    (w / ".kernelscale-published.json").unlink()
+    before = {f: f.read_bytes() for f in w.rglob("*") if f.is_file()}
+    hub.read_only_tokens.add(READ_ONLY)
+    env = (hub_env(hub, home, HF_TOKEN=READ_ONLY) if case == "read-only token" else
+           hub_env(hub, home, HF_TOKEN=TOKEN, HF_ENDPOINT="http://127.0.0.1:9"))
+    p = run_cli("run", str(job), "--workdir", str(w), "--only", "publish", "--set",
+                "publish.repo=hf://datasets/me/refused", env=env, check=False)
+    assert p.returncode == 2
+    (line,) = p.stderr.strip().splitlines()[-1:]
+    assert line.startswith("kernelscale: error: hf://datasets/me/refused: ")
+    if case == "read-only token":
+        assert "HTTP 403: the token lacks write access" in line
+    assert "--only publish" in line and "--set publish.repo=hf://datasets/me/refused" in line
+    assert [x for x in p.stderr.splitlines() if "error" in x] == [line]
+    assert READ_ONLY not in p.stdout + p.stderr and TOKEN not in p.stdout + p.stderr
+    assert {f: f.read_bytes() for f in w.rglob("*") if f.is_file()} == before
+    assert "me/refused" not in hub.repos
+
+
+_KILL_IN_SECOND_COMMIT = r"""
+import os, runpy, signal, sys
+
+import huggingface_hub
+
+commit, calls = huggingface_hub.HfApi.create_commit, []
+
+
+def create_commit(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the kernel committed, the results not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    return commit(self, *args, **kwargs)
+
+
+huggingface_hub.HfApi.create_commit = create_commit
+sys.argv = ["kernelscale", *sys.argv[1:]]
+runpy.run_module("kernelscale", run_name="__main__")
+"""
+
+
+def test_gather_killed_while_publishing_finishes_when_run_again(shared, hub, tmp_path):
+    """A Slurm gather killed during its publish stage (kill -9 with the kernel committed
+    and the results not) is left to do for status and submit; the same command then
+    publishes what is missing and the gather is done."""
+    import dataclasses
+    import shutil
+    import subprocess
+    import sys
+
+    from kernelscale.atomic import atomic_write_json
+    from kernelscale.config import slurm_settings
+    from kernelscale.kernel import compute_kernel
+    from kernelscale.slurm.geometry import plan_array
+    from kernelscale.slurm.queue import SlurmPaths
+
+    root, _, wd, _, home = shared
+    w = tmp_path / "w"
+    shutil.copytree(wd / "store", w / "store", symlinks=True)
+    job = tmp_path / "gather.toml"
+    job.write_text(f'[job]\nname = "g"\nworkdir = "{w}"\n[kernel]\ndevice = "cpu"\n'
+                   f'[evaluate]\nlabels = "{root}/labels.npz"\n'
+                   f'[compare]\nkernels = "{root}/other-top"\n'
+                   '[publish]\nrepo = "hf://datasets/me/gathered"\n[slurm]\ntasks = 1\n')
+    cfg = load_job(job)
+    t = slurm_settings(cfg)
+    kp = plan_array(cfg, t, need_ingest=False)
+    atomic_write_json(SlurmPaths.of(cfg, t).plan, kp.as_json())
+    compute_kernel(dataclasses.replace(cfg.kernel_config(show_progress=False),
+                                       chunks=kp.chunks, tile=kp.tile))
+    env = hub_env(hub, home, HF_TOKEN=TOKEN)
+    p = subprocess.run([sys.executable, "-c", _KILL_IN_SECOND_COMMIT, "-q", "gather",
+                        str(job)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert "kernel/zarr.json" in hub.files("me/gathered")
+    assert "results.json" not in hub.files("me/gathered")
+
+    def gather_state() -> str:
+        out = run_cli("status", str(job), env=env).stdout
+        return next(x.split(":")[1].split()[0] for x in out.splitlines()
+                    if x.strip().startswith("gather:"))
+
+    assert gather_state() == "left"
+    again = run_cli("gather", str(job), env=env)
+    assert "(branch main): up to date" in again.stdout  # the kernel, committed before
+    assert hub.files("me/gathered")["results.json"] == (w / "results.json").read_bytes()
+    assert gather_state() == "done"

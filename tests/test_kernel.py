@@ -189,7 +189,7 @@ def test_out_of_memory_retries_once_with_smaller_tiles(small_store, tmp_path, mo
     import kernelscale.kernel as kmod
 
     store, test, train = small_store
-    real = kmod._run_plan
+    real = kmod.run_plan
     budgets = []
 
     def flaky(p, *a, **kw):
@@ -198,7 +198,7 @@ def test_out_of_memory_retries_once_with_smaller_tiles(small_store, tmp_path, mo
             raise torch.OutOfMemoryError("simulated")
         return real(p, *a, **kw)
 
-    monkeypatch.setattr(kmod, "_run_plan", flaky)
+    monkeypatch.setattr(kmod, "run_plan", flaky)
     K = run(store, tmp_path / "k", max_memory=1 << 20)
     assert budgets == [1 << 20, 1 << 19]
     assert "out of memory" in capsys.readouterr().err
@@ -214,7 +214,7 @@ def test_out_of_memory_twice_is_a_clear_error(small_store, tmp_path, monkeypatch
     def always(*a, **kw):
         raise torch.OutOfMemoryError("simulated")
 
-    monkeypatch.setattr(kmod, "_run_plan", always)
+    monkeypatch.setattr(kmod, "run_plan", always)
     with pytest.raises(KernelscaleError, match="out of memory on cpu even with a budget"):
         run(store := small_store[0], tmp_path / "k", max_memory=1 << 20)
     assert store.exists()
@@ -309,7 +309,7 @@ def test_out_of_memory_retry_runs_after_the_failed_pass_is_freed(small_store, tm
     import kernelscale.kernel as kmod
 
     store, test, train = small_store
-    real = kmod._run_plan
+    real = kmod.run_plan
     held = []
     alive_at_collect = []
 
@@ -327,7 +327,7 @@ def test_out_of_memory_retry_runs_after_the_failed_pass_is_freed(small_store, tm
         alive_at_collect.append(held[0]() is not None)
         return real_collect(*a)
 
-    monkeypatch.setattr(kmod, "_run_plan", flaky)
+    monkeypatch.setattr(kmod, "run_plan", flaky)
     monkeypatch.setattr(kmod.gc, "collect", collect)
     K = run(store, tmp_path / "k", max_memory=1 << 20)
     assert alive_at_collect == [False]  # collected once, after the traceback let go
@@ -343,7 +343,7 @@ def test_other_runtime_errors_are_not_retried(small_store, tmp_path, monkeypatch
         calls.append(p.budget)
         raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
 
-    monkeypatch.setattr(kmod, "_run_plan", broken)
+    monkeypatch.setattr(kmod, "run_plan", broken)
     with pytest.raises(RuntimeError, match="EXECUTION_FAILED"):
         run(small_store[0], tmp_path / "k")
     assert len(calls) == 1
@@ -353,12 +353,12 @@ def test_padded_operands_and_poisoned_buffers_give_the_same_kernel(small_store, 
                                                                    monkeypatch):
     """Operands padded with zero columns (as on CUDA), a short last run-chunk, and
     buffers poisoned with NaN as soon as they are released: the same kernel."""
-    import kernelscale.kernel as kmod
+    import kernelscale.kernel_plan as pmod
     import kernelscale.reader as rmod
 
     store, test, train = small_store
     plain = run(store, tmp_path / "plain", runs_per_step=5)
-    monkeypatch.setattr(kmod, "operand_padding", lambda device: 32)
+    monkeypatch.setattr(pmod, "operand_padding", lambda device: 32)
     monkeypatch.setattr(rmod, "POISON_RELEASED", True)
     padded = run(store, tmp_path / "padded", runs_per_step=5)  # 24 runs: last chunk of 4
     assert np.isfinite(padded).all()
@@ -367,7 +367,8 @@ def test_padded_operands_and_poisoned_buffers_give_the_same_kernel(small_store, 
 
 
 def test_engine_plan_counts_padding_and_fixed_temporaries(small_store, tmp_path):
-    from kernelscale.kernel import KernelConfig, engine_plan
+    from kernelscale.kernel import KernelConfig
+    from kernelscale.kernel_plan import engine_plan
     from kernelscale.plan import pass_bytes
 
     cfg = KernelConfig(store=small_store[0], out=tmp_path / "k", runs_per_step=3)

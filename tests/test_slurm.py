@@ -415,14 +415,17 @@ def _queue(job_id: str) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _wait(what: str, cond, timeout: float = 180.0, interval: float = 0.1):
+def _wait(what: str, cond, timeout: float = 180.0, interval: float = 0.1, show=None):
+    """Poll ``cond`` until it is truthy; on timeout, the failure names what was awaited
+    and what ``show()`` describes then (the queue, a log)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = cond()
         if v:
             return v
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    seen = f"; then: {show()}" if show else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{seen}")
 
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
@@ -587,13 +590,16 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, slow_store, t
     # Slurm holds a requeued job until its old credential expires (about 2 minutes). Start
     # it sooner, but not within the second its old credential was revoked: slurmd refuses
     # a credential no newer than the revocation (whole seconds), and the job would fail.
+    log = tmp_path / "w" / "slurm" / f"kernel-{arr}_1.out"
     _wait("task 1 to be requeued",
-          lambda: _queue(arr).get(f"{arr}_1", ("", ""))[0] == "PENDING")
+          lambda: _queue(arr).get(f"{arr}_1", ("", ""))[0] == "PENDING",
+          show=lambda: f"queue {_queue(arr)}, log "
+                       f"{log.read_text()[-2000:] if log.exists() else '(none)'}")
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={arr}_1", "StartTime=now"], check=True)
     q = _wait("the gather job", lambda: _finished(jobs["gather"]["id"]))
     assert q[jobs["gather"]["id"]][0] == "COMPLETED"
-    log = (tmp_path / "w" / "slurm" / f"kernel-{arr}_1.out").read_text()
+    log = log.read_text()
     assert re.search(rf"kernelscale-task: {arr}_1 exit 75 .*\n(.*\n)*kernelscale-task: "
                      rf"{arr}_1 requeued", log), log
     assert re.search(r"stopped by signal 10 after (\d+)/600 runs", log), log

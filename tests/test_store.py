@@ -3,6 +3,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kernelscale import store_layout
 from kernelscale.errors import StoreError
 from kernelscale.store import Store
 from tests.conftest import ingest_dir
@@ -60,7 +61,7 @@ def test_a_creation_that_fails_half_way_leaves_nothing_at_the_path(tmp_path, mon
         (root / "zarr.json").write_text("{}")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Store, "_build", staticmethod(half))
+    monkeypatch.setattr(store_layout, "build_store", half)
     with pytest.raises(OSError):
         Store.create(tmp_path / "s", n_test=3, n_train=4, classes=2, dtype="float16")
     assert not (tmp_path / "s").exists()
@@ -69,15 +70,15 @@ def test_a_creation_that_fails_half_way_leaves_nothing_at_the_path(tmp_path, mon
 
 @pytest.mark.fault
 def test_the_loser_of_two_racing_creations_is_told(tmp_path, monkeypatch):
-    build = Store._build
+    build = store_layout.build_store
 
     def racing(root, *a):
         build(root, *a)
         # the other process: creates the store while this one is still building
-        monkeypatch.setattr(Store, "_build", staticmethod(build))
+        monkeypatch.setattr(store_layout, "build_store", build)
         Store.create(tmp_path / "s", n_test=3, n_train=4, classes=2, dtype="float16")
 
-    monkeypatch.setattr(Store, "_build", staticmethod(racing))
+    monkeypatch.setattr(store_layout, "build_store", racing)
     with pytest.raises(StoreError, match="created by another process at the same time"):
         Store.create(tmp_path / "s", n_test=3, n_train=4, classes=2, dtype="float16")
     assert Store.open(tmp_path / "s").runs == 0

@@ -2,8 +2,8 @@
 checks of two arrays' shapes and dtypes made from a file's header, before any of its
 data is read.
 
-The messages are those of ``log.pt`` validation (:func:`kernelscale.logfile.load_log`),
-so a bad file reads the same whatever its format.
+``log.pt`` validation (:func:`kernelscale.logfile.load_log`) makes the same checks with
+:func:`check_meta`, so a bad file reads the same whatever its format.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BadInputError, ConfigError
-from ..logfile import ALLOWED_DTYPES
 
+#: dtypes a store can hold; logits keep their on-disk precision (the reference casts to
+#: float32 only for the computation, so widening here would only cost disk).
+ALLOWED_DTYPES = ("float16", "float32")
 #: the names of the test and train arrays in every format (``--keys`` maps others)
 DEFAULT_KEYS = ("logits", "logits_train")
 #: ``--format`` values: ``auto`` decides per file by its content

@@ -18,6 +18,7 @@ from ..errors import ConfigError, Interrupted, KernelOutputError, KernelscaleErr
 from ..kernel import create_output, setup_kernel
 from ..output import KernelOutput
 from ..plan import ArrayPlan
+from ..share import compared, published
 from ..signals import STOP_SIGNALS
 from ..sources.base import is_local_spec
 from ..store import Store
@@ -104,7 +105,8 @@ def _results_path(cfg: JobConfig) -> Path | None:
 
 def _gather_done(cfg: JobConfig, out: KernelOutput | None) -> bool:
     """The kernel complete and every stage after it finished. A gather killed after
-    results.json (in the curve or the report) is not done: submit queues it again."""
+    results.json (in the compare, curve, report or publish stage) is not done: submit
+    queues it again."""
     if out is None or not out.attrs.get("complete"):
         return False
     res = _results_path(cfg)
@@ -112,8 +114,13 @@ def _gather_done(cfg: JobConfig, out: KernelOutput | None) -> bool:
         return False
     if cfg.curve is not None and not _curve_done(cfg):
         return False
+    if cfg.compare is not None and not compared(cfg):
+        return False
     # a report is published whole (renamed into place), so its report.json means done
-    return cfg.report is None or (Path(cfg.path_of(cfg.report.out)) / "report.json").exists()
+    if cfg.report is not None and not (Path(cfg.path_of(cfg.report.out)) /
+                                       "report.json").exists():
+        return False
+    return cfg.publish is None or published(cfg)
 
 
 def _curve_done(cfg: JobConfig) -> bool:
@@ -158,10 +165,11 @@ def _plan_text(cfg: JobConfig, ist: IngestState, kp: ArrayPlan | None,
             lines.append(f"    ... and {len(todo) - shown} more")
     if gather:
         res = _results_path(cfg)
-        later = [n for n in ("curve", "report") if getattr(cfg, n, None) is not None]
+        later = [n for n in ("compare", "curve", "report", "publish")
+                 if getattr(cfg, n, None) is not None]
         lines.append("  gather: check every tile, mark the kernel complete"
                      + (f", evaluate -> {res}" if cfg.evaluate else "")
-                     + (f", then {' and '.join(later)}" if later else ""))
+                     + (f", then {', '.join(later)}" if later else ""))
     lines.append("sbatch:" if commands else "sbatch: nothing to submit")
     lines += [f"  {c}" for c in commands]
     return "\n".join(lines)
@@ -297,7 +305,8 @@ def _stop_raises() -> Iterator[None]:
 def gather(job: str | Path, *, workdir: str | None = None, evaluate: bool = True,
            sets: Sequence[str] = ()) -> int:
     """Check every planned tile against the done-markers, mark complete, evaluate; then
-    the job's ``[curve]`` and ``[report]`` stages, when it has them. A stop signal
+    the job's ``[compare]``, ``[curve]``, ``[report]`` and ``[publish]`` stages, when it
+    has them. A stop signal
     (SIGTERM, SIGUSR1) raises :class:`~kernelscale.errors.Interrupted` after the stage in
     progress removed its temps; what earlier stages wrote is kept and the same command
     finishes the rest."""

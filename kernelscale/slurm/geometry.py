@@ -19,7 +19,8 @@ from ..output import DEFAULT_CHUNKS, PAIRS, KernelOutput
 from ..plan import ArrayPlan, group_regions, plan, round_up, split_tile
 from ..sources.base import SourceFile, is_local_spec
 from ..sources.local import LocalSource
-from ..store import Store, auto_run_chunk
+from ..store import Store
+from ..store_layout import auto_run_chunk
 
 #: Tile budget (device bytes) for planning when the job sets neither ``[kernel] tile`` nor
 #: ``max_memory``: the submitting host cannot see the GPUs, and 8 GiB fits any current

@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 from ..bundled import TEMPLATES
-from ..config import JobConfig, KernelTable, SlurmTable, table_flags
+from ..config import JobConfig, KernelTable, SlurmTable
 from ..errors import ConfigError
 from ..formats import DEFAULT_KEYS
+from ..jobfields import table_flags
 from ..plan import ArrayPlan
 from ..sources.base import is_local_spec
 from .queue import SCRIPTS, SlurmPaths, job_name
