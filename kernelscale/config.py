@@ -31,7 +31,6 @@ from typing import Any, get_type_hints
 
 from .errors import ConfigError
 from .jobfields import table_from_options
-from .jobtables import MAX_ARRAY_TASKS as MAX_ARRAY_TASKS
 from .jobtables import (
     STAGES,
     TABLES,

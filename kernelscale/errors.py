@@ -16,6 +16,11 @@ class BadInputError(KernelscaleError):
     """A source file or labels file is unreadable, unsafe or inconsistent."""
 
 
+class MissingKeysError(BadInputError):
+    """A readable file of an input format holds no arrays of the (test, train) names
+    asked (``--keys``): e.g. a labels ``.npz`` beside the logits files."""
+
+
 class ConfigError(KernelscaleError):
     """A job file or command-line option is invalid."""
 

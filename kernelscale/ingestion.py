@@ -166,7 +166,8 @@ def ingest(cfg: IngestConfig, *, source: Source | None = None,
         check_unchanged(Path(cfg.store), files, src)
         if labels is not None and cfg.shape is None and not Store.exists(cfg.store):
             # a new store: its shape is the first file's; its header tells it now
-            _, first = RunCounter(src, probe=1, keys=cfg.keys).count(files[:1])
+            counter = RunCounter(src, probe=1, keys=cfg.keys, every_file=True)
+            _, first = counter.count(files[:1])
             if first is not None:
                 check_labels(cfg.labels, cfg.store, shape=first.dims)
         if preparer is not None:

@@ -4,8 +4,9 @@ disk it needs, worked out without doing any of it.
 The source is opened, pinned and listed as the ingest would (a Hub repo at one commit),
 the files the store already holds are left out, and the same checks run (a file changed
 under an ingested name, labels that do not fit or conflict), so a dry run fails where
-the ingest would. Runs come from the files' headers and zip directories, read by ranged
-requests (:mod:`kernelscale.runcount`); nothing is downloaded, created or deleted.
+the ingest would. Runs come from the files' headers in any format and a ``log.pt``'s zip
+directory, read by ranged requests (:mod:`kernelscale.runcount`); nothing is downloaded,
+created or deleted.
 
 Disk needed, once the files are in:
 
@@ -32,7 +33,7 @@ from .store import Store
 from .store_layout import auto_run_chunk
 from .units import format_bytes
 
-#: files whose zip directory a dry run reads (the rest: by their sizes)
+#: units whose headers a dry run reads (the rest: by their sizes)
 DRY_RUN_PROBE = 256
 #: bytes of a store's metadata: the group's and arrays' zarr.json, the empty manifest
 META_STORE = 4 << 10
@@ -181,7 +182,7 @@ def plan_ingest(cfg: IngestConfig, *, endpoint: str | None = None,
             if f.sha256 is not None:
                 seen[f.sha256] = f.name
             fresh.append(f)
-        counter = RunCounter(src, probe, cfg.keys)
+        counter = RunCounter(src, probe, cfg.keys, every_file=True)
         runs, shape = counter.count(fresh, shape)
         remote = not is_local_record(src.record(cfg.glob))
         plan = IngestPlan(str(src), src.record(cfg.glob), str(cfg.store), store is not None,

@@ -10,9 +10,12 @@ at the repo root: ``README.md``, the dataset card (:mod:`kernelscale.card`), unl
 Re-publishing the same content is a no-op: each local file's size and sha256 (the Hub's
 LFS oid) or git blob id (a regular file's oid) is compared with the branch's listing
 (``list_repo_tree``); only files that differ are committed, and when none does nothing
-is written. The upload itself is ``huggingface_hub``'s ``create_commit`` of
-``CommitOperationAdd`` operations (the library chooses regular, LFS or Xet transfers), on
-top of the commit that was compared (``parent_commit``), so a concurrent change fails
+is written. Files an earlier publish of the same output put in the repo and that are
+gone from ``PATH`` now are deleted in the same commit; nothing else ever is (the record
+kept in ``kernelscale-published.json``: :mod:`kernelscale.publishmanifest`). The upload
+itself is ``huggingface_hub``'s ``create_commit`` of ``CommitOperationAdd`` and
+``CommitOperationDelete`` operations (the library chooses regular, LFS or Xet transfers),
+on top of the commit that was compared (``parent_commit``), so a concurrent change fails
 the commit instead of being overwritten unseen. The token is the library's (``HF_TOKEN``,
 ``hf auth login``); it is never printed or stored.
 """
@@ -31,6 +34,7 @@ from .card import CARD_MARKER, CardInputs, dataset_card, provenance_json
 from .errors import ConfigError, KernelscaleError
 from .hubkernel import hub_progress
 from .publishfiles import LocalFile, collect
+from .publishmanifest import MANIFEST, Record, stale
 from .sources.hub import HubError
 from .sources.hubfail import explain, http_status, is_transient
 from .sources.hubspec import HubSpec, parse_hub_spec
@@ -68,17 +72,23 @@ class PublishSummary:
     commit: str | None
     dry_run: bool = False
     notes: list[str] = field(default_factory=list)
+    #: paths in the repo deleted (or, in a dry run, to delete): see the module docstring
+    deleted: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         where = f"{self.target} (branch {self.branch})"
-        if not self.uploaded:
+        if not self.uploaded and not self.deleted:
             return (f"publish: {where}: up to date, {self.unchanged} file(s) unchanged; "
                     "nothing committed")
         size = format_bytes(sum(f.size for f in self.uploaded))
+        gone = ""
+        if self.deleted:
+            verb = "would delete" if self.dry_run else "deleted"
+            gone = f", {verb} {len(self.deleted)} file(s) published before and gone locally"
         if self.dry_run:
-            return (f"publish: {where}: would upload {len(self.uploaded)} file(s) ({size}), "
-                    f"{self.unchanged} unchanged (dry run: nothing sent)")
-        return (f"publish: {where}: uploaded {len(self.uploaded)} file(s) ({size}), "
+            return (f"publish: {where}: would upload {len(self.uploaded)} file(s) ({size})"
+                    f"{gone}, {self.unchanged} unchanged (dry run: nothing sent)")
+        return (f"publish: {where}: uploaded {len(self.uploaded)} file(s) ({size}){gone}, "
                 f"{self.unchanged} unchanged; commit {self.commit}")
 
 
@@ -208,7 +218,7 @@ def publish(cfg: PublishConfig, *, endpoint: str | None = None,
             token: str | bool | None = None) -> PublishSummary:
     """Upload what ``cfg.path`` holds (see the module docstring) to ``cfg.target``;
     commit only files whose content differs from the branch's."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     spec, branch = _target(cfg)
     plan = collect(cfg.path, spec.prefix)
@@ -218,6 +228,8 @@ def publish(cfg: PublishConfig, *, endpoint: str | None = None,
     head, remote = _remote(api, spec, branch, cfg, notes)
     files = [f.hash() for f in plan.files]
     mine = {f.path_in_repo for f in files}
+    record, gone = _record(api, spec, head, remote, plan.output, files, notes)
+    remote = {p: r for p, r in remote.items() if p not in gone}
     if CARD in mine:
         notes.append(f"{CARD}: {cfg.path} brings its own; no card written")
     elif CARD in remote and head and CARD_MARKER not in _remote_text(api, spec, head, CARD):
@@ -231,19 +243,46 @@ def publish(cfg: PublishConfig, *, endpoint: str | None = None,
             card = card.merged_with(earlier, set(remote) | mine)
         files.append(LocalFile(CARD, data=dataset_card(card).encode()).hash())
         files.append(LocalFile(PROVENANCE, data=provenance_json(card).encode()).hash())
+    if record is not None:
+        files.append(LocalFile(MANIFEST, data=record.to_bytes()).hash())
     todo = [f for f in files if not f.same_as(remote.get(f.path_in_repo))]
     summary = PublishSummary(target + (f"/{spec.prefix}" if spec.prefix else ""), branch,
-                             todo, len(files) - len(todo), None, cfg.dry_run, notes)
-    if not todo or cfg.dry_run:
+                             todo, len(files) - len(todo), None, cfg.dry_run, notes, gone)
+    if not (todo or gone) or cfg.dry_run:
         return summary
     ops = [CommitOperationAdd(f.path_in_repo, f.data if f.data is not None else str(f.source))
            for f in todo]
+    ops += [CommitOperationDelete(p) for p in gone]
     message = cfg.message or f"Publish {Path(cfg.path).name} with kernelscale {__version__}"
     with hub_progress(cfg.show_progress), _hub_errors(target, writing=True):
         info = api.create_commit(spec.repo_id, operations=ops, commit_message=message,
                                  repo_type="dataset", revision=branch, parent_commit=head)
     summary.commit = str(info.oid)
     return summary
+
+
+def _record(api, spec: HubSpec, head: str | None, remote: dict, output: str,
+            files: list[LocalFile], notes: list[str]) -> tuple[Record | None, list[str]]:
+    """The record to write once ``files`` are published as ``output`` (None: the repo's
+    is not kernelscale's, so it is kept and none written), and the remote files to delete
+    (see :mod:`kernelscale.publishmanifest`)."""
+    where = f"hf://datasets/{spec.repo_id}/{MANIFEST}"
+    if any(f.path_in_repo == MANIFEST for f in files):
+        notes.append(f"{MANIFEST}: the path brings its own; nothing deleted, no record "
+                     "written")
+        return None, []
+    if MANIFEST not in remote or head is None:
+        return Record().with_output(output, files), []
+    record = Record.load(_remote_text(api, spec, head, MANIFEST))
+    if record is None:
+        notes.append(f"{where}: not kernelscale's record (or unreadable); kept, nothing "
+                     "deleted")
+        return None, []
+    notes.extend(record.notes)
+    gone, kept = stale(record, output, {f.path_in_repo for f in files}, remote,
+                       frozenset({CARD, PROVENANCE, MANIFEST, ".gitattributes"}))
+    notes.extend(kept)
+    return record.with_output(output, files), gone
 
 
 def _contents(files: list[LocalFile], remote: dict) -> dict[str, tuple[int, int]]:
@@ -253,7 +292,7 @@ def _contents(files: list[LocalFile], remote: dict) -> dict[str, tuple[int, int]
     sizes.update({f.path_in_repo: f.size for f in files})
     out: dict[str, list[int]] = {}
     for p, n in sizes.items():
-        if p in (CARD, PROVENANCE, ".gitattributes"):
+        if p in (CARD, PROVENANCE, MANIFEST, ".gitattributes"):
             continue
         top = p.split("/")[0] + ("/" if "/" in p else "")
         acc = out.setdefault(top, [0, 0])

@@ -75,6 +75,9 @@ class Plan:
     files: list[LocalFile] = field(default_factory=list)
     card: CardInputs = field(default_factory=CardInputs)
     notes: list[str] = field(default_factory=list)  #: what was left out, and why
+    #: where ``PATH`` lies in the repo: a file's path, a kernel's or report's folder, or
+    #: the folder a workdir's contents go to ("" the repo root)
+    output: str = ""
 
 
 
@@ -98,14 +101,15 @@ def collect(path: str | os.PathLike, folder: str = "") -> Plan:
     plan = Plan()
     base = folder.strip("/")
     if root.is_file():
-        plan.files.append(LocalFile(_join(base, root.name), root))
+        plan.output = _join(base, root.name)
+        plan.files.append(LocalFile(plan.output, root))
         _note_json(plan, root, _join(base, root.name))
         return plan
     if Store.exists(root):
         raise BadInputError(f"{root}: is a store (the ensemble's logits); publish the kernel, "
                             "results or report computed from it")
     named = _kernel(root) is not None or _is_report(root)
-    top = _join(base, root.name) if named else base
+    top = plan.output = _join(base, root.name) if named else base
     sources = _store_sources(root)
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)

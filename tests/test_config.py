@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscale.cli import _kernel_table, build_parser
+from kernelscale.cli import build_parser
+from kernelscale.cli_commands import _kernel_table
 from kernelscale.config import KernelTable, load_job
 from kernelscale.errors import ConfigError
 from kernelscale.jobfields import table_flags

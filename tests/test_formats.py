@@ -8,6 +8,8 @@ bad file of each kind is refused with one line naming it, and nothing of it is s
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import struct
@@ -18,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 import kernelscale.formats.zarr_io as zarr_io
@@ -25,6 +29,7 @@ from kernelscale.config import load_job
 from kernelscale.errors import BadInputError, ConfigError
 from kernelscale.formats import sniff
 from kernelscale.simulation import simulate
+from kernelscale.sources.ranged import RangedFile
 from kernelscale.store import Store
 from tests.conftest import ingest_dir, run_cli
 from tests.hubserver import HubServer
@@ -640,3 +645,100 @@ def test_paired_source_hands_back_nothing_it_yielded(tmp_path):
     next(gen)
     gen.close()  # the consumer stopped early: the inner source takes its files back
     assert taken_back == ["a.logits.npy", "a.logits_train.npy"]
+
+
+# ------------------------------------------------------------- headers by ranges
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_header_of_arbitrary_bytes_is_the_loaders_verdict(tmp_path, data):
+    """Valid files of each format, mutated (bytes flipped, cut, inserted): the header
+    read through ranges raises nothing but BadInputError, and whenever the loader reads
+    the file the header declares the shapes and dtype the loader returned (but for
+    log.pt, which torch reads more leniently: a damaged zip member's CRC, say)."""
+    from kernelscale.errors import BadInputError
+    from kernelscale.formats import load_file
+    from kernelscale.formats.headers import read_header
+
+    good = _small_files()
+    name = data.draw(st.sampled_from(sorted(good)))
+    b = bytearray(good[name])
+    for _ in range(data.draw(st.integers(0, 3))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        at = data.draw(st.integers(0, max(0, len(b) - 1)))
+        if op == "flip" and b:
+            b[at] = data.draw(st.integers(0, 255))
+        elif op == "cut":
+            del b[at:]
+        else:
+            b[at:at] = data.draw(st.binary(min_size=1, max_size=16))
+    raw = bytes(b)
+    fh = RangedFile(len(raw), lambda a, z: raw[a:z], tail=256, block=64, name=name)
+    try:
+        h = read_header(fh, len(raw), name)
+    except BadInputError:
+        h = None
+    if name.endswith(".pt"):
+        return
+    p = tmp_path / name
+    p.write_bytes(raw)
+    try:
+        _, te, tr = load_file(p, name)
+    except BadInputError:
+        return
+    assert h is not None
+    assert (h.test.shape, h.train.shape, h.test.dtype) == (te.shape, tr.shape, str(te.dtype))
+
+
+@functools.cache
+def _small_files() -> dict[str, bytes]:
+    """A tiny file of each format holding both splits, logits and logits_train."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(2)
+    te = rng.normal(size=(2, 3, 4)).astype(np.float16)
+    tr = rng.normal(size=(2, 5, 4)).astype(np.float16)
+    out = {"a.safetensors": save({"logits": te, "logits_train": tr})}
+    for name, fn in (("b.npz", np.savez), ("c.npz", np.savez_compressed)):
+        buf = io.BytesIO()
+        fn(buf, logits=te, logits_train=tr)
+        out[name] = buf.getvalue()
+    buf = io.BytesIO()
+    torch.save({"logits": torch.from_numpy(te), "logits_train": torch.from_numpy(tr),
+                "code": "x"}, buf)
+    out["d.pt"] = buf.getvalue()
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=st.one_of(
+    st.binary(max_size=64),
+    st.dictionaries(st.sampled_from(["zarr_format", "node_type", "shape", "data_type",
+                                     "dtype"]),
+                    st.one_of(st.integers(-2, 4), st.text(max_size=6),
+                              st.sampled_from(["array", "float16", "<f4", "|f3", "b8"]),
+                              st.lists(st.integers(-1, 9), max_size=4))).map(
+        lambda d: json.dumps(d).encode())))
+def test_zarr_metadata_of_arbitrary_bytes_is_a_shape_or_one_error(doc):
+    """A Zarr array's metadata document, whatever its bytes: a shape of sizes and a
+    dtype name, or BadInputError -- and for what zarr itself writes, zarr's shape."""
+    from kernelscale.formats.zarr_io import array_metadata
+
+    try:
+        meta = array_metadata(doc, "m")
+    except BadInputError:
+        return
+    assert all(isinstance(d, int) and d >= 0 for d in meta.shape)
+    assert isinstance(meta.dtype, str)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_zarr_metadata_is_zarrs_own_shape(tmp_path, zarr_format):
+    from kernelscale.formats.zarr_io import array_metadata, metadata_names
+
+    a = np.zeros((5, 7, 3), np.float32)
+    write_group(tmp_path / "g", a, a[:, :4], run_chunk=2, zarr_format=zarr_format)
+    name = metadata_names("logits_train")[0 if zarr_format == 3 else 1]
+    meta = array_metadata((tmp_path / "g" / name).read_bytes(), name)
+    assert (meta.shape, meta.dtype) == ((5, 4, 3), "float32")

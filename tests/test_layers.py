@@ -24,7 +24,7 @@ LAYERS = [
     ("formats", {"rawchunks", "store", "store_layout", "store_chunks", "store_stats",
                  "store_labelfile", "locks", "output", "kernelread", "labels", "logfile",
                  "formats", "formats.common", "formats.sniff", "formats.safetensors_io",
-                 "formats.numpy_io", "formats.zarr_io", "formats.torchzip"}),
+                 "formats.numpy_io", "formats.zarr_io", "formats.torchzip", "formats.headers"}),
     ("sources", {"sources", "sources.base", "sources.local", "sources.hubspec",
                  "sources.hubfail", "sources.hub", "sources.pairs", "sources.zarrgroup",
                  "sources.ranged"}),
@@ -33,11 +33,11 @@ LAYERS = [
                 "evaluation", "curve", "neighbours", "compare",
                 "interpret", "figures", "report", "report_data", "report_html",
                 "report_sections", "report_context", "report_views", "simulation", "bench", "bench_ingest",
-                "integrity", "arrays", "provenance", "card", "publishfiles", "publish", "hubkernel"}),
+                "integrity", "arrays", "provenance", "card", "publishfiles", "publishmanifest", "publish", "hubkernel"}),
     ("orchestration", {"jobfields", "jobtables", "config", "share", "pipeline", "api",
                        "slurm", "slurm.geometry",
                        "slurm.scripts", "slurm.queue", "slurm.commands"}),
-    ("command line", {"cli", "__main__"}),
+    ("command line", {"cli", "cli_parser", "cli_commands", "__main__"}),
 ]
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 

@@ -1,5 +1,6 @@
 """``kernelscale ls`` and ``ingest --dry-run`` against the offline Hub server
-(tests/hubserver.py) and local folders; the truth is read from the files with torch."""
+(tests/hubserver.py) and local folders; the truth is read from the files with torch, or
+is what numpy, safetensors and zarr were given to write."""
 
 import io
 import json
@@ -9,6 +10,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,7 +123,9 @@ def test_ls_past_probe_counts_runs_by_size(hub, tmp_path):
     check_against_truth(doc, truth(root))
     for f in doc["folders"][:2]:
         assert f["methods"] == {"header": 1, "size": f["files"] - 1}
-    assert len({r["path"] for r in resolve_gets(hub)}) == 2
+    # one log.pt per folder, and labels.npz (its header holds no logits)
+    read = {r["path"].rsplit("/", 1)[1] for r in resolve_gets(hub)}
+    assert len({r["path"] for r in resolve_gets(hub)}) == 3 and "labels.npz" in read
     assert "size: the file's size" in listing.table()
 
 
@@ -314,3 +318,130 @@ def check_store_bytes(plan: dict, store: Path) -> None:
     disk = plan["disk"]["store"]
     assert (disk["logits"], disk["statistics"]) == (logits, stats)
     assert whole <= disk["total"] <= whole + 16 * 1024
+
+
+# ------------------------------------------------------------- every input format
+
+def formats_source(root: Path) -> dict[str, list[tuple[str, int]]]:
+    """One folder per input format (numpy, safetensors and zarr write them), three units
+    each; returns, per folder, each unit's (name, runs) as the writers made them."""
+    from tests.test_formats import WRITERS, write_group
+
+    rng = np.random.default_rng(11)
+    want: dict[str, list[tuple[str, int]]] = {}
+    for kind, (writer, _, _, _) in WRITERS.items():
+        for i, r in enumerate((12, 13, 14)):
+            d = root / kind / (f"c{i}" if kind == "npy-folder" else "")
+            d.mkdir(parents=True, exist_ok=True)
+            te = rng.normal(size=(r, SHAPE["n_test"], SHAPE["classes"])).astype(np.float16)
+            tr = rng.normal(size=(r, SHAPE["n_train"], SHAPE["classes"])).astype(np.float16)
+            file = {"safetensors": f"chunk{i}.safetensors", "npy": f"chunk{i}",
+                    "npy-folder": ""}.get(kind, f"chunk{i}.npz")
+            writer(d, te, tr, name=file)
+            rel = d.relative_to(root).as_posix()
+            name = {"npy": f"{rel}/chunk{i}.{{logits,logits_train}}.npy",
+                    "npy-folder": f"{rel}/{{logits,logits_train}}.npy"}.get(kind,
+                                                                          f"{rel}/{file}")
+            want.setdefault(kind, []).append((name, r))
+    te = rng.normal(size=(9, SHAPE["n_test"], SHAPE["classes"])).astype(np.float32)
+    tr = rng.normal(size=(9, SHAPE["n_train"], SHAPE["classes"])).astype(np.float32)
+    for v in (2, 3):
+        write_group(root / f"zarr{v}" / "g.zarr", te, tr, run_chunk=3, zarr_format=v)
+        meta = ".zarray" if v == 2 else "zarr.json"
+        want[f"zarr{v}"] = [(f"zarr{v}/g.zarr/{{logits,logits_train}}/{meta}", 9)]
+    return want
+
+
+def test_ls_counts_every_format_from_its_headers_locally_and_on_the_hub(hub, tmp_path):
+    """safetensors, .npz (stored and compressed), .npy pairs (two naming conventions)
+    and Zarr v2/v3 groups: each unit's runs from its header, the same locally and over
+    hf:// by ranged reads of a part of each file; the labels beside them hold no runs."""
+    root = tmp_path / "repo"
+    want = formats_source(root)
+    np.savez(root / "labels.npz", train=np.zeros(400, np.int64), test=np.zeros(100, np.int64))
+    commit = hub.add_commit(REPO, root)
+    local = list_source(root).as_json()
+    remote = list_source(SPEC, endpoint=hub.url).as_json()
+    assert local["folders"] == remote["folders"] and remote["commit"] == commit
+    got = {f["folder"]: f for f in remote["folders"]}
+    for kind, units in want.items():
+        folder = got[kind]
+        entries = [(e["name"], e["runs"]) for e in folder["entries"] if e["method"] != "n/a"]
+        assert entries == units, kind
+        method = "array" if kind.startswith("zarr") else "header"
+        assert folder["methods"] == {method: len(units)}, kind
+        assert folder["runs"] == sum(r for _, r in units)
+        files = [p for p in (root / kind).rglob("*") if p.is_file()]
+        assert folder["files"] == len(files)
+        assert folder["bytes"] == sum(p.stat().st_size for p in files)
+        dtype = "float32" if kind.startswith("zarr") else "float16"
+        assert (folder["shape"]["n_test"], folder["shape"]["n_train"],
+                folder["shape"]["dtype"]) == (100, 400, dtype)
+    (labels,) = got["."]["entries"]
+    assert labels["method"] == "n/a" and "not logits" in labels["note"]
+    assert remote["total"]["runs"] == sum(r for u in want.values() for _, r in u)
+    assert not remote["notes"]
+    # every read is a part of a file (a Zarr metadata document: the whole of it)
+    gets = resolve_gets(hub)
+    assert gets and all(r["range"] for r in gets)
+    sizes = {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*")
+             if p.is_file() and p.suffix in (".npz", ".npy", ".safetensors")
+             and p.name != "labels.npz"}
+    for name, size in sizes.items():
+        spans = [r["range"].removeprefix("bytes=").split("-") for r in gets
+                 if r["path"].endswith("/" + name)]
+        assert spans and sum(int(b) - int(a) + 1 for a, b in spans) < size / 2, name
+    assert remote["probe"]["requests"] == len(gets)
+    text = list_source(SPEC, endpoint=hub.url).table()
+    assert "npz-compressed" in text and "array: the array shape in a Zarr group" in text
+    assert "no file downloaded" in text
+
+
+def test_dry_run_counts_a_hub_source_of_safetensors(hub, tmp_path, hf_env):  # noqa: F811
+    root = tmp_path / "repo"
+    want = formats_source(root)
+    hub.add_commit(REPO, root)
+    p = run_cli("ingest", f"{SPEC}/safetensors", "--store", str(tmp_path / "store"),
+                "--glob", "**/*.safetensors", "--dry-run", "--json", env=_env(hub, hf_env))
+    plan = json.loads(p.stdout)
+    assert plan["runs"]["to_add"] == sum(r for _, r in want["safetensors"])
+    assert plan["runs"]["methods"] == {"header": 3}
+    assert not (tmp_path / "store").exists()
+
+
+def test_absurd_header_lengths_are_refused_by_one_line_naming_the_file(hub, tmp_path):
+    """A safetensors header length or an .npy header past the bounds: not read, one
+    note naming the file, and only the first block of it fetched."""
+    import struct
+
+    root = tmp_path / "repo"
+    (root / "st").mkdir(parents=True)
+    body = b"{" + b" " * 200_000
+    (root / "st" / "big.safetensors").write_bytes(struct.pack("<Q", 50_000_000) + body)
+    hlen = 1_000_000  # an .npy v2 header of 1 MB (numpy reads at most 10,000 bytes)
+    (root / "st" / "x.logits.npy").write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", hlen)
+                                               + b" " * 100_000)
+    np.save(root / "st" / "x.logits_train.npy", np.zeros((1, 4, 2), np.float16))
+    hub.add_commit(REPO, root)
+    doc = list_source(SPEC, endpoint=hub.url).as_json()
+    notes = {e["name"]: e["note"] for e in doc["folders"][0]["entries"]}
+    assert ("safetensors header of 50000000 bytes, more than the 4194304 read for a header"
+            in notes["st/big.safetensors"])
+    assert "st/big.safetensors" in notes["st/big.safetensors"]
+    assert "x.logits.npy" in notes["st/x.{logits,logits_train}.npy"]
+    assert (".npy header of 1000000 bytes, more than the 10000 numpy reads"
+            in notes["st/x.{logits,logits_train}.npy"])
+    assert all(e["runs"] is None for e in doc["folders"][0]["entries"])
+    assert all(len(n.splitlines()) == 1 for n in doc["notes"]) and len(doc["notes"]) == 2
+    assert doc["probe"]["bytes_read"] <= 3 * 8192  # the first block of each file
+
+
+def test_ranged_file_refuses_to_fetch_past_its_limit():
+    data = bytes(range(256)) * 400
+    fh = RangedFile(len(data), lambda a, b: data[a:b], tail=1024, block=1024, limit=4096,
+                   name="f")
+    assert fh.read(100) == data[:100]
+    fh.seek(50_000)
+    with pytest.raises(OSError, match="f: reading its header would fetch more than 4096"):
+        fh.read(5000)
+    assert fh.bytes_fetched <= 4096

@@ -129,11 +129,12 @@ def test_workdir_uploads_its_outputs_not_store_sources_locks_or_temps(hub, job, 
             **expected_kernel_files(wd / "kernel-top", "kernel-top"),
             "results.json": (wd / "results.json").read_bytes(),
             "labels.npz": (wd / "labels.npz").read_bytes()}
-    generated = {"README.md", "kernelscale-provenance.json", ".gitattributes"}
+    generated = {"README.md", "kernelscale-provenance.json", "kernelscale-published.json",
+                 ".gitattributes"}
     assert set(served) - generated == set(want)
     for path, data in want.items():
         assert served[path] == data, path
-    assert s.commit == hub.repos[REPO].refs["main"] and len(s.uploaded) == len(want) + 2
+    assert s.commit == hub.repos[REPO].refs["main"] and len(s.uploaded) == len(want) + 3
     # binary chunks went the large-file way: one PUT per distinct content, then committed
     head = hub.repos[REPO].commits[s.commit]
     chunks = {p for p in want if "/c/" in p}
@@ -173,13 +174,15 @@ def test_republishing_the_same_content_writes_nothing(hub, job, tmp_path):
     assert writes(hub, n) == []
     assert "up to date" in again.line()
 
-    # one changed file: only it (and the card, whose table shows it) is committed
+    # one changed file: only it (and the card, whose table shows it, and the record) is
+    # committed
     ev = json.loads((wd / "results.json").read_text())
     ev["knn_accuracy"] = 99.5
     (wd / "results.json").write_text(json.dumps(ev))
     before = hub.repos[REPO].refs["main"]
     third = pub(hub, wd)
-    changed = ["README.md", "kernelscale-provenance.json", "results.json"]
+    changed = ["README.md", "kernelscale-provenance.json", "kernelscale-published.json",
+               "results.json"]
     assert sorted(f.path_in_repo for f in third.uploaded) == changed
     served = hub.files(REPO)
     assert json.loads(served["results.json"])["knn_accuracy"] == 99.5
@@ -243,7 +246,7 @@ def test_missing_repo_without_create_and_dry_run(hub, job):
         pub(hub, wd / "kernel")
     s = pub(hub, wd / "kernel", create=True, dry_run=True)
     assert REPO not in hub.repos and writes(hub) == []
-    assert len(s.uploaded) == len(expected_kernel_files(wd / "kernel", "kernel")) + 2
+    assert len(s.uploaded) == len(expected_kernel_files(wd / "kernel", "kernel")) + 3
     assert "dry run" in s.line()
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import BadInputError, ConfigError
+from ..errors import BadInputError, ConfigError, MissingKeysError
 
 #: dtypes a store can hold; logits keep their on-disk precision (the reference casts to
 #: float32 only for the computation, so widening here would only cost disk).
@@ -103,6 +103,6 @@ def check_keys_present(label: str, keys: tuple[str, str], present) -> None:
     if missing:
         have = sorted(present)
         shown = ", ".join(map(repr, have[:8])) + (", ..." if len(have) > 8 else "")
-        raise BadInputError(f"{label}: missing key(s) {', '.join(map(repr, missing))} "
-                            f"(it holds {shown or 'nothing'}; --keys TEST,TRAIN maps "
-                            "other names)")
+        raise MissingKeysError(f"{label}: missing key(s) {', '.join(map(repr, missing))} "
+                               f"(it holds {shown or 'nothing'}; --keys TEST,TRAIN maps "
+                               "other names)")

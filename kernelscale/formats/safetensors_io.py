@@ -18,6 +18,7 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -41,27 +42,41 @@ def _no_duplicates(pairs: list) -> dict:
 
 
 def read_header(path: Path, label: str) -> tuple[int, dict[str, tuple[str, ArrayMeta, int]]]:
-    """The data offset and, per tensor, (safetensors dtype, declared meta, start offset
-    in the file) of a safetensors file, after checking that the header's spans tile the
-    data to the end of the file. Raises :class:`BadInputError` naming the problem."""
+    """:func:`parse_header` of the local file ``path``."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise BadInputError(f"{label}: truncated safetensors file ({size} bytes, "
-                                    "no header length)")
-            n = struct.unpack("<Q", head)[0]
-            if n > MAX_SAFETENSORS_HEADER:
-                raise BadInputError(f"{label}: safetensors header of {n} bytes exceeds the "
-                                    f"format's limit of {MAX_SAFETENSORS_HEADER}")
-            if n > size - 8:
-                raise BadInputError(f"{label}: truncated safetensors file: the header "
-                                    f"declares {n} bytes, the file holds {size - 8} after "
-                                    "the length")
-            raw = fh.read(n)
+            return parse_header(fh, size, label)
     except OSError as e:
         raise BadInputError(f"{label}: cannot read ({e.strerror or e})") from None
+
+
+def parse_header(fh: BinaryIO, size: int, label: str,
+                 max_header: int = MAX_SAFETENSORS_HEADER
+                 ) -> tuple[int, dict[str, tuple[str, ArrayMeta, int]]]:
+    """The data offset and, per tensor, (safetensors dtype, declared meta, start offset
+    in the file) of the safetensors file ``fh`` (``size`` bytes, open at its start; a
+    local file or one read by ranges), after checking that the header's spans tile the
+    data to the end of the file. A header longer than ``max_header`` bytes is refused
+    before it is read. Raises :class:`BadInputError` naming the problem."""
+    head = fh.read(8)
+    if len(head) < 8:
+        raise BadInputError(f"{label}: truncated safetensors file ({size} bytes, "
+                            "no header length)")
+    n = struct.unpack("<Q", head)[0]
+    if n > max_header:
+        why = ("the format allows" if max_header == MAX_SAFETENSORS_HEADER else
+               "read for a header")
+        raise BadInputError(f"{label}: safetensors header of {n} bytes, more than the "
+                            f"{max_header} {why}")
+    if n > size - 8:
+        raise BadInputError(f"{label}: truncated safetensors file: the header "
+                            f"declares {n} bytes, the file holds {size - 8} after "
+                            "the length")
+    raw = fh.read(n)
+    if len(raw) < n:
+        raise BadInputError(f"{label}: truncated safetensors file: the header declares "
+                            f"{n} bytes, {len(raw)} could be read")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -108,6 +123,23 @@ def read_header(path: Path, label: str) -> tuple[int, dict[str, tuple[str, Array
     return data_start, out
 
 
+def _metas(label: str, keys: tuple[str, str], tensors: dict,
+           expect: dict | None = None) -> tuple[ArrayMeta, ArrayMeta]:
+    check_keys_present(label, keys, tensors)
+    test, train = tensors[keys[0]][1], tensors[keys[1]][1]
+    check_meta(label, keys, test, train, expect)
+    return test, train
+
+
+def header_metas(fh: BinaryIO, size: int, label: str, keys: tuple[str, str],
+                 max_header: int = MAX_SAFETENSORS_HEADER) -> tuple[ArrayMeta, ArrayMeta]:
+    """The declared (test, train) shapes (runs, examples, classes) and dtypes (float16
+    or float32) of the safetensors file ``fh`` (see :func:`parse_header`), checked as a
+    load checks them; no tensor is read."""
+    _, tensors = parse_header(fh, size, label, max_header)
+    return _metas(label, keys, tensors)
+
+
 def load_safetensors(path: str | os.PathLike, label: str, keys: tuple[str, str],
                      expect: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``keys`` tensors of a safetensors file as (test, train) numpy arrays (runs,
@@ -117,8 +149,7 @@ def load_safetensors(path: str | os.PathLike, label: str, keys: tuple[str, str],
 
     path = Path(path)
     _, tensors = read_header(path, label)
-    check_keys_present(label, keys, tensors)
-    check_meta(label, keys, tensors[keys[0]][1], tensors[keys[1]][1], expect)
+    _metas(label, keys, tensors, expect)
     try:
         with safe_open(path, framework="numpy") as f:
             names = set(f.keys())

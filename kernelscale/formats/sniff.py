@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import BadInputError
 
@@ -36,13 +37,19 @@ def sniff(path: str | os.PathLike, label: str) -> str | None:
     bytes are none of them. Raises :class:`BadInputError` when it cannot be read."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(30)
-            if head[:4] == b"PK\x03\x04" and len(head) == 30:
-                n = struct.unpack_from("<H", head, 26)[0]
-                first = fh.read(n)
-                return "npz" if first.endswith(b".npy") else "logpt"
+            return sniff_stream(fh)
     except OSError as e:
         raise BadInputError(f"{label}: cannot read ({e.strerror or e})") from None
+
+
+def sniff_stream(fh: BinaryIO) -> str | None:
+    """:func:`sniff` of a binary file open at its start (a local file, or a remote one
+    read by ranges): reads at most its first 30 bytes and the first zip member's name."""
+    head = fh.read(30)
+    if head[:4] == b"PK\x03\x04" and len(head) == 30:
+        n = struct.unpack_from("<H", head, 26)[0]
+        first = fh.read(n)
+        return "npz" if first.endswith(b".npy") else "logpt"
     if head[:4] == b"PK\x03\x04":
         return "logpt"
     if head[:6] == b"\x93NUMPY":

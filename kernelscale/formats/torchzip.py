@@ -18,8 +18,10 @@ those ``torch.save`` writes for a dict of tensors and plain values ends the walk
 
 from __future__ import annotations
 
+import math
 import pickletools
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import IO
 
@@ -68,7 +70,7 @@ def read_directory(fh: IO[bytes], label: str) -> tuple[zipfile.ZipFile, TorchZip
     pickle from) and its storages. Reads only the end of the file."""
     try:
         zf = zipfile.ZipFile(fh)
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, EOFError, ValueError, NotImplementedError) as e:
         raise HeaderError(f"{label}: not a torch.save zip ({e})") from None
     pickles = [i for i in zf.infolist() if i.filename.endswith("/data.pkl")
                or i.filename == "data.pkl"]
@@ -101,9 +103,32 @@ def read_pickle(zf: zipfile.ZipFile, tz: TorchZip, label: str,
         prefetch(at, at + LOCAL_HEADER_MAX + len(tz.pickle_name) + tz.pickle_size)
     try:
         data = zf.read(tz.pickle_name)
-    except (zipfile.BadZipFile, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError,
+            RuntimeError) as e:  # a damaged member: its method, flags, bytes
         raise HeaderError(f"{label}: data.pkl unreadable ({e})") from None
     return pickle_tensors(data, label)
+
+
+def log_tensors(zf: zipfile.ZipFile, tz: TorchZip, label: str,
+                keys: tuple[str, str] = ("logits", "logits_train")
+                ) -> tuple[TensorMeta, TensorMeta]:
+    """The (test, train) tensors ``keys`` of a ``log.pt``'s pickle (:func:`read_pickle`),
+    each 3-D (runs, examples, classes), within the bytes its storage holds, and agreeing
+    on runs and classes; :class:`HeaderError` otherwise."""
+    tensors = read_pickle(zf, tz, label)
+    te, tr = (tensors.get(k) for k in keys)
+    if te is None or tr is None or len(te.shape) != 3 or len(tr.shape) != 3:
+        raise HeaderError(f"{label}: no 3-D tensors {keys[0]!r} and {keys[1]!r} in its "
+                          "header")
+    for key, t in zip(keys, (te, tr), strict=True):
+        need = (t.offset + math.prod(t.shape)) * ITEMSIZE.get(t.dtype, 1)
+        if tz.storages.get(t.storage, -1) < need:
+            raise HeaderError(f"{label}: {key!r} declares {t.shape} = {need} bytes, more "
+                              "than its storage holds")
+    if te.shape[0] != tr.shape[0] or te.shape[2] != tr.shape[2]:
+        raise HeaderError(f"{label}: {keys[0]!r} {te.shape} and {keys[1]!r} {tr.shape} "
+                          "disagree on runs or classes")
+    return te, tr
 
 
 class _Global:

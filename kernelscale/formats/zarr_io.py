@@ -11,8 +11,10 @@ missing chunk as the fill value, which would pass for data.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,39 @@ from .common import ArrayMeta, check_keys_present, check_meta, dtype_name, nativ
 
 #: target bytes of logits (test + train) per ingested block
 BLOCK_BYTES = 256 << 20
+#: the largest array metadata document read (``zarr.json``, ``.zarray``)
+MAX_METADATA_BYTES = 1 << 20
+
+
+def metadata_names(key: str) -> tuple[str, str]:
+    """Where an array ``key`` of a group keeps its metadata: (Zarr v3, Zarr v2) names."""
+    return f"{key}/zarr.json", f"{key}/.zarray"
+
+
+def array_metadata(data: bytes, label: str) -> ArrayMeta:
+    """The shape and dtype an array's metadata document declares: Zarr v3 ``zarr.json``
+    (``node_type`` array, ``shape``, ``data_type``) or v2 ``.zarray`` (``shape``, a numpy
+    ``dtype`` string such as ``<f2``), JSON of at most :data:`MAX_METADATA_BYTES`."""
+    if len(data) > MAX_METADATA_BYTES:
+        raise BadInputError(f"{label}: Zarr metadata of {len(data)} bytes, more than the "
+                            f"{MAX_METADATA_BYTES} read for one array")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BadInputError(f"{label}: unreadable Zarr metadata ({str(e)[:160]})") from None
+    shape = doc.get("shape") if isinstance(doc, dict) else None
+    version = doc.get("zarr_format") if isinstance(doc, dict) else None
+    if version == 3 and doc.get("node_type") == "array":
+        dtype = doc.get("data_type")
+    elif version == 2:
+        dtype = doc.get("dtype")
+        if isinstance(dtype, str) and re.fullmatch(r"[<>|=]?[fiu][248]", dtype):
+            dtype = dtype_name(np.dtype(dtype))  # a dtype string as numpy spells it
+    else:
+        raise BadInputError(f"{label}: not the metadata of a Zarr v2 or v3 array")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BadInputError(f"{label}: Zarr shape {shape!r} is not a list of sizes")
+    return ArrayMeta(tuple(shape), dtype if isinstance(dtype, str) else repr(dtype))
 
 
 def _meta(arr) -> ArrayMeta:

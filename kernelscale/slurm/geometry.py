@@ -3,7 +3,8 @@ and how far the ingest got.
 
 The store may not exist when a job is submitted (its ingest is the first Slurm job), so
 the output's shape comes from the store, else the ``[simulate]`` table, else a declared
-``[ingest] shape``, else the first source file's header.
+``[ingest] shape``, else the headers of a local source's files in any input format
+(:mod:`kernelscale.runcount`; no array is read).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MAX_ARRAY_TASKS, JobConfig, SlurmTable
+from ..config import JobConfig, SlurmTable
 from ..errors import ConfigError, KernelOutputError
+from ..ingestion import open_ingest_source
+from ..jobtables import MAX_ARRAY_TASKS
 from ..output import DEFAULT_CHUNKS, PAIRS, KernelOutput
 from ..plan import ArrayPlan, group_regions, plan, round_up, split_tile
-from ..sources.base import SourceFile, is_local_spec
-from ..sources.local import LocalSource
+from ..runcount import FileRuns, RunCounter, RunShape, known_runs
+from ..sources.base import is_local_spec
 from ..store import Store
 from ..store_layout import auto_run_chunk
 
@@ -74,54 +77,68 @@ def _geometry(cfg: JobConfig, store_path: Path, need_ingest: bool) -> Geometry:
                           "shape of a remote source is not known before it is read; set "
                           "[ingest] shape = \"N_TESTxN_TRAINxCLASSES\" (e.g. "
                           "\"10000x50000x10\"), or run the ingest first and submit again")
-    files = source_files(cfg)
-    if not files:
+    counted = count_source(cfg)
+    if not counted.files:
         raise ConfigError(f"{cfg.path}: no files match {ing.glob!r} under "
                           f"{cfg.path_of(ing.source)}")
-    n_test, n_train, classes, dtype, _ = _peek(files[0].path)
-    itemsize = _itemsize(dtype)
-    rc = ing.run_chunk or auto_run_chunk(max(n_test, n_train), classes, itemsize)
-    return Geometry(n_test, n_train, classes, itemsize, rc, _source_runs(cfg) or 2, "source")
+    shape = counted.shape
+    if shape is None:
+        why = f" ({counted.notes[0]})" if counted.notes else ""
+        raise ConfigError(f"{cfg.path}: cannot read the shape of any source file to plan "
+                          f"the kernel{why}; set [ingest] shape = \"N_TESTxN_TRAINxCLASSES\"")
+    itemsize = _itemsize(shape.dtype)
+    rc = ing.run_chunk or auto_run_chunk(max(shape.n_test, shape.n_train), shape.classes,
+                                         itemsize)
+    return Geometry(shape.n_test, shape.n_train, shape.classes, itemsize, rc,
+                    counted.runs(ing.max_runs) or 2, "source")
 
 
 def _itemsize(dtype: str) -> int:
     return int(np.dtype(dtype).itemsize)
 
 
-def _peek(path: Path) -> tuple[int, int, int, str, int]:
-    """(n_test, n_train, classes, dtype, runs) of a log.pt without reading its tensors."""
-    import torch
+@dataclass
+class SourceCount:
+    """The units an ingest of a job's local source would take (files, pairs of ``.npy``
+    files, Zarr blocks; ``--max-files``), their runs read from their headers in any
+    format (:class:`~kernelscale.runcount.RunCounter`), the shape of the first one read,
+    and why those not read were not."""
 
+    files: list[FileRuns]
+    shape: RunShape | None
+    notes: list[str]
+
+    def runs(self, max_runs: int | None = None) -> int | None:
+        """The runs known, at most ``max_runs``; None when none is known."""
+        runs = known_runs(self.files) or 0
+        if max_runs is not None:
+            runs = min(runs, max_runs)
+        return runs or None
+
+
+def count_source(cfg: JobConfig, read: bool = True) -> SourceCount:
+    """:class:`SourceCount` of the job's ``[ingest]`` source, a local folder or Zarr group
+    (empty when it does not exist yet); no array is read, and no header either unless
+    ``read`` (the units' names and sizes only)."""
+    icfg = cfg.ingest_config(show_progress=False)
+    if not Path(icfg.source).is_dir():
+        return SourceCount([], None, [])
+    src = open_ingest_source(icfg)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        te, tr = obj["logits"], obj["logits_train"]
-        return (int(te.shape[1]), int(tr.shape[1]), int(te.shape[2]),
-                str(te.dtype).removeprefix("torch."), int(te.shape[0]))
-    except Exception as e:  # any unreadable file is reported by the ingest job itself
-        raise ConfigError(f"{path}: cannot read its shape to plan the kernel ({e})") from None
-
-
-def source_files(cfg: JobConfig) -> list[SourceFile]:
-    ing = cfg.ingest
-    src = Path(cfg.path_of(ing.source))
-    if not src.is_dir():
-        return []
-    files = LocalSource(src).list(ing.glob)
-    return files[:ing.max_files] if ing.max_files is not None else files
+        files = src.list(icfg.glob)
+        files = files[:icfg.max_files] if icfg.max_files is not None else files
+        counter = RunCounter(src, probe=None if read else 0, keys=icfg.keys,
+                             every_file=True)
+        runs, shape = counter.count(files)
+    finally:
+        src.close()
+    return SourceCount(runs, shape, counter.notes)
 
 
 def _source_runs(cfg: JobConfig) -> int | None:
     if cfg.ingest is None or not is_local_spec(cfg.ingest.source):
         return None
-    runs = 0
-    for f in source_files(cfg):
-        try:
-            runs += _peek(f.path)[4]
-        except ConfigError:
-            continue
-    if cfg.ingest.max_runs is not None:
-        runs = min(runs, cfg.ingest.max_runs)
-    return runs or None
+    return count_source(cfg).runs(cfg.ingest.max_runs)
 
 
 def plan_array(cfg: JobConfig, t: SlurmTable, need_ingest: bool) -> ArrayPlan:
@@ -196,7 +213,7 @@ def ingest_state(cfg: JobConfig) -> IngestState:
     if not is_local_spec(ing.source):
         # a remote source is listed by the ingest job itself; its re-run skips known files
         return IngestState(True, sim, None, len(known), runs, len(rejected))
-    names = {f.name for f in source_files(cfg)}
+    names = {f.name for f in count_source(cfg, read=False).files}
     left = names - known - (rejected if ing.skip_bad else set())
     if ing.max_runs is not None and runs >= ing.max_runs:
         left = set()

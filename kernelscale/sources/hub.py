@@ -16,8 +16,8 @@ do not match the listing's LFS sha256 is rejected and its blob removed from the 
 
 A file can also be read in part without downloading it (:meth:`HubSource.open_lazy`:
 HTTP ranged requests at the pinned commit, through the library's session and headers),
-which is how ``kernelscale ls`` and ``ingest --dry-run`` read a ``log.pt``'s zip
-directory and header; listing (:meth:`HubSource.tree`) and ranged reads touch no file.
+which is how ``kernelscale ls`` and ``ingest --dry-run`` read a file's header in any
+format; listing (:meth:`HubSource.tree`) and ranged reads touch no file.
 
 The manifest name of a file is its path inside the repo, so re-running against a newer
 revision ingests only the files that are new; each file entry records the ``commit`` it

@@ -37,6 +37,39 @@ def pair_name(prefix: str, keys: tuple[str, str]) -> str:
     return f"{prefix}{{{keys[0]},{keys[1]}}}.npy"
 
 
+def pair_npy(files: list[SourceFile], keys: tuple[str, str]
+             ) -> tuple[list[SourceFile], dict[str, str]]:
+    """``files`` with their ``.npy`` files paired by name into one unit each (``parts``:
+    the test and the train file), sorted by name; and why each ``.npy`` left unpaired
+    (no partner, or named by neither key) cannot be ingested, by its name."""
+    out: list[SourceFile] = []
+    problems: dict[str, str] = {}
+    groups: dict[str, dict[str, SourceFile]] = {}
+    for f in files:
+        if not f.name.endswith(".npy"):
+            out.append(f)
+            continue
+        pk = npy_key(f.name, keys)
+        if pk is None:
+            problems[f.name] = (f"a .npy holds one split: name it PREFIX.{keys[0]}.npy or "
+                                f"PREFIX.{keys[1]}.npy (see --keys)")
+            out.append(f)
+            continue
+        groups.setdefault(pk[0], {})[pk[1]] = f
+    for prefix, got in groups.items():
+        if len(got) == 1:
+            (key, f), = got.items()
+            other = keys[1] if key == keys[0] else keys[0]
+            problems[f.name] = (f"no {prefix.rsplit('/', 1)[-1]}{other}.npy beside it: a "
+                                ".npy holds one split, paired by name")
+            out.append(f)
+            continue
+        test, train = got[keys[0]], got[keys[1]]
+        out.append(SourceFile(pair_name(prefix, keys), test.size + train.size,
+                              parts=(test, train)))
+    return sorted(out, key=lambda f: f.name), problems
+
+
 @dataclasses.dataclass
 class _PairFetched(Fetched):
     members: list[Fetched] = dataclasses.field(default_factory=list)
@@ -61,32 +94,9 @@ class PairedSource(Source):
         return getattr(self.inner, name)
 
     def list(self, glob: str) -> list[SourceFile]:
-        out: list[SourceFile] = []
-        groups: dict[str, dict[str, SourceFile]] = {}
-        for f in self.inner.list(glob):
-            if not f.name.endswith(".npy"):
-                out.append(f)
-                continue
-            pk = npy_key(f.name, self.keys)
-            if pk is None:
-                self._problems[f.name] = (
-                    f"a .npy holds one split: name it PREFIX.{self.keys[0]}.npy or "
-                    f"PREFIX.{self.keys[1]}.npy (see --keys)")
-                out.append(f)
-                continue
-            groups.setdefault(pk[0], {})[pk[1]] = f
-        for prefix, got in groups.items():
-            if len(got) == 1:
-                (key, f), = got.items()
-                other = self.keys[1] if key == self.keys[0] else self.keys[0]
-                self._problems[f.name] = (f"no {prefix.rsplit('/', 1)[-1]}{other}.npy beside "
-                                          "it: a .npy holds one split, paired by name")
-                out.append(f)
-                continue
-            test, train = got[self.keys[0]], got[self.keys[1]]
-            out.append(SourceFile(pair_name(prefix, self.keys), test.size + train.size,
-                                  parts=(test, train)))
-        return sorted(out, key=lambda f: f.name)
+        out, problems = pair_npy(self.inner.list(glob), self.keys)
+        self._problems.update(problems)
+        return out
 
     def name_problem(self, file: SourceFile) -> str | None:
         for f in file.parts or (file,):

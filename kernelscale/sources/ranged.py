@@ -2,10 +2,12 @@
 
 :class:`RangedFile` serves ``read``/``seek`` from ranges it fetched with
 ``fetch(start, stop)`` (e.g. an HTTP ``Range`` request): each fetch is at least ``block``
-bytes, and the first read fetches the last ``tail`` bytes at once, where a zip keeps its
-directory. Reading a ``log.pt``'s zip directory and pickle header through it
+bytes, a first read that ends in the last ``tail`` bytes fetches all of them at once
+(where a zip keeps its directory; all of a small file), and ``limit`` bounds the bytes
+fetched in all. Reading a ``log.pt``'s zip directory and pickle header through it
 (:mod:`kernelscale.formats.torchzip`) costs two requests: the tail, and the pickle's
-bytes, which the directory locates.
+bytes, which the directory locates; a safetensors or ``.npy`` header, one request at the
+start.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ class RangedFile(io.RawIOBase):
     """``size`` bytes whose ranges ``[start, stop)`` come from ``fetch(start, stop)``."""
 
     def __init__(self, size: int, fetch: Callable[[int, int], bytes], *,
-                 block: int = BLOCK_BYTES, tail: int = TAIL_BYTES, name: str = "") -> None:
+                 block: int = BLOCK_BYTES, tail: int = TAIL_BYTES, name: str = "",
+                 limit: int | None = None) -> None:
         super().__init__()
         self.size = int(size)
         self._fetch = fetch
         self.block = block
         self.tail = tail
         self.name = name
+        #: the most bytes fetched in all (None: no limit); a read past it raises OSError
+        self.limit = limit
         self.pos = 0
         self.requests = 0
         self.bytes_fetched = 0
@@ -47,7 +52,7 @@ class RangedFile(io.RawIOBase):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
         if base + offset < 0:
-            raise OSError(f"{self.name}: seek before the start")
+            raise ValueError(f"{self.name}: negative seek position {base + offset}")
         self.pos = base + offset
         return self.pos
 
@@ -69,6 +74,9 @@ class RangedFile(io.RawIOBase):
             lo, hi = start, min(self.size, max(stop, start + (0 if exact else self.block)))
             # not again what is held after the range asked
             hi = min([hi] + [s for s, _ in self._ranges if stop <= s < hi])
+        if self.limit is not None and self.bytes_fetched + hi - lo > self.limit:
+            raise OSError(f"{self.name}: reading its header would fetch more than "
+                          f"{self.limit} bytes; refused")
         data = self._fetch(lo, hi)
         if len(data) != hi - lo:
             raise OSError(f"{self.name}: asked bytes {lo}-{hi - 1}, got {len(data)} bytes")
