@@ -55,6 +55,14 @@ def _os_error_line(e: OSError) -> str:
     return f"{where}{what}" + (f"; {hint}" if hint else "")
 
 
+def _quiet_abandoned_tasks() -> None:
+    """After the error line, the process only exits. A read that failed inside Zarr's
+    event loop (a corrupt chunk) leaves that loop's other reads pending; asyncio logs
+    each such task as it is destroyed at exit, which would bury the one error line under
+    tracebacks of reads nobody waits for."""
+    logging.getLogger("asyncio").disabled = True
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -73,11 +81,13 @@ def _main(argv: list[str] | None) -> int:
         return e.exit_code
     except KernelscaleError as e:
         print(f"kernelscale: error: {e}", file=sys.stderr)
+        _quiet_abandoned_tasks()
         return e.exit_code
     except BrokenPipeError:
         raise
     except OSError as e:  # the file system said no: one line, what it was and what to do
         print(f"kernelscale: error: {_os_error_line(e)}", file=sys.stderr)
+        _quiet_abandoned_tasks()
         return 74  # EX_IOERR
     except KeyboardInterrupt:
         print("kernelscale: interrupted", file=sys.stderr)

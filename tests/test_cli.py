@@ -112,3 +112,36 @@ def test_failed_kernel_validation_leaves_no_output(small_store, tmp_path):
                 "--chunks", "8x32", "--rows", "3:8", check=False)
     assert p.returncode == 2 and "chunk grid" in p.stderr
     assert not out.exists()
+
+
+ABANDONED = r'''
+import asyncio, atexit, gc, sys
+from kernelscale import cli_commands
+from kernelscale.cli import main
+from kernelscale.errors import BadInputError
+
+def failing(a):
+    # as a Zarr read that failed on one chunk: the loop's other reads stay pending and
+    # are destroyed when the process exits
+    loop = asyncio.new_event_loop()
+    pending = [loop.create_task(asyncio.sleep(10)) for _ in range(3)]
+    loop.run_until_complete(asyncio.sleep(0))  # the reads have started
+    def destroy():
+        loop.close()
+        pending.clear()
+        gc.collect()
+    atexit.register(destroy)
+    raise BadInputError("x.zarr[runs 0:3]: cannot read 'logits' (checksum mismatch)")
+
+cli_commands.cmd_info = failing
+sys.exit(main(["info", "x"]))
+'''
+
+
+def test_the_error_line_is_not_followed_by_reads_abandoned_in_the_background():
+    p = subprocess.run([sys.executable, "-c", ABANDONED], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == [
+        "kernelscale: error: x.zarr[runs 0:3]: cannot read 'logits' (checksum mismatch)"], \
+        p.stderr
