@@ -233,9 +233,10 @@ def test_command_line_overrides_and_bad_settings(tmp_path):
 
 # ------------------------------------------------------ stores shared by several tests
 
-#: 600 runs of a small problem: each region folds 600 run-chunks of one run, which takes
+#: runs of a small problem: each region folds this many run-chunks of one run, which takes
 #: the second or two the signal tests need to catch a task mid-way (after its first
-#: checkpoint)
+#: checkpoint, before its last run; at 600 runs a task took 0.4 s)
+SLOW_RUNS = 2400
 SLOW_KERNEL = """
 [kernel]
 out = "kernel"
@@ -253,8 +254,8 @@ def slow_store(tmp_path_factory):
     from tests.conftest import ingest_dir
 
     d = tmp_path_factory.mktemp("slow")
-    test, train = random_source(d / "src", [300, 300], n_test=64, n_train=512, classes=10,
-                                seed=5)
+    test, train = random_source(d / "src", [300] * (SLOW_RUNS // 300), n_test=64,
+                                n_train=512, classes=10, seed=5)
     ingest_dir(d / "src", d / "store", run_chunk=1, show_progress=False)
     K = _single_process(d / "store", d / "single", "64x256", "64x256", runs_per_step=1)
     return d, d / "store", K, test, train
@@ -568,7 +569,7 @@ def test_cancelled_task_is_all_that_a_resubmission_computes(slurm, slow_store, t
     assert set(_queue(jobs2["kernel"]["id"])) == {f"{jobs2['kernel']['id']}_1"}
     assert marker0.stat().st_mtime_ns == before, "region 0 was not computed again"
     log = (tmp_path / "w" / "slurm" / f"kernel-{jobs2['kernel']['id']}_1.out").read_text()
-    assert re.search(r"resuming 1 tile\(s\) from \d+/600 runs", log)
+    assert re.search(rf"resuming 1 tile\(s\) from \d+/{SLOW_RUNS} runs", log)
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["complete"] is True
     np.testing.assert_array_equal(g["kernel"][...], K)
@@ -602,9 +603,9 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, slow_store, t
     log = log.read_text()
     assert re.search(rf"kernelscale-task: {arr}_1 exit 75 .*\n(.*\n)*kernelscale-task: "
                      rf"{arr}_1 requeued", log), log
-    assert re.search(r"stopped by signal 10 after (\d+)/600 runs", log), log
+    assert re.search(rf"stopped by signal 10 after (\d+)/{SLOW_RUNS} runs", log), log
     assert "restart 1 rows 0:64 cols 256:512" in log
-    assert re.search(r"resuming 1 tile\(s\) from \d+/600 runs", log), log
+    assert re.search(rf"resuming 1 tile\(s\) from \d+/{SLOW_RUNS} runs", log), log
     assert re.search(rf"kernelscale-task: {arr}_1 exit 0", log)
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["complete"] is True
