@@ -12,37 +12,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscale.publish import PublishConfig, publish
 from kernelscale.publishfiles import LocalFile
 from kernelscale.publishmanifest import MANIFEST, Record, under
 from tests.conftest import ingest_dir
-from tests.hubserver import HubServer, private_hf_home
+from tests.hubserver import HubServer
 from tests.reference import random_source
-
-REPO = "me/kernels"
-TARGET = f"hf://datasets/{REPO}"
-TOKEN = "hf_WRITEtokenNeverToBeSeen0123456789"
-
-
-@pytest.fixture(autouse=True)
-def hf_env(tmp_path, monkeypatch):
-    return private_hf_home(tmp_path, monkeypatch, cache=True)
+from tests.test_publish import REPO, TARGET, hf_env, pub, writes  # noqa: F401 -- autouse
 
 
 @pytest.fixture
 def hub():
     with HubServer(page_size=7) as server:
         yield server
-
-
-def pub(hub: HubServer, path: Path, target: str = TARGET, **kw):
-    return publish(PublishConfig(Path(path), target, show_progress=False, **kw),
-                   endpoint=hub.url, token=TOKEN)
-
-
-def writes(hub: HubServer, since: int = 0) -> list[dict]:
-    return [r for r in hub.requests()[since:] if r["method"] in ("POST", "PUT")]
-
 
 def report(folder: Path, pages: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
