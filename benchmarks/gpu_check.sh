@@ -4,7 +4,7 @@
 #
 # The node needs Python 3.12 with torch; zarr and its pure-Python dependencies can be
 # brought as wheels in .whl/ (zarr, numcodecs, donfig, google-crc32c, dask, partd, locket,
-# importlib_metadata) and installed with:
+# importlib_metadata, numba, llvmlite) and installed with:
 #   pip install --no-index --no-deps --target /tmp/site .whl/*.whl
 #   echo /tmp/site > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/ks.pth"
 # (a .pth file, so that the subprocesses the checks start see them too).

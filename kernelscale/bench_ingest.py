@@ -182,16 +182,22 @@ def run_ingest_bench(out: Path, *, n_test: int, n_train: int, runs: int, classes
     drop_cache([out / "store"])
     k = run_measured([py, "-m", "kernelscale", "-q", "kernel", "--store", str(out / "store"),
                       "--out", str(kout), "--device", device], env)
-    ing = r["ingest"][2]
-    r["kernel"] = {"seconds": k.seconds, "peak_rss_above_baseline": k.peak_rss - base}
+    # files -> kernel with the faster of the two ingests (both built the same store)
+    n_best = min(r["ingest"], key=lambda n: r["ingest"][n]["seconds"])
+    ing = r["ingest"][n_best]
+    r["kernel"] = {"seconds": k.seconds, "peak_rss_above_baseline": k.peak_rss - base,
+                   "summary": (k.stdout + k.stderr).strip().splitlines()[-1]}
     total = ing["seconds"] + k.seconds
     peak = max(ing["peak_rss_above_baseline"], k.peak_rss - base)
-    r["files_to_kernel"] = {"seconds": total, "peak_rss_above_baseline": peak}
+    r["files_to_kernel"] = {"seconds": total, "peak_rss_above_baseline": peak,
+                            "converters": n_best}
     floor = r["write_s"] + r["matmul_s"]
     r["files_to_kernel"]["floor_s"] = floor
-    print(f"bench: files -> kernel: ingest {ing['seconds']:.2f} s + kernel {k.seconds:.2f} s "
-          f"= {total:.2f} s; peak RSS above baseline {peak / 1e9:.3f} GB; floor (durable "
-          f"write + kernel products) {floor:.2f} s", flush=True)
+    print(f"bench: files -> kernel: ingest ({n_best} converter(s)) {ing['seconds']:.2f} s + "
+          f"kernel {k.seconds:.2f} s = {total:.2f} s; peak RSS above baseline "
+          f"{peak / 1e9:.3f} GB; floor (durable write + kernel products) {floor:.2f} s",
+          flush=True)
+    print(f"bench:   {r['kernel']['summary']}", flush=True)
     if not skip_reference:
         drop_cache([src])
         m = run_measured([py, "-c", REFERENCE, json.dumps([str(f) for f in files]), device,

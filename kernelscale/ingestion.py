@@ -116,8 +116,6 @@ class IngestSummary:
         if self.seconds <= 0 or self.files_ingested == 0:
             return "none"
         busy = self.t_convert / max(1, self.converters)
-        if self.converters == 1 and busy >= 0.8 * self.t_wait:
-            return "conversion"  # serial: the writer waits while the file is converted
         if self.t_commit >= self.t_wait:
             return "commit"
         if busy >= 0.8 * (self.t_wait + self.t_commit):  # converters never idle

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .stats import RunningStats, transform64
+from . import fused as _fused
+from .stats import LOG1P32, RunningStats, transform64
 
 
 class Normaliser:
@@ -32,6 +33,12 @@ class Normaliser:
         self.transform = transform
         self.device = device
         self._out = None
+        #: (classes, mean, inv) numpy arguments of the one-pass CPU kernel, when it applies
+        self._fused = None
+        if self.mean.device.type == "cpu" and transform == LOG1P32 and _fused.enabled():
+            cls = np.arange(st.mean.shape[1]) if classes is None else np.asarray(classes)
+            self._fused = (cls.astype(np.int64), np.ascontiguousarray(mean.T, np.float64),
+                           np.ascontiguousarray(inv.T, np.float64))
 
     @property
     def width(self) -> int:
@@ -63,7 +70,9 @@ class Normaliser:
         The transform's values (see :func:`stats.log_softmax_log1p32` for why their
         precision matters) are standardised in float64 over sub-blocks of runs; only
         the standardised values, O(1) in size, are rounded to float32, written straight
-        into the GEMM operand.
+        into the GEMM operand. On the CPU the store's :data:`~kernelscale.stats.LOG1P32`
+        values are standardised by the one-pass kernel of :mod:`kernelscale.fused`,
+        with the same float64 centring and scaling.
         """
         import torch
 
@@ -76,6 +85,10 @@ class Normaliser:
                 self._out = torch.empty((n, k * c), dtype=torch.float32, device=self.device)
             out = self._out
         z = out[:, : k * c]
+        if self._fused is not None and out.is_contiguous() and raw.device.type == "cpu" \
+                and _fused.supports(raw.dtype):
+            _fused.standardise(raw, *self._fused, out.numpy())
+            return z
         view = z.unflatten(1, (k, c))  # a view also of a padded operand's columns
         block = self.BLOCK_BYTES.get(self.device.type, self.BLOCK_BYTES["cuda"])
         sb = max(1, block // max(1, n * c_in * 8))

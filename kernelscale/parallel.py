@@ -1,9 +1,9 @@
 """Parallel conversion for ingest: many files converted at once, one writer.
 
 A *preparer* maps the fetched files of a source, in order, to ``(fetched, result)``
-pairs. :func:`serial_preparer` converts in the calling thread; :func:`thread_preparer` on
-threads of this process (the load, hash and statistics release the GIL), for every
-source, while downloads run ahead and the writer commits; :func:`dask_preparer` runs the
+pairs. :func:`serial_preparer` converts in the calling thread (a reference for tests);
+:func:`thread_preparer` on threads of this process (the load, hash and statistics
+release the GIL), for every source, while downloads run ahead and the writer commits; :func:`dask_preparer` runs the
 pure per-file work (:func:`~kernelscale.convert.convert_or_bad`: safe load, full
 validation, the file's own statistics) on dask workers. The caller commits the results
 one file at a time in source order, so the store written is the same as a serial
@@ -148,7 +148,8 @@ def dask_client(workers: int | None, scheduler: str | None) -> Iterator:
 def parallel_preparer(workers: int | None, scheduler: str | None = None,
                       window: int | None = None, converters: int = 1) -> Iterator[Preparer]:
     """The preparer for ``--workers``/``--scheduler`` (dask processes), else for
-    ``--converters`` (threads; serial for 1).
+    ``--converters`` (threads: even one converter thread lets the next file be
+    converted while the writer commits this one, mostly waiting on the disk).
 
     ``window`` defaults to the workers' thread count plus two, so every worker has a file
     queued while the writer commits.
@@ -156,7 +157,7 @@ def parallel_preparer(workers: int | None, scheduler: str | None = None,
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be >= 1, not {workers}")
     if not scheduler and (workers is None or workers == 1):
-        yield serial_preparer if converters == 1 else thread_preparer(converters, window)
+        yield thread_preparer(converters, window)
         return
     with dask_client(workers, scheduler) as client:
         threads = sum(client.nthreads().values()) or 1

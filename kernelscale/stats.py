@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import fused as _fused
+
 
 @dataclass
 class RunningStats:
@@ -163,13 +165,19 @@ def stats_of_logits(logits, transform: str = LOG1P32, device=None) -> RunningSta
     (``z0`` the first run's z-score), and an entry constant over the runs gets ``m2``
     exactly 0 and its mean exactly that value, so it is a zero-variance entry, not noise.
     Raises :class:`NonFiniteValues` when any value is not finite (found from the sums,
-    without a pass of its own).
+    without a pass of its own). On the CPU, :data:`LOG1P32` values are summed by the
+    one-pass kernel of :mod:`kernelscale.fused`; elsewhere by the torch form below.
     """
     import torch
 
     x = torch.as_tensor(logits)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     runs, examples, classes = x.shape
+    if dev.type == "cpu" and x.device.type == "cpu" and transform == LOG1P32 and runs \
+            and _fused.enabled() and _fused.supports(x.dtype):
+        v0, s1, s2 = _fused.shifted_sums(x)
+        return _from_sums(runs, torch.from_numpy(v0), torch.from_numpy(s1),
+                          torch.from_numpy(s2))
     per_run = max(1, examples * classes * 4)
     block = max(1, STATS_BLOCK_BYTES.get(dev.type, STATS_BLOCK_BYTES["cuda"]) // per_run)
     v0 = s1 = s2 = None
@@ -184,6 +192,13 @@ def stats_of_logits(logits, transform: str = LOG1P32, device=None) -> RunningSta
         s2 += v.square_().sum(0)
     if v0 is None:
         return RunningStats.empty(examples, classes)
+    return _from_sums(runs, v0, s1, s2)
+
+
+def _from_sums(runs: int, v0, s1, s2) -> RunningStats:
+    """The statistics of ``runs`` runs from their shifted sums (float64 torch tensors)."""
+    import torch
+
     mean = v0 + s1 / runs
     m2 = (s2 - s1 * s1 / runs).clamp_(min=0.0)  # rounding can take a ~0 m2 below 0
     if not bool(torch.isfinite(mean).all() and torch.isfinite(m2).all()):

@@ -17,6 +17,9 @@ def test_ingest_bench_measures_every_figure(tmp_path):
         assert d["ingest"][n]["gb_s"] > 0
         assert "bottleneck:" in d["ingest"][n]["summary"]
     assert d["files_to_kernel"]["seconds"] > d["kernel"]["seconds"] > 0
+    assert d["kernel"]["summary"].startswith("kernel: test-train 20x60 runs 1000")
+    best = d["files_to_kernel"]["converters"]
+    assert d["ingest"][str(best)]["seconds"] == min(v["seconds"] for v in d["ingest"].values())
     assert d["files_to_kernel"]["floor_s"] == d["write_s"] + d["matmul_s"]
     assert d["reference"]["seconds"] > 0
     assert "files -> kernel / published" in r.stdout

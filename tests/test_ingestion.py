@@ -275,7 +275,7 @@ def test_declared_shape_is_checked_for_every_file(tmp_path, small_source):
 
 
 @pytest.mark.parametrize("fields,want", [
-    ({"converters": 1, "t_wait": 10.0, "t_convert": 9.5, "t_commit": 2.0}, "conversion"),
+    ({"converters": 1, "t_wait": 10.0, "t_convert": 11.0, "t_commit": 2.0}, "conversion"),
     ({"converters": 2, "t_wait": 1.0, "t_convert": 8.0, "t_commit": 6.0}, "commit"),
     ({"converters": 2, "t_wait": 6.0, "t_convert": 14.0, "t_commit": 2.0}, "conversion"),
     ({"converters": 2, "t_wait": 6.0, "t_convert": 2.0, "t_commit": 1.0}, "reading the files"),

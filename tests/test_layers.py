@@ -20,7 +20,7 @@ PKG = ROOT / "kernelscale"
 LAYERS = [
     ("foundations", {"errors", "atomic", "progress", "units", "signals", "device", "version",
                      "bundled"}),
-    ("pure logic", {"stats", "plan", "topk", "knn", "normalise", "similarity"}),
+    ("pure logic", {"fused", "fused_kernels", "stats", "plan", "topk", "knn", "normalise", "similarity"}),
     ("formats", {"rawchunks", "store", "store_layout", "store_chunks", "store_stats",
                  "store_labelfile", "locks", "output", "kernelread", "labels", "logfile",
                  "formats", "formats.common", "formats.sniff", "formats.safetensors_io",

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscale import stats
+from kernelscale import fused, stats
 from kernelscale.stats import (
     FLOAT64,
     LOG1P32,
@@ -16,6 +16,14 @@ from kernelscale.stats import (
     transform64,
 )
 from tests.reference import confident_logits, log_softmax_exact64
+
+
+@pytest.fixture(autouse=True, params=["fused", "torch form"])
+def cpu_form(request, monkeypatch):
+    """Every test on both CPU forms: the one-pass kernels and the torch form (the form
+    every other device runs)."""
+    monkeypatch.setenv(fused.ENV, "1" if request.param == "fused" else "0")
+    return request.param
 
 
 @settings(max_examples=60, deadline=None)
@@ -99,7 +107,9 @@ def test_stats_of_identical_runs_have_exactly_zero_m2():
     one = (np.random.default_rng(3).normal(size=(1, 6, 5)) * 5).astype(np.float16)
     s = stats_of_logits(np.repeat(one, 9, axis=0))
     assert (s.m2 == 0).all() and s.zero_variance() == 30
-    np.testing.assert_array_equal(s.mean, _values(one)[0])
+    # the mean is exactly the one run's values, as the same computation gives them
+    np.testing.assert_array_equal(s.mean, stats_of_logits(one).mean)
+    np.testing.assert_allclose(s.mean, _values(one)[0], rtol=1e-6)
 
 
 def test_non_finite_values_are_found_from_the_sums():

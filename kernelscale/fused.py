@@ -1,0 +1,147 @@
+"""One-pass CPU kernels of the store's log-softmax (:data:`~kernelscale.stats.LOG1P32`):
+its statistics over runs, and its standardisation into the kernel's GEMM operand.
+
+The torch form (:func:`kernelscale.stats.log_softmax_log1p32`) takes about a dozen
+passes over each block (a copy to float32, the max with its index, the shift, exp, the
+scatter, the sum, log1p, the subtraction, the float64 copy, the centring, the scaling,
+the transposed copy). On a CPU each pass is bound by memory, not arithmetic. Here a
+tile of examples is read once, transposed to classes x examples so that every loop runs
+over contiguous examples and vectorises, and folded straight into the float64 sums
+(statistics) or written once as float32 z-scores (standardisation).
+
+The arithmetic is the torch form's: the float32 shift by the top class, ``exp`` of the
+other classes, their sum, ``d - log1p(sum)``, and the float64 evaluation of rows whose
+sum leaves float32's normal range. Three things differ, each measured in the tests:
+``exp`` and ``log1p`` are polynomials with Cody-Waite reduction (Cephes' float32 ones,
+within 3e-7 relative, as vectorised library ones are), written out so that the loops
+vectorise (a call into libm does not); the others-sum is accumulated in float64 and
+rounded once (a float32 sum of 999 terms was 1.6e-5 off); ``exp`` below -87 is 0. The
+two forms agree to a few float32 ulps of each value, and both hold the statistics
+within 1e-6 relative of a float64 evaluation.
+
+The kernels release the GIL (``nogil``) and the callers split the examples over a thread
+pool of their own: numba's parallel threading layers are not safe to enter from several
+Python threads at once, which the ingest's converters do. Compiled code is cached beside
+:mod:`kernelscale.fused_kernels` (or in the user's numba cache where that is
+read-only); that module, and numba, are imported on the first use.
+
+Values are float16 (read as their bits and widened exactly in the kernel: numba has no
+float16 arithmetic), float32 or float64; other dtypes take the torch form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+#: Bytes (at 4 per value) of the block of runs given to the threads at a time: a few MB,
+#: so that a block made contiguous is still in cache when the kernel reads it.
+BLOCK_BYTES = 4 << 20
+
+#: Set to "0" to use the torch form on the CPU too (the reference; e.g. to compare).
+ENV = "KERNELSCALE_FUSED"
+
+
+def enabled() -> bool:
+    """Whether the fused CPU kernels are used (numba installed, not disabled by ENV)."""
+    return os.environ.get(ENV, "1") != "0" and importlib.util.find_spec("numba") is not None
+
+
+def _kernels():
+    from . import fused_kernels
+
+    return fused_kernels
+
+
+def _threads() -> int:
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-n // max(1, parts))
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def supports(dtype) -> bool:
+    """Whether the kernels read values of this torch dtype directly."""
+    import torch
+
+    return dtype in (torch.float16, torch.float32, torch.float64)
+
+
+def _blocks(x, rows_per_block: int):
+    """(start, block) over axis 0 of torch tensor ``x`` (float16, float32 or float64):
+    C-contiguous numpy arrays, float16 ones as their uint16 bits."""
+    import torch
+
+    for s in range(0, x.shape[0], rows_per_block):
+        b = x[s:s + rows_per_block].contiguous()
+        if b.dtype == torch.float16:
+            b = b.view(torch.int16)
+        yield s, b.numpy().view(np.uint16) if b.dtype == torch.int16 else b.numpy()
+
+
+def _run(pool: ThreadPoolExecutor | None, fn, ranges, x, *rest) -> None:
+    """``fn(x, e0, e1, *rest)`` for each example range, on the pool's threads."""
+    if pool is None:
+        for e0, e1 in ranges:
+            fn(x, e0, e1, *rest)
+        return
+    for f in [pool.submit(fn, x, e0, e1, *rest) for e0, e1 in ranges]:
+        f.result()
+
+
+def shifted_sums(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(shift, S1, S2) of the LOG1P32 values of ``x`` (runs >= 1, examples, classes),
+    a CPU torch tensor of a :func:`supported <supports>` dtype: ``shift`` the first
+    run's values,
+    ``S1 = sum(v - shift)``, ``S2 = sum((v - shift)^2)`` over the runs, each float64
+    (examples, classes). See :func:`kernelscale.stats.stats_of_logits` for the sums."""
+    runs, examples, classes = x.shape
+    shift = np.empty((classes, examples))
+    s1 = np.zeros((classes, examples))
+    s2 = np.zeros((classes, examples))
+    threads = min(_threads(), max(1, examples // 64))
+    ranges = _ranges(examples, threads)
+    rows = max(1, BLOCK_BYTES // max(1, examples * classes * 4))
+    k = _kernels()
+    with _pool(threads) as pool:
+        for s, b in _blocks(x, rows):
+            _run(pool, k.fold, ranges, b, s == 0, shift, s1, s2)
+    return shift.T, s1.T, s2.T
+
+
+def standardise(x, classes: np.ndarray, mean_t: np.ndarray, inv_t: np.ndarray,
+                out: np.ndarray) -> None:
+    """Write the z-scores ``(v - mean) * inv`` of the LOG1P32 values ``v`` of ``x``
+    (k, n, C), a CPU torch tensor of a :func:`supported <supports>` dtype, into
+    ``out[:, :k*C']`` (float32 (n, >= k*C'), C-contiguous), columns ordered (run,
+    class); ``classes`` int64 (C',)
+    selects the classes; ``mean_t`` and ``inv_t`` are float64 (C', n), C-contiguous (the
+    transposes of the statistics)."""
+    k, n, c_in = x.shape
+    cs = int(classes.shape[0])
+    threads = min(_threads(), max(1, n // 64))
+    ranges = _ranges(n, threads)
+    rows = max(1, BLOCK_BYTES // max(1, n * c_in * 4))
+    k = _kernels()
+    with _pool(threads) as pool:
+        for s, b in _blocks(x, rows):
+            _run(pool, k.standardise, ranges, b, classes, mean_t, inv_t, out, s * cs)
+
+
+@contextlib.contextmanager
+def _pool(n: int) -> Iterator[ThreadPoolExecutor | None]:
+    """A thread pool of ``n`` threads, or None for one thread (the work runs inline)."""
+    if n <= 1:
+        yield None
+        return
+    with ThreadPoolExecutor(n, thread_name_prefix="kernelscale-fused") as pool:
+        yield pool

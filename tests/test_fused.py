@@ -1,0 +1,197 @@
+"""The one-pass CPU kernels against the torch form and an exact float64 evaluation."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import njit
+
+from kernelscale import fused, fused_kernels
+from kernelscale.normalise import Normaliser
+from kernelscale.stats import LOG1P32, PUBLISHED32, NonFiniteValues, stats_of_logits
+from tests.reference import confident_logits, log_softmax_exact64
+
+CPU = torch.device("cpu")
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float((np.abs(got - want) / np.maximum(np.abs(want), 1e-300)).max())
+
+
+@pytest.fixture
+def torch_form(monkeypatch):
+    """Run the block under the torch form (the reference on every device)."""
+    def use(on: bool) -> None:
+        monkeypatch.setenv(fused.ENV, "0" if on else "1")
+    return use
+
+
+def test_the_kernels_are_what_the_cpu_runs():
+    # numba is a dependency: a missing one must fail here, not fall back unnoticed
+    assert fused.enabled()
+
+
+def _values(logits: np.ndarray) -> np.ndarray:
+    """LOG1P32 values (R, n, C) float64 of the kernels' row computation."""
+    x = np.ascontiguousarray(logits)
+    if x.dtype == np.float16:
+        x = x.view(np.uint16)
+    runs, n, c = x.shape
+    scratch = fused_kernels.scratch(c)
+    out = np.empty((runs, n, c))
+    for r in range(runs):
+        for e0 in range(0, n, fused_kernels.TILE):
+            m = min(fused_kernels.TILE, n - e0)
+            fused_kernels.tile(x, r, e0, m, *scratch)
+            out[r, e0:e0 + m] = scratch[-1][:, :m].T
+    return out
+
+
+def _z(logits: np.ndarray, classes=None) -> np.ndarray:
+    """The standardised values (R, n, C') with mean 0 and scale 1, read back from a
+    padded float32 operand."""
+    x = torch.from_numpy(logits)
+    k, n, c = x.shape
+    cls = np.arange(c) if classes is None else np.asarray(classes)
+    out = np.full((n, k * len(cls) + 3), 7.0, np.float32)
+    fused.standardise(x, cls.astype(np.int64), np.zeros((len(cls), n)),
+                      np.ones((len(cls), n)), out)
+    assert (out[:, k * len(cls):] == 7.0).all()  # the padding is left alone
+    return out[:, :k * len(cls)].reshape(n, k, len(cls)).transpose(1, 0, 2).astype(np.float64)
+
+
+@pytest.mark.parametrize("margin", [(0.0, 5.0), (15.0, 25.0), (60.0, 120.0)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_values_match_exact_float64(margin, dtype):
+    """Every class, the top one of a confident prediction included (margins past ~87
+    nats take the float64 rows), to float32's relative precision."""
+    logits = confident_logits(7, 300, 10, 5, margin).astype(dtype)
+    assert _rel(_values(logits), log_softmax_exact64(logits)) <= 2e-6
+
+
+def test_values_handle_ties_many_classes_and_class_subsets():
+    logits = confident_logits(4, 50, 1000, 6, (3.0, 9.0))  # others-sums up to ~999
+    logits[0, 0, :] = -3.0
+    logits[0, 0, 5] = logits[0, 0, 9] = 4.0  # a tie at the top
+    want = log_softmax_exact64(logits)
+    assert _rel(_values(logits), want) <= 2e-6
+    assert abs(_values(logits)[0, 0, 5] - want[0, 0, 5]) < 1e-6
+    # the standardisation's class subset, in its order (float32: 6e-8 more)
+    assert _rel(_z(logits, [9, 2, 5]), want[..., [9, 2, 5]]) <= 2e-6
+    assert _rel(_z(logits), want) <= 2e-6
+
+
+@pytest.mark.parametrize("margin", [(0.0, 5.0), (15.0, 25.0), (60.0, 120.0)])
+def test_statistics_are_within_1e_6_of_float64_where_float32_log_softmax_fails(margin):
+    logits = confident_logits(300, 40, 10, 3, margin)
+    want = log_softmax_exact64(logits)
+    s = stats_of_logits(logits, LOG1P32)
+    assert _rel(s.mean, want.mean(0)) <= 1e-6
+    assert _rel(s.std(), want.std(0, ddof=1)) <= 1e-6
+    if margin[0] > 10:
+        assert _rel(stats_of_logits(logits, PUBLISHED32).std(), want.std(0, ddof=1)) > 1e-3
+
+
+def test_statistics_agree_with_the_torch_form(torch_form):
+    logits = (np.random.default_rng(4).normal(size=(60, 333, 10)) * 5).astype(np.float16)
+    ours = stats_of_logits(logits)
+    torch_form(True)
+    ref = stats_of_logits(logits)
+    assert _rel(ours.mean, ref.mean) <= 1e-6
+    assert _rel(ours.std(), ref.std()) <= 1e-6
+
+
+def test_statistics_do_not_depend_on_blocks_or_threads(monkeypatch):
+    logits = (np.random.default_rng(5).normal(size=(45, 301, 7)) * 3).astype(np.float16)
+    whole = stats_of_logits(logits)
+    monkeypatch.setattr(fused, "BLOCK_BYTES", 4 * 301 * 7 * 4)  # 4-run blocks
+    monkeypatch.setattr(fused, "_threads", lambda: 3)
+    split = stats_of_logits(logits)
+    # the same operations in the same order for every entry: bit for bit
+    np.testing.assert_array_equal(split.mean, whole.mean)
+    np.testing.assert_array_equal(split.m2, whole.m2)
+
+
+def test_identical_runs_have_exactly_zero_m2():
+    one = (np.random.default_rng(3).normal(size=(1, 200, 5)) * 5).astype(np.float16)
+    s = stats_of_logits(np.repeat(one, 9, axis=0))
+    assert (s.m2 == 0).all() and s.zero_variance() == 1000
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("where", [(3, 150, 0), (0, 7, 4), (4, 299, 2)])
+def test_a_non_finite_logit_gives_non_finite_statistics(bad, dtype, where):
+    logits = (np.random.default_rng(6).normal(size=(5, 300, 5)) * 3).astype(dtype)
+    logits[where] = bad
+    with pytest.raises(NonFiniteValues):
+        stats_of_logits(logits)
+
+
+def test_standardisation_agrees_with_the_torch_form(torch_form):
+    rng = np.random.default_rng(7)
+    logits = torch.from_numpy((rng.normal(size=(40, 257, 10)) * 4).astype(np.float16))
+    st_ = stats_of_logits(logits)
+    for classes in (None, [0, 3, 9]):
+        ours = Normaliser(st_, (0, 257), classes, CPU, LOG1P32)(logits[:11]).clone()
+        torch_form(True)
+        ref = Normaliser(st_, (0, 257), classes, CPU, LOG1P32)(logits[:11]).clone()
+        torch_form(False)
+        # z-scores are O(1): a few float32 ulps of the values, scaled by 1/std
+        assert float((ours - ref).abs().max()) <= 1e-5
+        assert ours.shape == ref.shape
+
+
+def test_standardisation_of_an_example_range_uses_its_statistics():
+    rng = np.random.default_rng(8)
+    logits = torch.from_numpy((rng.normal(size=(12, 90, 4)) * 2).astype(np.float32))
+    st_ = stats_of_logits(logits)
+    z = Normaliser(st_, (30, 60), None, CPU, LOG1P32)(logits[:5, 30:60]).numpy()
+    v = log_softmax_exact64(logits.numpy())[:5, 30:60]
+    want = (v - st_.mean[30:60]) / st_.std()[30:60]
+    np.testing.assert_allclose(z.reshape(30, 5, 4), want.transpose(1, 0, 2), atol=1e-5)
+
+
+def test_every_float16_is_widened_exactly():
+    @njit
+    def widen(h, out):
+        for i in range(h.size):
+            out[i] = fused_kernels.half(h[i])
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    got = np.empty(1 << 16, np.float32)
+    widen(bits, got)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[finite], want[finite])
+    assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
+    assert not np.isfinite(got[~finite]).any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_exp_and_log1p_are_within_a_few_float32_ulps(seed):
+    @njit
+    def evaluate(d, s, e_out, l_out):
+        for i in range(d.size):
+            e_out[i] = fused_kernels.exp_neg(d[i])
+            k = np.float32(0.0)
+            b = fused_kernels._SQRT2
+            while b <= 1000:
+                k += np.float32(1.0) if np.float32(1.0) + s[i] >= b else np.float32(0.0)
+                b = b * np.float32(2.0)
+            l_out[i] = fused_kernels.log1p_k(s[i], k)
+
+    rng = np.random.default_rng(seed)
+    d = np.concatenate([[0.0, -87.0], -rng.uniform(0, 87, 2000),
+                        -10 ** rng.uniform(-8, 0, 500)]).astype(np.float32)
+    s = np.concatenate([[0.0], 10 ** rng.uniform(-30, 0, 2000),
+                        rng.uniform(0, 999, 500)]).astype(np.float32)
+    e, lg = np.empty_like(d), np.empty_like(s)
+    evaluate(d, s, e, lg)
+    assert e[0] == 1.0 and lg[0] == 0.0  # exact where the top class needs it
+    assert _rel(e, np.exp(d.astype(np.float64))) <= 3e-7
+    assert _rel(lg[1:], np.log1p(s[1:].astype(np.float64))) <= 3e-7
+    assert fused_kernels.exp_neg(np.float32(-88.0)) == 0.0
+    assert fused_kernels.exp_neg(np.float32(np.nan)) == 0.0
