@@ -15,6 +15,26 @@ from tests.reference import confident_logits, log_softmax_exact64
 CPU = torch.device("cpu")
 
 
+@njit
+def _widen(h, out):
+    for i in range(h.size):
+        out[i] = fused_kernels.half(h[i])
+
+
+@njit
+def _exp_log1p(d, s, e_out, l_out):
+    """exp of ``d`` and log1p of ``s`` (float32 arrays), as the kernels compute them;
+    log1p's halving count as the kernels' tile loop finds it, for up to 1000 classes."""
+    for i in range(d.size):
+        e_out[i] = fused_kernels.exp_neg(d[i])
+        k = np.float32(0.0)
+        b = fused_kernels._SQRT2
+        while b <= 1000:
+            k += np.float32(1.0) if np.float32(1.0) + s[i] >= b else np.float32(0.0)
+            b = b * np.float32(2.0)
+        l_out[i] = fused_kernels.log1p_k(s[i], k)
+
+
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float((np.abs(got - want) / np.maximum(np.abs(want), 1e-300)).max())
 
@@ -154,15 +174,10 @@ def test_standardisation_of_an_example_range_uses_its_statistics():
 
 
 def test_every_float16_is_widened_exactly():
-    @njit
-    def widen(h, out):
-        for i in range(h.size):
-            out[i] = fused_kernels.half(h[i])
-
     bits = np.arange(1 << 16, dtype=np.uint16)
     want = bits.view(np.float16).astype(np.float32)
     got = np.empty(1 << 16, np.float32)
-    widen(bits, got)
+    _widen(bits, got)
     finite = np.isfinite(want)
     np.testing.assert_array_equal(got[finite], want[finite])
     assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
@@ -172,24 +187,13 @@ def test_every_float16_is_widened_exactly():
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_exp_and_log1p_are_within_a_few_float32_ulps(seed):
-    @njit
-    def evaluate(d, s, e_out, l_out):
-        for i in range(d.size):
-            e_out[i] = fused_kernels.exp_neg(d[i])
-            k = np.float32(0.0)
-            b = fused_kernels._SQRT2
-            while b <= 1000:
-                k += np.float32(1.0) if np.float32(1.0) + s[i] >= b else np.float32(0.0)
-                b = b * np.float32(2.0)
-            l_out[i] = fused_kernels.log1p_k(s[i], k)
-
     rng = np.random.default_rng(seed)
     d = np.concatenate([[0.0, -87.0], -rng.uniform(0, 87, 2000),
                         -10 ** rng.uniform(-8, 0, 500)]).astype(np.float32)
     s = np.concatenate([[0.0], 10 ** rng.uniform(-30, 0, 2000),
                         rng.uniform(0, 999, 500)]).astype(np.float32)
     e, lg = np.empty_like(d), np.empty_like(s)
-    evaluate(d, s, e, lg)
+    _exp_log1p(d, s, e, lg)
     assert e[0] == 1.0 and lg[0] == 0.0  # exact where the top class needs it
     assert _rel(e, np.exp(d.astype(np.float64))) <= 3e-7
     assert _rel(lg[1:], np.log1p(s[1:].astype(np.float64))) <= 3e-7
