@@ -65,7 +65,8 @@ def _threads() -> int:
 
 
 def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
-    step = -(-n // max(1, parts))
+    """[0, n) in at most ``parts`` contiguous ranges (none for n = 0)."""
+    step = max(1, -(-n // max(1, parts)))
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 

@@ -199,3 +199,11 @@ def test_exp_and_log1p_are_within_a_few_float32_ulps(seed):
     assert _rel(lg[1:], np.log1p(s[1:].astype(np.float64))) <= 3e-7
     assert fused_kernels.exp_neg(np.float32(-88.0)) == 0.0
     assert fused_kernels.exp_neg(np.float32(np.nan)) == 0.0
+
+
+def test_no_examples_give_empty_statistics_and_no_z_scores():
+    s = stats_of_logits(np.zeros((4, 0, 3), np.float16))
+    assert s.count == 4 and s.mean.shape == (0, 3) and s.m2.shape == (0, 3)
+    out = np.zeros((0, 12), np.float32)
+    fused.standardise(torch.zeros((4, 0, 3)), np.arange(3), np.zeros((3, 0)),
+                      np.zeros((3, 0)), out)
