@@ -15,7 +15,8 @@ sum leaves float32's normal range. Three things differ, each measured in the tes
 ``exp`` and ``log1p`` are polynomials with Cody-Waite reduction (Cephes' float32 ones,
 within 3e-7 relative, as vectorised library ones are), written out so that the loops
 vectorise (a call into libm does not); the others-sum is accumulated in float64 and
-rounded once (a float32 sum of 999 terms was 1.6e-5 off); ``exp`` below -87 is 0. The
+rounded once (a float32 sum of 999 terms was 1.6e-5 off); ``exp`` below -87 is 0, and
+a row where such terms could reach 1e-7 of its sum is evaluated in float64. The
 two forms agree to a few float32 ulps of each value, and both hold the statistics
 within 1e-6 relative of a float64 evaluation.
 
@@ -116,7 +117,8 @@ def shifted_sums(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     with _pool(threads) as pool:
         for s, b in _blocks(x, rows):
             _run(pool, k.fold, ranges, b, s == 0, shift, s1, s2)
-    return shift.T, s1.T, s2.T
+    return (np.ascontiguousarray(shift.T), np.ascontiguousarray(s1.T),
+            np.ascontiguousarray(s2.T))
 
 
 def standardise(x, classes: np.ndarray, mean_t: np.ndarray, inv_t: np.ndarray,
@@ -124,11 +126,19 @@ def standardise(x, classes: np.ndarray, mean_t: np.ndarray, inv_t: np.ndarray,
     """Write the z-scores ``(v - mean) * inv`` of the LOG1P32 values ``v`` of ``x``
     (k, n, C), a CPU torch tensor of a :func:`supported <supports>` dtype, into
     ``out[:, :k*C']`` (float32 (n, >= k*C'), C-contiguous), columns ordered (run,
-    class); ``classes`` int64 (C',)
-    selects the classes; ``mean_t`` and ``inv_t`` are float64 (C', n), C-contiguous (the
-    transposes of the statistics)."""
+    class); ``classes`` int64 (C',) selects the classes; ``mean_t`` and ``inv_t`` are
+    float64 (C', n), C-contiguous (the transposes of the statistics). Raises
+    ValueError when they do not fit together (the kernel does not check its indices)."""
     k, n, c_in = x.shape
     cs = int(classes.shape[0])
+    fits = (mean_t.shape == inv_t.shape == (cs, n) and out.dtype == np.float32
+            and out.ndim == 2 and out.shape[0] == n and out.shape[1] >= k * cs
+            and out.flags.c_contiguous
+            and (cs == 0 or 0 <= classes.min() <= classes.max() < c_in))
+    if not fits:
+        raise ValueError(f"standardise: runs {tuple(x.shape)}, classes {cs} of {c_in}, "
+                         f"statistics {mean_t.shape}, operand {out.shape} {out.dtype} "
+                         "do not fit")
     threads = min(_threads(), max(1, n // 64))
     ranges = _ranges(n, threads)
     rows = max(1, BLOCK_BYTES // max(1, n * c_in * 4))

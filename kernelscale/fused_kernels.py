@@ -66,8 +66,8 @@ _P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), \
     np.float32(5.0000001201e-1)
 #: 2^n for n in [-126, 0], by n + 126: exp(d) of d in [-87, 0] is normal in float32.
 _POW2 = np.array([2.0 ** n for n in range(-126, 1)], np.float32)
-#: Below this d, exp(d) (< 1.7e-38) is taken as 0: each such term is below 2e-8 of a
-#: float32-evaluated others-sum (>= TINY32), whose rounding is 6e-8.
+#: Below this d, exp(d) (< 1.7e-38) is taken as 0: :func:`tile` evaluates in float64
+#: every row where those terms together could reach 1e-7 of the others-sum.
 _EXP_MIN = np.float32(-87.0)
 
 @_jit
@@ -152,15 +152,19 @@ def tile(x, r, e0, n, d, s, s32, top, it, lg, v):
     for c in range(C):
         for i in range(n):
             v[c, i] = np.float64(d[c, i] - lg[i])
+    # Rows whose others-sum is near float32's range are evaluated in float64: below
+    # TINY32, and where the terms exp_neg takes as 0 (each < 1.7e-38, at most C - 1 of
+    # them) could reach 1e-7 of the sum.
+    tiny = max(TINY32, (C - 1) * 1.7e-31)
     for i in range(n):
-        if s[i] < TINY32:
+        if s[i] < tiny:
             _row64(x, r, e0 + i, it[i], v, i)
 
 @_jit
 def _row64(x, r, e, it, v, i):
     """The float64 evaluation of a row whose others-sum is below TINY32 (a margin
-    past ~69 nats), where float32 exp of its terms leaves the normal range: into
-    ``v[:, i]``."""
+    past ~69 nats), where float32 exp of its terms leaves the normal range (or below the
+    bound of :func:`tile` for many classes): into ``v[:, i]``."""
     C = x.shape[2]
     top = _f64(x[r, e, it])
     s = 0.0

@@ -27,18 +27,24 @@ class Normaliser:
         inv = st.inv_std()[rng[0]:rng[1]]
         if classes is not None:
             mean, inv = mean[:, classes], inv[:, classes]
-        self.mean = torch.from_numpy(np.ascontiguousarray(mean, dtype=np.float64)).to(device)
-        self.inv = torch.from_numpy(np.ascontiguousarray(inv, dtype=np.float64)).to(device)
         self.classes = (torch.tensor(classes, device=device) if classes is not None else None)
         self.transform = transform
         self.device = device
         self._out = None
         #: (classes, mean, inv) numpy arguments of the one-pass CPU kernel, when it applies
         self._fused = None
-        if self.mean.device.type == "cpu" and transform == LOG1P32 and _fused.enabled():
+        if (torch.device(device).type == "cpu" and transform == LOG1P32 and mean.shape[1]
+                and _fused.enabled()):
+            # The kernel reads them transposed; the torch form's (n, C') tensors are views
+            # of the same copies, so the statistics are held once, as the plan counts.
             cls = np.arange(st.mean.shape[1]) if classes is None else np.asarray(classes)
-            self._fused = (cls.astype(np.int64), np.ascontiguousarray(mean.T, np.float64),
-                           np.ascontiguousarray(inv.T, np.float64))
+            mean_t = np.ascontiguousarray(mean.T, np.float64)
+            inv_t = np.ascontiguousarray(inv.T, np.float64)
+            self._fused = (cls.astype(np.int64), mean_t, inv_t)
+            self.mean, self.inv = torch.from_numpy(mean_t).T, torch.from_numpy(inv_t).T
+        else:
+            self.mean = torch.from_numpy(np.ascontiguousarray(mean, np.float64)).to(device)
+            self.inv = torch.from_numpy(np.ascontiguousarray(inv, np.float64)).to(device)
 
     @property
     def width(self) -> int:

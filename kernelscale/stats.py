@@ -174,7 +174,7 @@ def stats_of_logits(logits, transform: str = LOG1P32, device=None) -> RunningSta
     dev = torch.device(device) if device is not None else torch.device("cpu")
     runs, examples, classes = x.shape
     if dev.type == "cpu" and x.device.type == "cpu" and transform == LOG1P32 and runs \
-            and _fused.enabled() and _fused.supports(x.dtype):
+            and classes and _fused.enabled() and _fused.supports(x.dtype):
         v0, s1, s2 = _fused.shifted_sums(x)
         return _from_sums(runs, torch.from_numpy(v0), torch.from_numpy(s1),
                           torch.from_numpy(s2))

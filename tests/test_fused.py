@@ -207,3 +207,34 @@ def test_no_examples_give_empty_statistics_and_no_z_scores():
     out = np.zeros((0, 12), np.float32)
     fused.standardise(torch.zeros((4, 0, 3)), np.arange(3), np.zeros((3, 0)),
                       np.zeros((3, 0)), out)
+
+
+def test_rows_whose_dropped_terms_could_matter_are_evaluated_in_float64():
+    """exp below -87 is taken as 0: with 999 such terms beside one at -69 they are 1e-5
+    of the others-sum, which the float64 evaluation of such rows keeps."""
+    x = np.full((1, 1, 1000), -87.2, np.float32)
+    x[0, 0, 0], x[0, 0, 1] = 0.0, -69.0
+    assert _rel(_values(x), log_softmax_exact64(x)) <= 1e-6
+
+
+def test_standardise_refuses_what_does_not_fit():
+    x = torch.zeros((3, 10, 5))
+    ok = (np.arange(5), np.zeros((5, 10)), np.ones((5, 10)), np.zeros((10, 15), np.float32))
+    fused.standardise(x, *ok)
+    for bad in ((np.arange(7), np.zeros((7, 10)), np.ones((7, 10)), ok[3]),  # 7 of 5
+                (np.array([0, 5]), np.zeros((2, 10)), np.ones((2, 10)), ok[3]),
+                (*ok[:3], np.zeros((9, 15), np.float32)),
+                (*ok[:3], np.zeros((10, 14), np.float32)),
+                (*ok[:3], np.zeros((10, 15))),
+                (ok[0], np.zeros((5, 9)), *ok[2:])):
+        with pytest.raises(ValueError, match="do not fit"):
+            fused.standardise(x, *bad)
+
+
+def test_statistics_are_c_ordered_and_the_normaliser_holds_them_once():
+    logits = (np.random.default_rng(9).normal(size=(6, 100, 4)) * 2).astype(np.float16)
+    s = stats_of_logits(logits)
+    assert s.mean.flags.c_contiguous and s.m2.flags.c_contiguous
+    n = Normaliser(s, (0, 100), None, CPU, LOG1P32)
+    assert np.shares_memory(n.mean.numpy(), n._fused[1])
+    assert np.shares_memory(n.inv.numpy(), n._fused[2])
