@@ -90,33 +90,35 @@ def _blocks(x, rows_per_block: int):
         yield s, b.numpy().view(np.uint16) if b.dtype == torch.int16 else b.numpy()
 
 
-def _run(pool: ThreadPoolExecutor | None, fn, ranges, x, *rest) -> None:
-    """``fn(x, e0, e1, *rest)`` for each example range, on the pool's threads."""
-    if pool is None:
-        for e0, e1 in ranges:
-            fn(x, e0, e1, *rest)
-        return
-    for f in [pool.submit(fn, x, e0, e1, *rest) for e0, e1 in ranges]:
-        f.result()
+def _drive(x, kernel, args_of) -> None:
+    """``kernel(block, e0, e1, *args_of(start))`` for every block of runs of ``x`` (runs,
+    examples, classes), ``start`` its first run, and every thread's range of examples
+    [e0, e1): the threads split the examples, so no two write the same memory."""
+    _, n, c = x.shape
+    threads = min(_threads(), max(1, n // 64))
+    ranges = _ranges(n, threads)
+    rows = max(1, BLOCK_BYTES // max(1, n * c * 4))
+    with _pool(threads) as pool:
+        for start, block in _blocks(x, rows):
+            args = args_of(start)
+            if pool is None:
+                for e0, e1 in ranges:
+                    kernel(block, e0, e1, *args)
+                continue
+            for f in [pool.submit(kernel, block, e0, e1, *args) for e0, e1 in ranges]:
+                f.result()
 
 
 def shifted_sums(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(shift, S1, S2) of the LOG1P32 values of ``x`` (runs >= 1, examples, classes),
     a CPU torch tensor of a :func:`supported <supports>` dtype: ``shift`` the first
-    run's values,
-    ``S1 = sum(v - shift)``, ``S2 = sum((v - shift)^2)`` over the runs, each float64
-    (examples, classes). See :func:`kernelscale.stats.stats_of_logits` for the sums."""
+    run's values, ``S1 = sum(v - shift)``, ``S2 = sum((v - shift)^2)`` over the runs,
+    each float64 (examples, classes), C-contiguous. See :func:`kernelscale.stats.stats_of_logits` for the sums."""
     runs, examples, classes = x.shape
     shift = np.empty((classes, examples))
     s1 = np.zeros((classes, examples))
     s2 = np.zeros((classes, examples))
-    threads = min(_threads(), max(1, examples // 64))
-    ranges = _ranges(examples, threads)
-    rows = max(1, BLOCK_BYTES // max(1, examples * classes * 4))
-    k = _kernels()
-    with _pool(threads) as pool:
-        for s, b in _blocks(x, rows):
-            _run(pool, k.fold, ranges, b, s == 0, shift, s1, s2)
+    _drive(x, _kernels().fold, lambda start: (start == 0, shift, s1, s2))
     return (np.ascontiguousarray(shift.T), np.ascontiguousarray(s1.T),
             np.ascontiguousarray(s2.T))
 
@@ -139,13 +141,7 @@ def standardise(x, classes: np.ndarray, mean_t: np.ndarray, inv_t: np.ndarray,
         raise ValueError(f"standardise: runs {tuple(x.shape)}, classes {cs} of {c_in}, "
                          f"statistics {mean_t.shape}, operand {out.shape} {out.dtype} "
                          "do not fit")
-    threads = min(_threads(), max(1, n // 64))
-    ranges = _ranges(n, threads)
-    rows = max(1, BLOCK_BYTES // max(1, n * c_in * 4))
-    k = _kernels()
-    with _pool(threads) as pool:
-        for s, b in _blocks(x, rows):
-            _run(pool, k.standardise, ranges, b, classes, mean_t, inv_t, out, s * cs)
+    _drive(x, _kernels().standardise, lambda start: (classes, mean_t, inv_t, out, start * cs))
 
 
 @contextlib.contextmanager
