@@ -126,7 +126,9 @@ def transform64(raw, transform: str = LOG1P32):
     """``raw`` torch tensor (..., classes), any float dtype and device -> float64 values.
 
     The one definition of each transform, shared by ingest statistics and the kernel
-    engine so both see bitwise the same values on one device. :data:`FLOAT64` is
+    engine so both see bitwise the same values on one device (on the CPU both take
+    :data:`LOG1P32` from :mod:`kernelscale.fused` instead, again the same kernel for
+    both). :data:`FLOAT64` is
     ``torch.log_softmax`` of the float64 values, not ``x - logsumexp(x)``: the fused
     form keeps the top class of a confident prediction to full relative precision, where
     the subtraction loses about one ulp of it.
