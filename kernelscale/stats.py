@@ -129,8 +129,8 @@ def transform64(raw, transform: str = LOG1P32):
     engine so both see bitwise the same values on one device (on the CPU both take
     :data:`LOG1P32` from :mod:`kernelscale.fused` instead, again the same kernel for
     both). :data:`FLOAT64` is
-    ``torch.log_softmax`` of the float64 values, not ``x - logsumexp(x)``: the fused
-    form keeps the top class of a confident prediction to full relative precision, where
+    ``torch.log_softmax`` of the float64 values, not ``x - logsumexp(x)``: torch's
+    single-kernel form keeps the top class of a confident prediction to full relative precision, where
     the subtraction loses about one ulp of it.
     """
     import torch
