@@ -3,9 +3,10 @@
 A *preparer* maps the fetched files of a source, in order, to ``(fetched, result)``
 pairs. :func:`serial_preparer` converts in the calling thread (a reference for tests);
 :func:`thread_preparer` on threads of this process (the load, hash and statistics
-release the GIL), for every source, while downloads run ahead and the writer commits; :func:`dask_preparer` runs the
-pure per-file work (:func:`~kernelscale.convert.convert_or_bad`: safe load, full
-validation, the file's own statistics) on dask workers. The caller commits the results
+release the GIL), for every source, while downloads run ahead and the writer commits;
+:func:`dask_preparer` runs the pure per-file work
+(:func:`~kernelscale.convert.convert_or_bad`: safe load, full validation, the file's own
+statistics) on dask workers. The caller commits the results
 one file at a time in source order, so the store written is the same as a serial
 ingest's, bit for bit.
 

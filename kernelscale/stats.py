@@ -128,10 +128,10 @@ def transform64(raw, transform: str = LOG1P32):
     The one definition of each transform, shared by ingest statistics and the kernel
     engine so both see bitwise the same values on one device (on the CPU both take
     :data:`LOG1P32` from :mod:`kernelscale.fused` instead, again the same kernel for
-    both). :data:`FLOAT64` is
-    ``torch.log_softmax`` of the float64 values, not ``x - logsumexp(x)``: torch's
-    single-kernel form keeps the top class of a confident prediction to full relative precision, where
-    the subtraction loses about one ulp of it.
+    both). :data:`FLOAT64` is ``torch.log_softmax`` of the float64 values, not
+    ``x - logsumexp(x)``: torch's single-kernel form keeps the top class of a confident
+    prediction to full relative precision, where the subtraction loses about one ulp of
+    it.
     """
     import torch
 
