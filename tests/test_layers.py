@@ -19,7 +19,7 @@ PKG = ROOT / "kernelscale"
 #: bottom to top; a module may import its own layer and the layers below it
 LAYERS = [
     ("foundations", {"errors", "atomic", "progress", "units", "signals", "device", "version",
-                     "bundled"}),
+                     "bundled", "crc32c", "crc32c_kernel"}),
     ("pure logic", {"fused", "fused_kernels", "stats", "plan", "topk", "knn", "normalise", "similarity"}),
     ("formats", {"rawchunks", "store", "store_layout", "store_chunks", "store_stats",
                  "store_labelfile", "locks", "output", "kernelread", "labels", "logfile",
