@@ -23,7 +23,8 @@ if command -v nvidia-smi >/dev/null; then
 fi
 
 # the gpu-marked tests (skipped, not failed, without CUDA)
-if $py -m pytest -q -m gpu tests/test_kernel.py tests/test_api.py tests/test_topk_kernel.py 2>&1 | tee "$out/pytest-gpu.txt"; then
+if $py -m pytest -q -m gpu tests/test_kernel.py tests/test_api.py tests/test_topk_kernel.py \
+    tests/test_fused_gpu.py 2>&1 | tee "$out/pytest-gpu.txt"; then
     echo "PASS pytest -m gpu"
 else
     echo "FAIL pytest -m gpu"; rc=1

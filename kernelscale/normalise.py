@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import fused as _fused
+from . import fused_gpu as _fused_gpu
 from .stats import LOG1P32, RunningStats, transform64
 
 
@@ -33,6 +34,8 @@ class Normaliser:
         self._out = None
         #: (classes, mean, inv) numpy arguments of the one-pass CPU kernel, when it applies
         self._fused = None
+        #: (classes, mean, inv) device tensors of the one-pass GPU kernel, when it applies
+        self._fused_gpu = None
         if (torch.device(device).type == "cpu" and transform == LOG1P32 and mean.shape[1]
                 and _fused.enabled()):
             # The kernel reads them transposed; the torch form's (n, C') tensors are views
@@ -45,6 +48,11 @@ class Normaliser:
         else:
             self.mean = torch.from_numpy(np.ascontiguousarray(mean, np.float64)).to(device)
             self.inv = torch.from_numpy(np.ascontiguousarray(inv, np.float64)).to(device)
+            if (torch.device(device).type == "cuda" and transform == LOG1P32
+                    and mean.shape[1] and _fused_gpu.enabled()):
+                cls = np.arange(st.mean.shape[1]) if classes is None else np.asarray(classes)
+                self._fused_gpu = (torch.from_numpy(cls.astype(np.int32)).to(device),
+                                   self.mean, self.inv)
 
     @property
     def width(self) -> int:
@@ -76,9 +84,10 @@ class Normaliser:
         The transform's values (see :func:`stats.log_softmax_log1p32` for why their
         precision matters) are standardised in float64 over sub-blocks of runs; only
         the standardised values, O(1) in size, are rounded to float32, written straight
-        into the GEMM operand. On the CPU the store's :data:`~kernelscale.stats.LOG1P32`
-        values are standardised by the one-pass kernel of :mod:`kernelscale.fused`,
-        with the same float64 centring and scaling.
+        into the GEMM operand. The store's :data:`~kernelscale.stats.LOG1P32` values
+        are standardised by a one-pass kernel with the same float64 centring and
+        scaling: :mod:`kernelscale.fused`'s on the CPU, :mod:`kernelscale.fused_gpu`'s
+        on a GPU.
         """
         import torch
 
@@ -94,6 +103,10 @@ class Normaliser:
         if self._fused is not None and out.is_contiguous() and raw.device.type == "cpu" \
                 and _fused.supports(raw.dtype):
             _fused.standardise(raw, *self._fused, out.numpy())
+            return z
+        if self._fused_gpu is not None and raw.is_contiguous() and out.stride(1) == 1 \
+                and _fused_gpu.supports(raw.dtype):
+            _fused_gpu.standardise(raw, *self._fused_gpu, out)
             return z
         view = z.unflatten(1, (k, c))  # a view also of a padded operand's columns
         block = self.BLOCK_BYTES.get(self.device.type, self.BLOCK_BYTES["cuda"])

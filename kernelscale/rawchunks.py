@@ -264,8 +264,9 @@ def write_chunk(path: Path, data: np.ndarray, checksum: bool, durable: bool = Fa
     in place: a kernel tile's done-marker, written after all its chunks, is what commits
     them, and a tile without one is recomputed and rewritten.
     """
-    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-    tail = crc32c(data) if checksum else b""
+    flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)  # one copy of a part
+    view = memoryview(flat)
+    tail = crc32c(flat) if checksum else b""
     if durable:
         with atomic_open(path, "wb") as fh:
             fh.write(view)

@@ -1,0 +1,80 @@
+"""One-pass GPU standardisation of the store's log-softmax (:data:`~kernelscale.stats.LOG1P32`)
+into the kernel's float32 GEMM operand (a Triton kernel).
+
+The torch form on a GPU runs about twenty kernels per block of runs over float64
+temporaries and asks the host whether any row needs its float64 evaluation, which
+waits for the device to drain: on an H200, normalising the 20,000 CIFAR-10 runs took
+1.25 s of a 6.2 s kernel, and with TF32 products the host's gaps between launches made
+it 4.3 s. Here one kernel per run-chunk reads each raw value once (plus the selected
+classes again, from cache) and writes each z-score once, with no host synchronisation.
+
+The arithmetic is the torch form's: the float32 shift by the top class, libdevice's
+``exp`` (the function torch's CUDA kernels call) of the other classes, their float32
+sum, ``d - log1p(sum)``, and the float64 evaluation of rows whose sum is below
+``max(1e-30, (C - 1) * 1.7e-31)`` (the CPU kernels' bound: where flushed terms could reach
+1e-7 of the sum); then float64 centring and scaling, rounded once to float32. The sum's
+order is the only difference from the torch form: a few float32 ulps of a value
+(checked on the GPU by ``benchmarks/gpu_check.py`` and the ``gpu`` tests). Triton's
+interpreter (``TRITON_INTERPRET=1``) runs the same kernel on the CPU, with Triton's own
+``exp`` and a ``log1p`` from ``log``, for the tests.
+
+``KERNELSCALE_FUSED=0`` selects the torch form here too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from .fused import ENV
+
+#: examples per program, and runs per program (the statistics are loaded once for them)
+BLOCK_EXAMPLES = 64
+BLOCK_RUNS = 8
+
+
+def enabled() -> bool:
+    """Whether the GPU kernel is used (Triton installed, not disabled by ENV)."""
+    return os.environ.get(ENV, "1") != "0" and importlib.util.find_spec("triton") is not None
+
+
+def supports(dtype) -> bool:
+    import torch
+
+    return dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def tiny_sum(classes: int) -> float:
+    """Others-sums below this are evaluated in float64 (see the module docstring)."""
+    return max(1e-30, (classes - 1) * 1.7e-31)
+
+
+def standardise(raw, classes, mean, inv, out) -> None:
+    """z-scores of ``raw`` into ``out``.
+
+    ``raw`` (k, n, C) float16/bfloat16/float32, C-contiguous; ``classes`` (C',) int32,
+    the selected classes; ``mean``, ``inv`` (n, C') float64, C-contiguous; ``out``
+    float32 (n, >= k*C') with unit column stride: ``out[i, r*C' + j]`` = the z-score of
+    run r, example i, class ``classes[j]``; its other columns are left as they are. All
+    on one CUDA device (or CPU tensors under Triton's interpreter).
+    """
+    import triton
+
+    from . import fused_gpu_kernels as kern
+
+    k, n, c = raw.shape
+    w = int(classes.shape[0])
+    if (not raw.is_contiguous() or mean.shape != (n, w) or inv.shape != (n, w)
+            or not mean.is_contiguous() or not inv.is_contiguous()
+            or out.shape[0] != n or out.shape[1] < k * w or out.stride(1) != 1
+            or not supports(raw.dtype)):
+        raise ValueError("fused_gpu.standardise: arguments of other shapes, layouts or "
+                         "dtypes than it takes")
+    if k == 0 or n == 0 or w == 0:
+        return
+    accurate = raw.device.type == "cuda"
+    grid = (triton.cdiv(n, BLOCK_EXAMPLES), triton.cdiv(k, BLOCK_RUNS))
+    kern.standardise_kernel[grid](
+        raw, classes, mean, inv, out, k, n, out.stride(0), tiny_sum(c),
+        C=c, CP=triton.next_power_of_2(c), W=w, WP=triton.next_power_of_2(w),
+        BN=BLOCK_EXAMPLES, RB=BLOCK_RUNS, ACCURATE=accurate)
