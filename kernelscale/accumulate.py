@@ -39,13 +39,17 @@ CUDA_PAD = 32
 DELAY_CYCLES = 0
 
 
-def target_reduction(device) -> int:
-    """GEMM reduction length (runs x classes) to aim for per run-chunk.
+def target_reductions(device) -> tuple[int, ...]:
+    """GEMM reduction lengths (runs x classes) to aim for per run-chunk, preferred first.
 
-    A CPU's matrix units are busy from ~512 on; a GPU multiplies a 10,000 x 50,000 tile
-    so fast that the float64 accumulate after each chunk (12 bytes per output element)
-    must be amortised over a long reduction."""
-    return 4096 if device.type == "cuda" else 512
+    The float64 accumulate after each chunk reads and writes 20 bytes per output
+    element, so a long reduction amortises it: 4096 on both devices (a GPU multiplies a
+    10,000 x 50,000 tile so fast that it must; on 2 CPU cores, 1000 x 5000 over 4000
+    runs, the accumulated GEMMs took 2.6-3.0 s at 4096 against 4.6 s at 512). A CPU's
+    matrix units are busy from ~512 on, and its operands share the budget with the
+    tiles, so a CPU plan also tries 512 and keeps it when it needs fewer passes over the
+    store (:func:`kernelscale.kernel_plan.plan_kernel`)."""
+    return (4096,) if device.type == "cuda" else (4096, 512)
 
 
 def operand_padding(device) -> int:
@@ -213,11 +217,13 @@ def write_tiles(out, tiles, accs, scale: float, device, on_tile_written) -> None
     """Scale each float64 accumulator in place and write it as float32 into ``out``.
 
     Each tile goes out in blocks of one output chunk row by as many whole output chunks
-    as fit ``STAGE_BYTES``: on CUDA each block is converted on the device (at most the 4
-    bytes per element the freed chunk product held) and copied into one of four pinned
-    host buffers, while writer threads store the blocks before it; no full-size float32
-    copy of a tile ever exists. ``on_tile_written(tile)`` runs once all of a tile's
-    blocks are stored.
+    as fit ``STAGE_BYTES``. A block is converted on the tile's device straight into
+    chunk-major order (m, chunk rows, chunk columns), zero past the array's edges, so
+    that every chunk file is written from contiguous bytes with no copy on the host; on
+    CUDA (at most the 4 bytes per element the freed chunk product held) it is copied
+    into one of four pinned host buffers, while writer threads store the blocks before
+    it. No full-size float32 copy of a tile ever exists. ``on_tile_written(tile)`` runs
+    once all of a tile's blocks are stored.
     """
     import torch
 
@@ -227,9 +233,8 @@ def write_tiles(out, tiles, accs, scale: float, device, on_tile_written) -> None
     nbuf = 4
     staging = None
     if is_cuda and tiles:
-        rows = min(step, max(t.rows for t in tiles))
-        cols = min(width, max(t.cols for t in tiles))
-        staging = [torch.empty(rows * cols, dtype=torch.float32, pin_memory=True)
+        cols = min(width, padded(max(t.cols for t in tiles), chunk_cols))
+        staging = [torch.empty(step * cols, dtype=torch.float32, pin_memory=True)
                    for _ in range(nbuf)]
     pending: list = [None] * nbuf
     i = 0
@@ -244,22 +249,43 @@ def write_tiles(out, tiles, accs, scale: float, device, on_tile_written) -> None
                     i += 1
                     if pending[j] is not None:
                         pending[j].result()  # its staging buffer is free again
-                    block = a[r:r1, c:c1].float()
+                    chunks = chunk_major(a[r:r1, c:c1], step, chunk_cols)
                     if staging is not None:
-                        host = staging[j][: (r1 - r) * (c1 - c)].view(r1 - r, c1 - c)
-                        host.copy_(block, non_blocking=True)
+                        host = staging[j][:chunks.numel()].view(chunks.shape)
+                        host.copy_(chunks, non_blocking=True)
                         ev = torch.cuda.Event()
                         ev.record(torch.cuda.current_stream(device))
                     else:
-                        host, ev = block, None
-                    del block
-                    pending[j] = pool.submit(_store_block, out, t.r0 + r, t.r0 + r1,
-                                             t.c0 + c, t.c0 + c1, host, ev)
+                        host, ev = chunks, None
+                    del chunks
+                    pending[j] = pool.submit(_store_chunks, out, (t.r0 + r) // step,
+                                             (t.c0 + c) // chunk_cols, host, r1 - r, c1 - c,
+                                             ev)
             for j, f in enumerate(pending):
                 if f is not None:
                     f.result()
                     pending[j] = None
             on_tile_written(t)
+
+
+def chunk_major(block, chunk_rows: int, chunk_cols: int):
+    """float64 ``block`` (rows <= chunk_rows, cols) -> float32 (m, chunk_rows, chunk_cols)
+    on its device, m = ceil(cols / chunk_cols): chunk j holds columns ``[j * chunk_cols,
+    (j + 1) * chunk_cols)``, zeros past the block's rows and columns."""
+    import torch
+
+    rows, cols = block.shape
+    m = -(-cols // chunk_cols)
+    whole = cols // chunk_cols
+    edge = rows < chunk_rows or whole < m
+    out = (torch.zeros if edge else torch.empty)((m, chunk_rows, chunk_cols),
+                                                  dtype=torch.float32, device=block.device)
+    if whole:
+        out[:whole, :rows].copy_(block[:, :whole * chunk_cols]
+                                 .unflatten(1, (whole, chunk_cols)).transpose(0, 1))
+    if whole < m:
+        out[whole, :rows, :cols - whole * chunk_cols].copy_(block[:, whole * chunk_cols:])
+    return out
 
 
 #: bytes of one float32 block of rows reduced to its top-K at once
@@ -290,7 +316,7 @@ def reduce_tiles(out, tiles, accs, scale: float, on_tile_written) -> None:
         on_tile_written(t)
 
 
-def _store_block(out, r0: int, r1: int, c0: int, c1: int, host, event) -> None:
+def _store_chunks(out, i: int, j0: int, host, rows: int, cols: int, event) -> None:
     if event is not None:
         event.synchronize()
-    out.write_block(r0, r1, c0, c1, host.numpy())
+    out.write_chunk_row(i, j0, host.numpy(), rows, cols)

@@ -178,7 +178,7 @@ def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
         on_device,
         operand_padding,
         padded,
-        target_reduction,
+        target_reductions,
     )
     from .device import matmul_precision, resolve_device
     from .normalise import Normaliser
@@ -192,7 +192,7 @@ def compute_floor(store_path: Path, device_name: str, precision: str) -> float:
     pad = operand_padding(device)
     p = plan((n_te, n_tr), classes=C, budget=1 << 62, chunks=(n_te, n_tr),
              store_run_chunk=store.shape.run_chunk, runs=runs,
-             target_reduction=target_reduction(device), pad=pad)
+             target_reduction=target_reductions(device)[0], pad=pad)
     k = p.runs_per_step
     with on_device(device), matmul_precision(precision):
         te = torch.from_numpy(store.read("test", 0, runs)).to(device)

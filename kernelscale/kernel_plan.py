@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .accumulate import operand_padding, target_reduction
+from .accumulate import operand_padding, target_reductions
 from .device import default_budget, resolve_device
 from .kernel_setup import KernelConfig, KernelSetup, output_chunks, setup_kernel
 from .normalise import Normaliser
@@ -34,13 +34,23 @@ def plan_kernel(cfg: KernelConfig, res: KernelSetup, device, budget: int,
                 chunks: tuple[int, int]) -> Plan:
     """The plan of ``res`` (of ``cfg``) on ``device`` (a ``torch.device``: its reduction
     length, operand padding and fixed temporaries) within ``budget`` bytes, its tiles on
-    the output's ``chunks``."""
-    return plan(res.shape, classes=res.n_classes, budget=budget, chunks=chunks,
-                store_run_chunk=res.store.shape.run_chunk, runs=res.runs, region=res.region,
-                tile=cfg.tile, in_itemsize=np.dtype(res.store.shape.dtype).itemsize,
-                runs_per_step=cfg.runs_per_step, target_reduction=target_reduction(device),
-                reserve=Normaliser.temp_bytes(device.type) + topk_bytes(cfg, res.region),
-                pad=operand_padding(device), raw_classes=res.store.shape.classes)
+    the output's ``chunks``.
+
+    Of the device's reduction lengths (:func:`~kernelscale.accumulate.target_reductions`),
+    the first whose plan makes the fewest passes over the store: a longer reduction
+    amortises the accumulate, but never at the price of reading the store again.
+    """
+    best = None
+    for target in target_reductions(device):
+        p = plan(res.shape, classes=res.n_classes, budget=budget, chunks=chunks,
+                 store_run_chunk=res.store.shape.run_chunk, runs=res.runs, region=res.region,
+                 tile=cfg.tile, in_itemsize=np.dtype(res.store.shape.dtype).itemsize,
+                 runs_per_step=cfg.runs_per_step, target_reduction=target,
+                 reserve=Normaliser.temp_bytes(device.type) + topk_bytes(cfg, res.region),
+                 pad=operand_padding(device), raw_classes=res.store.shape.classes)
+        if best is None or len(p.passes) < len(best.passes):
+            best = p
+    return best
 
 
 def kernel_budget(cfg: KernelConfig, res: KernelSetup, device) -> int:

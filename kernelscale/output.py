@@ -190,6 +190,25 @@ class KernelOutput:
         g.attrs.update(attrs)
         return cls(path, g)
 
+    def write_chunk_row(self, i: int, j0: int, chunks: np.ndarray, rows: int,
+                        cols: int) -> None:
+        """Store the float32 ``chunks`` (m, cr, cc), chunk-major: chunks ``(i, j0 + j)``
+        of the kernel, whose first ``rows`` rows and ``cols`` columns (counted across the
+        m chunks) are values; the rest, past the array's edge, must be zeros (the fill).
+
+        Each chunk is already contiguous: a plain-bytes array (every kernel this module
+        creates) stores it as one file with no copy; anything else goes through Zarr.
+        """
+        cr, cc = self.chunks
+        layout = raw_layout(self.array)
+        if layout is None or chunks.dtype != np.float32:
+            block = chunks.transpose(1, 0, 2).reshape(cr, -1)[:rows, :cols]
+            self.write_block(i * cr, i * cr + rows, j0 * cc, j0 * cc + cols, block)
+            return
+        for j in range(chunks.shape[0]):
+            write_chunk(chunk_path(self.path / "kernel", (i, j0 + j)), chunks[j],
+                        layout.checksum)
+
     def write_block(self, r0: int, r1: int, c0: int, c1: int, block: np.ndarray) -> None:
         """Store ``block`` float32 (r1-r0, c1-c0) at rows ``[r0, r1)``, cols ``[c0, c1)``.
 

@@ -155,8 +155,7 @@ def plan(shape: tuple[int, int], *, classes: int, budget: int, chunks: tuple[int
                           f"engine's fixed temporaries ({format_bytes(reserve)}); raise "
                           "--max-memory")
     if runs_per_step is None:
-        # A reduction length of >= ~512 per GEMM keeps a CPU's matrix units busy; a GPU
-        # wants longer reads (more store chunks in flight at once) more than longer GEMMs.
+        # enough runs for the target reduction, in whole store chunks
         want = max(1, math.ceil(target_reduction / max(classes, raw_classes or 0)))
         runs_per_step = store_run_chunk * max(1, math.ceil(want / store_run_chunk))
     runs_per_step = max(1, min(runs_per_step, max(runs, 1)))

@@ -382,6 +382,36 @@ def test_engine_plan_counts_padding_and_fixed_temporaries(small_store, tmp_path)
     assert pass_bytes(tiles, 3, 5, 2, 32) - pass_bytes(tiles, 3, 5, 2, 1) == (rows + cols) * 68
 
 
+def test_cpu_plan_takes_the_long_reduction_unless_the_short_one_saves_passes(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from kernelscale.kernel import KernelConfig
+    from kernelscale.kernel_plan import plan_kernel
+    from kernelscale.plan import Tile, pass_bytes
+
+    # 2000 runs of 10 classes, store chunks of 10 runs: 410 runs per step for 4096,
+    # 60 for 512
+    shape = SimpleNamespace(run_chunk=10, dtype="float16", classes=10)
+    res = SimpleNamespace(shape=(1000, 5000), n_classes=10, store=SimpleNamespace(shape=shape),
+                          runs=2000, region=Tile(0, 1000, 0, 5000))
+    cfg = KernelConfig(store=tmp_path / "s", out=tmp_path / "k")
+    cpu = torch.device("cpu")
+    whole = [Tile(0, 1000, 0, 5000)]
+    chunks = (100, 500)
+    roomy = plan_kernel(cfg, res, cpu, 1 << 34, chunks)
+    assert (roomy.runs_per_step, len(roomy.passes)) == (410, 1)
+    # room for the whole output with 60-run steps, not with 410 (which would need smaller
+    # tiles in several passes): the short reduction saves passes
+    tight = pass_bytes(whole, 60, 10) + 1
+    assert pass_bytes(whole, 410, 10) > tight
+    p = plan_kernel(cfg, res, cpu, tight, chunks)
+    assert (p.runs_per_step, len(p.passes)) == (60, 1)
+    # a GPU keeps its long reduction
+    assert plan_kernel(cfg, res, torch.device("cuda"), 1 << 34, chunks).runs_per_step == 410
+
+
 @pytest.mark.fault
 def test_a_second_writer_or_a_restart_is_refused_naming_the_holder(small_store, tmp_path):
     """While one process computes a region, a second writer of that region and a
