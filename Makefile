@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/kernelscale run
 
-# Two workers, each test file on one worker: module fixtures are built once, and the Slurm
-# tests (one file) never race each other for the cluster.
-TEST_WORKERS ?= 2
+# Three workers, each test file on one worker: module fixtures are built once, and the Slurm
+# tests (one file) never race each other for the cluster. Most tests wait on subprocesses,
+# so a third worker shortens the suite on two cores (measured: 518 s against 548 s).
+TEST_WORKERS ?= 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
