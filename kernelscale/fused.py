@@ -44,13 +44,28 @@ import numpy as np
 #: so that a block made contiguous is still in cache when the kernel reads it.
 BLOCK_BYTES = 4 << 20
 
-#: Set to "0" to use the torch form on the CPU too (the reference; e.g. to compare).
+#: "0": the torch form on the CPU too (the reference; e.g. to compare); "1": the kernels
+#: for every call; unset: the kernels for calls of :data:`MIN_VALUES` and more.
 ENV = "KERNELSCALE_FUSED"
+
+#: Calls on fewer values take the torch form (unless ENV is "1"). Loading numba and the
+#: cached kernels costs a process ~0.7 s (2 cores), which the kernels save back at ~3.6 ns
+#: a value, so toy arrays (tests, notebooks, small stores) are better off without them;
+#: from this size on (the kernels' own 4 MB block of float32 values; every file and
+#: run-chunk of a real ensemble, e.g. 400 runs x 1,000 test examples x 10 classes) a
+#: process makes enough calls to pay for them. Depends on the call alone, so a resumed
+#: computation makes the same choices as an uninterrupted one.
+MIN_VALUES = 1 << 20
 
 
 def enabled() -> bool:
-    """Whether the fused CPU kernels are used (numba installed, not disabled by ENV)."""
-    return os.environ.get(ENV, "1") != "0" and importlib.util.find_spec("numba") is not None
+    """Whether the fused CPU kernels may be used (numba installed, not disabled by ENV)."""
+    return os.environ.get(ENV, "") != "0" and importlib.util.find_spec("numba") is not None
+
+
+def use(values: int) -> bool:
+    """Whether a call on ``values`` values takes the kernels (see :data:`MIN_VALUES`)."""
+    return enabled() and (values >= MIN_VALUES or os.environ.get(ENV, "") == "1")
 
 
 def _kernels():

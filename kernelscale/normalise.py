@@ -86,8 +86,9 @@ class Normaliser:
         the standardised values, O(1) in size, are rounded to float32, written straight
         into the GEMM operand. The store's :data:`~kernelscale.stats.LOG1P32` values
         are standardised by a one-pass kernel with the same float64 centring and
-        scaling: :mod:`kernelscale.fused`'s on the CPU, :mod:`kernelscale.fused_gpu`'s
-        on a GPU.
+        scaling: :mod:`kernelscale.fused`'s on the CPU (for chunks of
+        :data:`~kernelscale.fused.MIN_VALUES` and more), :mod:`kernelscale.fused_gpu`'s on
+        a GPU.
         """
         import torch
 
@@ -101,7 +102,7 @@ class Normaliser:
             out = self._out
         z = out[:, : k * c]
         if self._fused is not None and out.is_contiguous() and raw.device.type == "cpu" \
-                and _fused.supports(raw.dtype):
+                and _fused.supports(raw.dtype) and _fused.use(raw.numel()):
             _fused.standardise(raw, *self._fused, out.numpy())
             return z
         if self._fused_gpu is not None and raw.is_contiguous() and out.stride(1) == 1 \

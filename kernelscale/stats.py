@@ -167,8 +167,9 @@ def stats_of_logits(logits, transform: str = LOG1P32, device=None) -> RunningSta
     (``z0`` the first run's z-score), and an entry constant over the runs gets ``m2``
     exactly 0 and its mean exactly that value, so it is a zero-variance entry, not noise.
     Raises :class:`NonFiniteValues` when any value is not finite (found from the sums,
-    without a pass of its own). On the CPU, :data:`LOG1P32` values are summed by the
-    one-pass kernel of :mod:`kernelscale.fused`; elsewhere by the torch form below.
+    without a pass of its own). On the CPU, :data:`LOG1P32` values of large calls are
+    summed by the one-pass kernel of :mod:`kernelscale.fused`
+    (:data:`~kernelscale.fused.MIN_VALUES`); others by the torch form below.
     """
     import torch
 
@@ -176,7 +177,7 @@ def stats_of_logits(logits, transform: str = LOG1P32, device=None) -> RunningSta
     dev = torch.device(device) if device is not None else torch.device("cpu")
     runs, examples, classes = x.shape
     if dev.type == "cpu" and x.device.type == "cpu" and transform == LOG1P32 and runs \
-            and classes and _fused.enabled() and _fused.supports(x.dtype):
+            and classes and _fused.use(x.numel()) and _fused.supports(x.dtype):
         v0, s1, s2 = _fused.shifted_sums(x)
         return _from_sums(runs, torch.from_numpy(v0), torch.from_numpy(s1),
                           torch.from_numpy(s2))

@@ -39,6 +39,12 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     return float((np.abs(got - want) / np.maximum(np.abs(want), 1e-300)).max())
 
 
+@pytest.fixture(autouse=True)
+def kernels_for_every_size(monkeypatch):
+    """The kernels for calls of any size (the tests' arrays are below MIN_VALUES)."""
+    monkeypatch.setenv(fused.ENV, "1")
+
+
 @pytest.fixture
 def torch_form(monkeypatch):
     """Run the block under the torch form (the reference on every device)."""
@@ -47,9 +53,16 @@ def torch_form(monkeypatch):
     return use
 
 
-def test_the_kernels_are_what_the_cpu_runs():
+def test_the_kernels_are_what_the_cpu_runs(monkeypatch):
     # numba is a dependency: a missing one must fail here, not fall back unnoticed
     assert fused.enabled()
+    # by default from MIN_VALUES on; "1" for every call; "0" never
+    monkeypatch.delenv(fused.ENV)
+    assert fused.use(fused.MIN_VALUES) and not fused.use(fused.MIN_VALUES - 1)
+    monkeypatch.setenv(fused.ENV, "1")
+    assert fused.use(1)
+    monkeypatch.setenv(fused.ENV, "0")
+    assert not fused.use(fused.MIN_VALUES) and not fused.enabled()
 
 
 def _values(logits: np.ndarray) -> np.ndarray:
@@ -238,3 +251,24 @@ def test_statistics_are_c_ordered_and_the_normaliser_holds_them_once():
     n = Normaliser(s, (0, 100), None, CPU, LOG1P32)
     assert np.shares_memory(n.mean.numpy(), n._fused[1])
     assert np.shares_memory(n.inv.numpy(), n._fused[2])
+
+
+def test_the_kernel_engine_standardises_with_the_kernels(small_store, tmp_path, monkeypatch):
+    import zarr
+
+    from kernelscale.kernel import KernelConfig, compute_kernel
+    from tests.reference import reference_kernel
+
+    calls = []
+    real = fused.standardise
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(fused, "standardise", spy)
+    store, test, train = small_store
+    compute_kernel(KernelConfig(store=store, out=tmp_path / "k", show_progress=False))
+    kernel = zarr.open_group(str(tmp_path / "k"), mode="r")["kernel"][...]
+    assert calls  # every run-chunk of both splits went through the kernels
+    assert np.abs(kernel - reference_kernel(test, train)).max() <= 1e-5
