@@ -219,9 +219,9 @@ def write_tiles(out, tiles, accs, scale: float, device, on_tile_written) -> None
     Each tile goes out in blocks of one output chunk row by as many whole output chunks
     as fit ``STAGE_BYTES``. A block is converted on the tile's device straight into
     chunk-major order (m, chunk rows, chunk columns), zero past the array's edges, so
-    that every chunk file is written from contiguous bytes with no copy on the host; on
-    CUDA (at most the 4 bytes per element the freed chunk product held) it is copied
-    into one of four pinned host buffers, while writer threads store the blocks before
+    that every chunk file is written from contiguous bytes with no copy on the host (a
+    device buffer of at most :data:`STAGE_BYTES`, whole chunks of the block's chunk row);
+    on CUDA it is copied into one of four pinned host buffers, while writer threads store the blocks before
     it. No full-size float32 copy of a tile ever exists. ``on_tile_written(tile)`` runs
     once all of a tile's blocks are stored.
     """

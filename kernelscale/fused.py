@@ -53,8 +53,9 @@ ENV = "KERNELSCALE_FUSED"
 #: a value, so toy arrays (tests, notebooks, small stores) are better off without them;
 #: from this size on (the kernels' own 4 MB block of float32 values; every file and
 #: run-chunk of a real ensemble, e.g. 400 runs x 1,000 test examples x 10 classes) a
-#: process makes enough calls to pay for them. Depends on the call alone, so a resumed
-#: computation makes the same choices as an uninterrupted one.
+#: process makes enough calls to pay for them. Counted over a whole array (a file's split
+#: for statistics, the store's split for z-scores), never over how a computation is cut,
+#: so a resumed computation makes the same choices as an uninterrupted one.
 MIN_VALUES = 1 << 20
 
 
@@ -64,7 +65,7 @@ def enabled() -> bool:
 
 
 def use(values: int) -> bool:
-    """Whether a call on ``values`` values takes the kernels (see :data:`MIN_VALUES`)."""
+    """Whether an array of ``values`` values takes the kernels (see :data:`MIN_VALUES`)."""
     return enabled() and (values >= MIN_VALUES or os.environ.get(ENV, "") == "1")
 
 

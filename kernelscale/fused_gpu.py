@@ -10,11 +10,14 @@ classes again, from cache) and writes each z-score once, with no host synchronis
 
 The arithmetic is the torch form's: the float32 shift by the top class, libdevice's
 ``exp`` (the function torch's CUDA kernels call) of the other classes, their float32
-sum, ``d - log1p(sum)``, and the float64 evaluation of rows whose sum is below
-``max(1e-30, (C - 1) * 1.7e-31)`` (the CPU kernels' bound: where flushed terms could reach
-1e-7 of the sum); then float64 centring and scaling, rounded once to float32. The sum's
-order is the only difference from the torch form: a few float32 ulps of a value
-(checked on the GPU by ``benchmarks/gpu_check.py`` and the ``gpu`` tests). Triton's
+sum, ``d - log1p(sum)``, and the float64 evaluation of rows whose sum is small; then
+float64 centring and scaling, rounded once to float32. Three things differ: the sum's
+order; libdevice is built with subnormals flushed to zero, so ``exp`` terms below
+1.2e-38 are 0 (torch keeps them as subnormals); and the float64 rows are those whose
+sum is below ``max(1e-30, (C - 1) * 1.7e-31)`` (the CPU kernels' bound, where the flushed
+terms could reach 1e-7 of the sum; the torch form's is 1e-30). The values agree with
+the torch form to a few float32 ulps (checked on the GPU by ``benchmarks/gpu_check.py``
+and the ``gpu`` tests). Triton's
 interpreter (``TRITON_INTERPRET=1``) runs the same kernel on the CPU, with Triton's own
 ``exp`` and a ``log1p`` from ``log``, for the tests.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 from .fused import ENV
 
@@ -38,9 +42,36 @@ BLOCK_EXAMPLES = 64
 BLOCK_RUNS = 8
 
 
-def enabled() -> bool:
-    """Whether the GPU kernel is used (Triton installed, not disabled by ENV)."""
-    return os.environ.get(ENV, "1") != "0" and importlib.util.find_spec("triton") is not None
+#: Triton compiles for GPUs of compute capability 7.0 (Volta) and later
+MIN_CAPABILITY = (7, 0)
+
+#: Why the kernel could not be built in this process, once it failed (then the torch
+#: form is used for the rest of the process)
+_failed: str | None = None
+
+
+def enabled(device=None) -> bool:
+    """Whether the GPU kernel is used on ``device`` (Triton installed, a GPU it compiles
+    for, not disabled by ENV, not failed to build in this process)."""
+    if os.environ.get(ENV, "") == "0" or importlib.util.find_spec("triton") is None:
+        return False
+    if _failed is not None:
+        return False
+    if device is not None:
+        import torch
+
+        if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+            return False
+    return True
+
+
+def unavailable(err: BaseException) -> None:
+    """Record that the kernel could not be built here (a missing C compiler, say) and
+    say so once: the torch form takes over."""
+    global _failed
+    _failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    print(f"kernel: the GPU's one-pass z-scores are unavailable ({_failed}); using the "
+          f"torch form (set {ENV}=0 to choose it)", file=sys.stderr)
 
 
 def supports(dtype) -> bool:
@@ -81,7 +112,16 @@ def standardise(raw, classes, mean, inv, out) -> None:
     cp = triton.next_power_of_2(c)
     bn = max(1, min(BLOCK_EXAMPLES, TILE_VALUES // cp))  # both powers of two
     grid = (triton.cdiv(n, bn), triton.cdiv(k, BLOCK_RUNS))
-    kern.standardise_kernel[grid](
-        raw, classes, mean, inv, out, k, n, out.stride(0), tiny_sum(c),
-        C=c, CP=cp, W=w, WP=triton.next_power_of_2(w), BN=bn, RB=BLOCK_RUNS,
-        ACCURATE=accurate)
+    with _on(raw.device):  # Triton launches on the current device's current stream
+        kern.standardise_kernel[grid](
+            raw, classes, mean, inv, out, k, n, out.stride(0), tiny_sum(c),
+            C=c, CP=cp, W=w, WP=triton.next_power_of_2(w), BN=bn, RB=BLOCK_RUNS,
+            ACCURATE=accurate)
+
+
+def _on(device):
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

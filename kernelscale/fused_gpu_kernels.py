@@ -49,8 +49,9 @@ def standardise_kernel(raw_ptr, cls_ptr, mean_ptr, inv_ptr, out_ptr, k, n, out_s
     smask = sel < W
     cls = tl.load(cls_ptr + sel, mask=smask, other=0)
     msel = rmask[:, None] & smask[None, :]
-    mean = tl.load(mean_ptr + rows[:, None] * W + sel[None, :], mask=msel, other=0.0)
-    inv = tl.load(inv_ptr + rows[:, None] * W + sel[None, :], mask=msel, other=0.0)
+    stat = rows.to(tl.int64)[:, None] * W + sel[None, :]  # n * W may pass 2^31
+    mean = tl.load(mean_ptr + stat, mask=msel, other=0.0)
+    inv = tl.load(inv_ptr + stat, mask=msel, other=0.0)
     mfull = rmask[:, None] & (cols < C)[None, :]
     out_rows = out_ptr + rows.to(tl.int64)[:, None] * out_stride
     for rr in range(RB):

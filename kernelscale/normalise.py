@@ -36,8 +36,11 @@ class Normaliser:
         self._fused = None
         #: (classes, mean, inv) device tensors of the one-pass GPU kernel, when it applies
         self._fused_gpu = None
+        # the CPU kernels by the size of the whole split (runs x examples x classes), not
+        # of a call: a pass's calls shrink with the tiles left to do, and a resumed
+        # computation must make the choices an uninterrupted one made
         if (torch.device(device).type == "cpu" and transform == LOG1P32 and mean.shape[1]
-                and _fused.enabled()):
+                and _fused.use(st.count * st.mean.size)):
             # The kernel reads them transposed; the torch form's (n, C') tensors are views
             # of the same copies, so the statistics are held once, as the plan counts.
             cls = np.arange(st.mean.shape[1]) if classes is None else np.asarray(classes)
@@ -49,7 +52,7 @@ class Normaliser:
             self.mean = torch.from_numpy(np.ascontiguousarray(mean, np.float64)).to(device)
             self.inv = torch.from_numpy(np.ascontiguousarray(inv, np.float64)).to(device)
             if (torch.device(device).type == "cuda" and transform == LOG1P32
-                    and mean.shape[1] and _fused_gpu.enabled()):
+                    and mean.shape[1] and _fused_gpu.enabled(device)):
                 cls = np.arange(st.mean.shape[1]) if classes is None else np.asarray(classes)
                 self._fused_gpu = (torch.from_numpy(cls.astype(np.int32)).to(device),
                                    self.mean, self.inv)
@@ -86,9 +89,9 @@ class Normaliser:
         the standardised values, O(1) in size, are rounded to float32, written straight
         into the GEMM operand. The store's :data:`~kernelscale.stats.LOG1P32` values
         are standardised by a one-pass kernel with the same float64 centring and
-        scaling: :mod:`kernelscale.fused`'s on the CPU (for chunks of
-        :data:`~kernelscale.fused.MIN_VALUES` and more), :mod:`kernelscale.fused_gpu`'s on
-        a GPU.
+        scaling: :mod:`kernelscale.fused`'s on the CPU (for splits of
+        :data:`~kernelscale.fused.MIN_VALUES` values and more), :mod:`kernelscale.fused_gpu`'s
+        on a GPU.
         """
         import torch
 
@@ -102,13 +105,19 @@ class Normaliser:
             out = self._out
         z = out[:, : k * c]
         if self._fused is not None and out.is_contiguous() and raw.device.type == "cpu" \
-                and _fused.supports(raw.dtype) and _fused.use(raw.numel()):
+                and _fused.supports(raw.dtype):
             _fused.standardise(raw, *self._fused, out.numpy())
             return z
         if self._fused_gpu is not None and raw.is_contiguous() and out.stride(1) == 1 \
-                and _fused_gpu.supports(raw.dtype):
-            _fused_gpu.standardise(raw, *self._fused_gpu, out)
-            return z
+                and _fused_gpu.supports(raw.dtype) and _fused_gpu.enabled():
+            try:
+                _fused_gpu.standardise(raw, *self._fused_gpu, out)
+                return z
+            except ValueError:
+                raise
+            except Exception as e:  # not built (no C compiler, an unsupported GPU...):
+                # the first call fails before anything runs, so the torch form takes over
+                _fused_gpu.unavailable(e)
         view = z.unflatten(1, (k, c))  # a view also of a padded operand's columns
         block = self.BLOCK_BYTES.get(self.device.type, self.BLOCK_BYTES["cuda"])
         sb = max(1, block // max(1, n * c_in * 8))

@@ -125,10 +125,10 @@ def log_softmax_log1p32(raw):
 def transform64(raw, transform: str = LOG1P32):
     """``raw`` torch tensor (..., classes), any float dtype and device -> float64 values.
 
-    The one definition of each transform, shared by ingest statistics and the kernel
-    engine so both see bitwise the same values on one device (on the CPU both take
-    :data:`LOG1P32` from :mod:`kernelscale.fused` instead, again the same kernel for
-    both). :data:`FLOAT64` is ``torch.log_softmax`` of the float64 values, not
+    The one definition of each transform: the reference that the one-pass kernels
+    (:mod:`kernelscale.fused` on the CPU, :mod:`kernelscale.fused_gpu` for a GPU's
+    z-scores) reproduce to a few float32 ulps, and the form taken where they are not
+    (small arrays on the CPU, a GPU's ingest statistics). :data:`FLOAT64` is ``torch.log_softmax`` of the float64 values, not
     ``x - logsumexp(x)``: torch's single-kernel form keeps the top class of a confident
     prediction to full relative precision, where the subtraction loses about one ulp of
     it.

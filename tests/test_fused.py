@@ -270,5 +270,18 @@ def test_the_kernel_engine_standardises_with_the_kernels(small_store, tmp_path, 
     store, test, train = small_store
     compute_kernel(KernelConfig(store=store, out=tmp_path / "k", show_progress=False))
     kernel = zarr.open_group(str(tmp_path / "k"), mode="r")["kernel"][...]
-    assert calls  # every run-chunk of both splits went through the kernels
+    # run-chunks of both splits (test rows, train columns) went through the kernels
+    assert {shape[1] for shape in calls} == {test.shape[1], train.shape[1]}
     assert np.abs(kernel - reference_kernel(test, train)).max() <= 1e-5
+
+
+def test_the_normaliser_chooses_by_the_whole_split(monkeypatch):
+    """Unset ENV: the kernels for a split of MIN_VALUES values (runs x examples x
+    classes) or more, whatever the example range or the run-chunk of a call."""
+    monkeypatch.delenv(fused.ENV)
+    logits = (np.random.default_rng(9).normal(size=(6, 50, 4)) * 3).astype(np.float16)
+    st_ = stats_of_logits(logits)  # 1,200 values
+    monkeypatch.setattr(fused, "MIN_VALUES", 1200)
+    assert Normaliser(st_, (10, 12), None, CPU, LOG1P32)._fused is not None
+    monkeypatch.setattr(fused, "MIN_VALUES", 1201)
+    assert Normaliser(st_, (0, 50), None, CPU, LOG1P32)._fused is None

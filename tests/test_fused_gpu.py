@@ -106,6 +106,33 @@ def test_arguments_that_do_not_fit_are_refused():
             fused_gpu.standardise(*bad)
 
 
+def test_a_kernel_that_cannot_be_built_gives_way_to_the_torch_form(monkeypatch, capsys):
+    """A first launch that fails (no C compiler, say) is said once; that call and every
+    later one take the torch form, with the same values."""
+    monkeypatch.setenv("KERNELSCALE_FUSED", "0")  # the reference, for both normalisers
+    logits = torch.from_numpy(confident_logits(4, 30, 10, 8, (15.0, 25.0)))
+    v = log_softmax_exact64(logits.numpy())
+    st = RunningStats(count=4, mean=v.mean(0), m2=v.var(0) * 3)
+    ref = Normaliser(st, (0, 30), None, torch.device("cpu"), LOG1P32)(logits).clone()
+    norm = Normaliser(st, (0, 30), None, torch.device("cpu"), LOG1P32)
+    monkeypatch.delenv("KERNELSCALE_FUSED")
+    monkeypatch.setattr(fused_gpu, "_failed", None)
+    norm._fused_gpu = (torch.arange(10, dtype=torch.int32), norm.mean, norm.inv)
+    launches = []
+
+    def broken(*args):
+        launches.append(1)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC")
+
+    monkeypatch.setattr(fused_gpu, "standardise", broken)
+    for _ in range(2):
+        assert torch.equal(norm(logits), ref)
+    assert launches == [1] and not fused_gpu.enabled()
+    err = capsys.readouterr().err
+    assert err.count("one-pass z-scores are unavailable (RuntimeError: Failed to find C "
+                     "compiler") == 1
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
