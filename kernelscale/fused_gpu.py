@@ -14,12 +14,12 @@ sum, ``d - log1p(sum)``, and the float64 evaluation of rows whose sum is small; 
 float64 centring and scaling, rounded once to float32. Three things differ: the sum's
 order; libdevice is built with subnormals flushed to zero, so ``exp`` terms below
 1.2e-38 are 0 (torch keeps them as subnormals); and the float64 rows are those whose
-sum is below ``max(1e-30, (C - 1) * 1.7e-31)`` (the CPU kernels' bound, where the flushed
-terms could reach 1e-7 of the sum; the torch form's is 1e-30). The values agree with
-the torch form to a few float32 ulps (checked on the GPU by ``benchmarks/gpu_check.py``
-and the ``gpu`` tests). Triton's
-interpreter (``TRITON_INTERPRET=1``) runs the same kernel on the CPU, with Triton's own
-``exp`` and a ``log1p`` from ``log``, for the tests.
+sum is below :func:`kernelscale.float64_rows.tiny_sum` (the CPU kernels' bound, where the
+flushed terms could reach 1e-7 of the sum; the torch form's is 1e-30). The values agree
+with the torch form to a few float32 ulps (checked on the GPU by
+``benchmarks/gpu_check.py`` and the ``gpu`` tests). Triton's interpreter
+(``TRITON_INTERPRET=1``) runs the same kernel on the CPU, with Triton's own ``exp`` and
+a ``log1p`` from ``log``, for the tests.
 
 ``KERNELSCALE_FUSED=0`` selects the torch form here too.
 """
@@ -30,6 +30,7 @@ import importlib.util
 import os
 import sys
 
+from .float64_rows import tiny_sum
 from .fused import ENV
 
 #: values of one program's tile (examples x classes, classes padded to a power of two):
@@ -78,11 +79,6 @@ def supports(dtype) -> bool:
     import torch
 
     return dtype in (torch.float16, torch.bfloat16, torch.float32)
-
-
-def tiny_sum(classes: int) -> float:
-    """Others-sums below this are evaluated in float64 (see the module docstring)."""
-    return max(1e-30, (classes - 1) * 1.7e-31)
 
 
 def standardise(raw, classes, mean, inv, out) -> None:

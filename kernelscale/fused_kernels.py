@@ -12,9 +12,7 @@ import numpy as np
 from numba import types as _types
 from numba.extending import overload as _overload
 
-#: A row whose others-sum is below this is evaluated in float64 (see
-#: :data:`kernelscale.stats._TINY32`, the same bound).
-TINY32 = 1e-30
+from .float64_rows import FLUSHED_TERM_BOUND, TINY32
 
 #: Examples per tile of the kernels' inner loops (a tile's scratch is ~15 KB: in L1).
 TILE = 128
@@ -152,10 +150,9 @@ def tile(x, r, e0, n, d, s, s32, top, it, lg, v):
     for c in range(C):
         for i in range(n):
             v[c, i] = np.float64(d[c, i] - lg[i])
-    # Rows whose others-sum is near float32's range are evaluated in float64: below
-    # TINY32, and where the terms exp_neg takes as 0 (each < 1.7e-38, at most C - 1 of
-    # them) could reach 1e-7 of the sum.
-    tiny = max(TINY32, (C - 1) * 1.7e-31)
+    # Rows whose others-sum is near float32's range are evaluated in float64
+    # (kernelscale.float64_rows.tiny_sum, written out: numba compiles no Python function)
+    tiny = max(TINY32, (C - 1) * FLUSHED_TERM_BOUND)
     for i in range(n):
         if s[i] < tiny:
             _row64(x, r, e0 + i, it[i], v, i)

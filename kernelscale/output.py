@@ -210,29 +210,9 @@ class KernelOutput:
                         layout.checksum)
 
     def write_block(self, r0: int, r1: int, c0: int, c1: int, block: np.ndarray) -> None:
-        """Store ``block`` float32 (r1-r0, c1-c0) at rows ``[r0, r1)``, cols ``[c0, c1)``.
-
-        A block on the chunk grid of a plain-bytes array (every kernel this module
-        creates) is written chunk file by chunk file without Zarr's codec pipeline;
-        anything else goes through Zarr.
-        """
-        arr = self.array
-        (n, m), (cr, cc) = arr.shape, self.chunks
-        on_grid = (r0 % cr == 0 and c0 % cc == 0 and (r1 % cr == 0 or r1 == n)
-                   and (c1 % cc == 0 or c1 == m))
-        layout = raw_layout(arr)
-        if not (on_grid and block.dtype == np.float32 and layout is not None):
-            arr[r0:r1, c0:c1] = block
-            return
-        for i in range(r0 // cr, -(-r1 // cr)):
-            for j in range(c0 // cc, -(-c1 // cc)):
-                sub = block[i * cr - r0:min((i + 1) * cr, r1) - r0,
-                            j * cc - c0:min((j + 1) * cc, c1) - c0]
-                if sub.shape != (cr, cc):  # an edge chunk: stored at full shape, zeros
-                    full = np.zeros((cr, cc), dtype=np.float32)
-                    full[:sub.shape[0], :sub.shape[1]] = sub
-                    sub = full
-                write_chunk(chunk_path(self.path / "kernel", (i, j)), sub, layout.checksum)
+        """Store ``block`` (r1-r0, c1-c0) at rows ``[r0, r1)``, cols ``[c0, c1)`` through
+        Zarr: any block, on the chunk grid or not, of any kernel array."""
+        self.array[r0:r1, c0:c1] = block
 
     def computed_from(self, store: str | os.PathLike) -> str:
         """Which store this kernel was computed from, said against ``store``: the kernel

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import fused as _fused
+from .float64_rows import TINY32
 
 
 @dataclass
@@ -69,10 +70,6 @@ LOGITS = "logits"  #: the raw logits (ablation)
 TRANSFORMS = (LOG1P32, FLOAT64, PUBLISHED32, LOGITS)
 STORE_TRANSFORMS = (LOG1P32, FLOAT64)
 
-#: Where a row's others-sum is below this (a margin past ~69 nats), float32 ``exp`` of
-#: its smaller terms is near or past the end of its normal range (1.2e-38) and the row
-#: is evaluated in float64 instead.
-_TINY32 = 1e-30
 
 
 def value_transform(store_transform: str, log_softmax: bool = True,
@@ -116,7 +113,7 @@ def log_softmax_log1p32(raw):
     v, others = _log1p_form(raw.to(torch.float32, copy=True))
     out = v.double()
     del v
-    tiny = (others < _TINY32).squeeze(-1)
+    tiny = (others < TINY32).squeeze(-1)
     if bool(tiny.any()):
         out[tiny] = _log1p_form(raw[tiny].double())[0]
     return out

@@ -20,7 +20,7 @@ PKG = ROOT / "kernelscale"
 LAYERS = [
     ("foundations", {"errors", "atomic", "progress", "units", "signals", "device", "version",
                      "bundled", "crc32c", "crc32c_kernel"}),
-    ("pure logic", {"fused", "fused_kernels", "fused_gpu", "fused_gpu_kernels", "stats", "plan",
+    ("pure logic", {"fused", "fused_kernels", "fused_gpu", "fused_gpu_kernels", "float64_rows", "stats", "plan",
                     "topk", "knn", "normalise", "similarity"}),
     ("formats", {"rawchunks", "store", "store_layout", "store_chunks", "store_stats",
                  "store_labelfile", "locks", "output", "kernelread", "labels", "logfile",
