@@ -70,13 +70,91 @@ def ingest_dir(src, store, preparer=None, **kw):
 
 
 def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 300):
-    """Run ``python -m kernelscale ARGS`` in a subprocess; return CompletedProcess."""
-    import subprocess
+    """Run ``python -m kernelscale -q ARGS`` as a process of its own; return its
+    CompletedProcess (text stdout and stderr).
 
+    The process is forked from this worker's :mod:`tests.cliserver`, which has imported
+    torch, numpy and Zarr once, unless ``env`` changes a variable those imports read; then
+    it is a plain subprocess."""
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "kernelscale", "-q", *args], capture_output=True,
-                       text=True, env=e, timeout=timeout)
+    cmd = [sys.executable, "-m", "kernelscale", "-q", *args]
+    server = _cli_server()
+    if server is not None and server.shares(e):
+        p = server.run(cmd, e, timeout)
+    else:
+        import subprocess
+
+        p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"kernelscale {' '.join(args)} exited {p.returncode}\n"
                              f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p
+
+
+class _CliServer:
+    """This worker's fork server (:mod:`tests.cliserver`), stopped when the worker exits."""
+
+    def __init__(self):
+        import atexit
+        import subprocess
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="ks-cli-"))
+        self.path = str(self.dir / "socket")
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cliserver.py"),
+                                      self.path], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, env=self.env)
+        self.ready = self.proc.stdout.readline().strip() == b"ready"
+        atexit.register(self.close)
+
+    def shares(self, env: dict) -> bool:
+        """Whether a command with environment ``env`` may be forked from this server."""
+        from tests.cliserver import IMPORT_TIME
+
+        return all(env.get(k) == self.env.get(k) for k in set(env) | set(self.env)
+                   if k.startswith(IMPORT_TIME))
+
+    def run(self, cmd: list[str], env: dict, timeout: float):
+        import json
+        import signal
+        import socket
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=self.dir) as d:
+            out, err = Path(d) / "stdout", Path(d) / "stderr"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(self.path)
+                s.sendall(json.dumps({"args": cmd[3:], "env": env, "cwd": os.getcwd(),
+                                      "stdout": str(out), "stderr": str(err)}).encode()
+                          + b"\n")
+                answer = s.makefile("rb")
+                pid = int(answer.readline())
+                try:
+                    code = int(answer.readline())
+                except TimeoutError:
+                    os.kill(pid, signal.SIGKILL)
+                    s.settimeout(None)
+                    s.makefile("rb").readline()  # the handler saw the child end
+                    raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(),
+                                                    err.read_text()) from None
+            return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        import shutil
+
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_SERVER: list = []
+
+
+def _cli_server() -> _CliServer | None:
+    """This worker's fork server, started on first use; None where it did not start."""
+    if not _SERVER:
+        _SERVER.append(_CliServer())
+    return _SERVER[0] if _SERVER[0].ready else None
