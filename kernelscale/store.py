@@ -44,6 +44,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,10 @@ class Store:
         self.transform = str(a.get("transform", FLOAT64))
         self._stats_cache: dict[tuple[str, int], RunningStats] = {}
         self._chunks: dict[str, SplitChunks] = {}
+        #: the manifest this object last committed, and the logits arrays it resized
+        #: then: valid while no other writer has committed since (see :meth:`writer`)
+        self._own_commit: dict | None = None
+        self._resized: dict[str, zarr.Array] = {}
 
     # ------------------------------------------------------------------ open / create
     @staticmethod
@@ -279,7 +284,12 @@ class Store:
             except BlockingIOError:
                 raise StoreError(f"{self.root}: another process is writing this store") from None
             self.manifest = read_json(self.root / "manifest.json")
-            self._cleanup()
+            if self.manifest != self._own_commit:
+                # first write, or another writer came between (or crashed): sweep
+                # its leftovers, forget what this object knew of the store
+                self._cleanup()
+                self._stats_cache.clear()
+                self._resized.clear()
             yield self
         finally:
             fh.close()
@@ -296,10 +306,24 @@ class Store:
         """A deep copy of the manifest, to change and :meth:`_commit`."""
         return json.loads(json.dumps(self.manifest))
 
+    def _write_metadata(self, stop: int, gen: int, file_stats: dict[str, RunningStats]
+                        ) -> tuple[dict[str, RunningStats], str]:
+        """Resize the logits arrays to ``stop`` runs and write statistics generation
+        ``gen``, the current one merged with ``file_stats``; return the merged statistics
+        and their digest. Nothing here is committed until the manifest names it."""
+        for split in SPLITS:
+            if split not in self._resized:
+                self._resized[split] = self.array(split)
+            arr = self._resized[split]
+            # Shrinking first drops whatever a crashed writer left past the committed runs.
+            arr.resize((stop, *arr.shape[1:]))
+        merged = {split: self.stats(split).merge(file_stats[split]) for split in SPLITS}
+        return merged, write_generation(self.group, gen, merged)
+
     def _commit(self, m: dict) -> None:
         """Replace the manifest with ``m`` atomically: the commit point of every write."""
         atomic_write_json(self.root / "manifest.json", m)
-        self.manifest = m
+        self.manifest = self._own_commit = m
 
     def commit_file(self, entry: dict, test: np.ndarray, train: np.ndarray,
                     file_stats: dict[str, RunningStats], before_commit=None) -> dict:
@@ -316,20 +340,24 @@ class Store:
         runs = int(test.shape[0])
         start = self.runs
         stop = start + runs
-        for split, data in (("test", test), ("train", train)):
-            arr = self.array(split)
-            # Shrinking first drops whatever a crashed writer left past the committed runs.
-            arr.resize((stop, *arr.shape[1:]))
-            chunks = self.chunks(split)
-            if chunks.raw and data.dtype == np.dtype(self.shape.dtype):
-                chunks.write_runs(start, np.ascontiguousarray(data))
-            else:
-                arr[start:stop] = data
+        gen = int(self.manifest["stats_generation"]) + 1
+        data = {"test": test, "train": train}
+        raw = all(self.chunks(split).raw and data[split].dtype == np.dtype(self.shape.dtype)
+                  for split in SPLITS)
+        with ThreadPoolExecutor(1, thread_name_prefix="kernelscale-commit") as pool:
+            # The arrays' new extent and the next statistics generation are written while
+            # the runs go to disk (which bounds a commit): all before the manifest names
+            # them. The Zarr path writes into the resized arrays, so after.
+            meta = pool.submit(self._write_metadata, stop, gen, file_stats)
+            if raw:
+                for split in SPLITS:
+                    self.chunks(split).write_runs(start, np.ascontiguousarray(data[split]))
+            merged, digest = meta.result()
+            if not raw:
+                for split in SPLITS:
+                    self._resized[split][start:stop] = data[split]
         if before_commit is not None:
             before_commit()
-        gen = int(self.manifest["stats_generation"]) + 1
-        merged = {split: self.stats(split).merge(file_stats[split]) for split in SPLITS}
-        digest = write_generation(self.group, gen, merged)
         m = self._edit_manifest()
         rec = dict(entry, runs=runs, run_start=start, run_stop=stop, ingested_at=_now())
         m["files"].append(rec)
@@ -337,7 +365,7 @@ class Store:
         m["stats_generation"] = gen
         m["stats_sha256"] = digest
         self._commit(m)
-        self._stats_cache.clear()
+        self._stats_cache = {(split, gen): merged[split] for split in SPLITS}
         # The generation before the previous one goes: a reader that opened the store
         # before this commit still finds its generation (it reads it right after
         # opening; a reader two commits behind is told the store changed).

@@ -117,3 +117,36 @@ def test_a_reader_keeps_its_statistics_while_an_ingest_appends(tmp_path):
     with pytest.raises(StoreError, match="changed while being read"):
         late.stats("test")
     assert len(files) == 4
+
+
+def test_two_writers_taking_turns_keep_every_run_and_its_statistics(tmp_path):
+    """A Store object keeps what it committed (the statistics, the resized arrays) for
+    its next commit; a commit by another writer in between must be seen, not
+    overwritten with what the first one knew."""
+    from kernelscale.stats import stats_of_logits
+    from tests.reference import log_softmax_exact64
+
+    rng = np.random.default_rng(3)
+    files = [(rng.normal(size=(r, 6, 4)) * 3, rng.normal(size=(r, 9, 4)) * 3)
+             for r in (3, 5, 4, 6, 2)]
+    files = [(te.astype(np.float16), tr.astype(np.float16)) for te, tr in files]
+    path = tmp_path / "s"
+    Store.create(path, n_test=6, n_train=9, classes=4, dtype="float16", run_chunk=4)
+    a, b = Store.open(path, mode="a"), Store.open(path, mode="a")
+    for i, (who, (te, tr)) in enumerate(zip([a, b, a, a, b], files, strict=True)):
+        with who.writer():
+            who.commit_file({"name": f"f{i}", "sha256": f"{i:064d}"}, te, tr,
+                            {"test": stats_of_logits(te), "train": stats_of_logits(tr)})
+    test = np.concatenate([te for te, _ in files])
+    train = np.concatenate([tr for _, tr in files])
+    final = Store.open(path)
+    assert final.runs == len(test) == 20
+    assert final.array("test").shape == test.shape and final.array("train").shape == train.shape
+    np.testing.assert_array_equal(final.read("test", 0, 20), test)
+    np.testing.assert_array_equal(final.read("train", 0, 20), train)
+    for split, x in (("test", test), ("train", train)):
+        v = log_softmax_exact64(x)
+        for rs in (final.stats(split), b.stats(split)):
+            assert rs.count == 20
+            np.testing.assert_allclose(rs.mean, v.mean(axis=0), rtol=1e-6, atol=1e-12)
+            np.testing.assert_allclose(rs.std(), v.std(axis=0, ddof=1), rtol=1e-6)
