@@ -207,12 +207,13 @@ def cmd_info(a: argparse.Namespace) -> int:
     from .errors import BadInputError
     from .kernelread import describe_kernel
     from .store import Store
+    from .store_info import describe_store
 
     p = Path(a.path)
     if not p.exists():
         raise BadInputError(f"{p}: no such store or kernel")
     if Store.exists(p):
-        print(Store.open(p).describe())
+        print(describe_store(Store.open(p)))
     else:
         print(describe_kernel(p))
     return 0

@@ -32,7 +32,8 @@ that entry, from before or never given labels, opens as ever.
 Logits are stored uncompressed: fp16 logits compress ~1.09x with zstd, not worth the
 decode time on the kernel's read path. :class:`Store` is the front of the store's parts:
 ``store_layout`` (schema, shape, creation), ``store_chunks`` (chunk file I/O),
-``store_stats`` (statistics generations), ``store_labelfile`` (the labels file).
+``store_stats`` (statistics generations), ``store_labelfile`` (the labels file);
+and ``store_info`` builds the ``info`` text on it.
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ from .store_layout import (
     create_layout,
 )
 from .store_stats import drop_generation, read_generation, sweep_generations, write_generation
-from .units import format_bytes
 
 
 def _now() -> str:
@@ -411,30 +411,3 @@ class Store:
         if source not in m["sources"]:
             m["sources"].append(source)
             self._commit(m)
-
-    # -------------------------------------------------------------------------- info
-    def describe(self) -> str:
-        s = self.shape
-        lines = [f"store {self.root}",
-                 f"  runs {self.runs}  test {s.n_test}  train {s.n_train}  classes {s.classes}"
-                 f"  dtype {s.dtype}  run_chunk {s.run_chunk}  statistics of {self.transform}",
-                 f"  fingerprint {self.fingerprint()}"]
-        if self.runs >= 2:
-            zt, zr = self.stats("test").zero_variance(), self.stats("train").zero_variance()
-            lines.append(f"  zero-variance entries: test {zt}  train {zr}")
-        lab = self.labels_record()
-        if lab is not None:
-            names = ", ".join(lab["class_names"]) if lab.get("class_names") else "unnamed"
-            lines.append(f"  labels from {lab['source']} (classes: {names}; {lab['file']})")
-        for src in self.manifest["sources"]:
-            lines.append("  source " + "  ".join(f"{k}={v}" for k, v in sorted(src.items())))
-        lines.append(f"  files {len(self.manifest['files'])}:")
-        for f in self.manifest["files"]:
-            extra = f"  commit {f['commit']}" if f.get("commit") else ""
-            lines.append(f"    {f['sha256']}  runs {f['run_start']}:{f['run_stop']}  "
-                         f"{format_bytes(f['size'])}  {f['name']}{extra}")
-        if self.manifest["rejected"]:
-            lines.append(f"  rejected {len(self.manifest['rejected'])}:")
-            for r in self.manifest["rejected"]:
-                lines.append(f"    {r['name']}: {r['reason']}")
-        return "\n".join(lines)

@@ -23,7 +23,7 @@ LAYERS = [
     ("pure logic", {"fused", "fused_kernels", "fused_gpu", "fused_gpu_kernels", "float64_rows", "stats", "plan",
                     "topk", "knn", "normalise", "similarity"}),
     ("formats", {"rawchunks", "store", "store_layout", "store_chunks", "store_stats",
-                 "store_labelfile", "locks", "output", "kernelread", "labels", "logfile",
+                 "store_labelfile", "store_info", "locks", "output", "kernelread", "labels", "logfile",
                  "formats", "formats.common", "formats.sniff", "formats.safetensors_io",
                  "formats.numpy_io", "formats.zarr_io", "formats.torchzip", "formats.headers"}),
     ("sources", {"sources", "sources.base", "sources.local", "sources.hubspec",
