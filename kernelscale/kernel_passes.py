@@ -126,9 +126,11 @@ def run_plan(p: Plan, ctx: PassContext) -> None:
 def resume_point(ckpt_path: Path, meta: dict) -> tuple[int, list | None]:
     """(runs already folded, their accumulators) from the pass's checkpoint, or (0, None).
 
-    A checkpoint of other inputs or another plan is refused; one written on another
-    device model or library version is used, with a note that bitwise equality with an
-    uninterrupted run then does not hold.
+    A checkpoint of other inputs or other tiles is refused. One written on another
+    device model or library version, or with another number of runs per step (by a
+    version that planned steps differently, or on a machine with another memory budget),
+    is used, with a note that bitwise equality with an uninterrupted run then does not
+    hold: its accumulators are exact sums of whole runs either way.
     """
     if not ckpt_path.exists():
         return 0, None
@@ -137,7 +139,7 @@ def resume_point(ckpt_path: Path, meta: dict) -> tuple[int, list | None]:
     except Exception as e:
         raise CheckpointMismatchError(f"{ckpt_path}: unreadable checkpoint ({e}); pass "
                                       "--restart to discard it") from None
-    keys = ("identity", "tiles", "run_chunk")
+    keys = ("identity", "tiles")
     if {k: cmeta.get(k) for k in keys} != {k: meta[k] for k in keys}:
         raise CheckpointMismatchError(f"{ckpt_path}: checkpoint of another store, run set, "
                                       "precision or plan; pass --restart to discard it")
@@ -145,8 +147,11 @@ def resume_point(ckpt_path: Path, meta: dict) -> tuple[int, list | None]:
     if not isinstance(old, dict):  # written before device details were recorded
         old = {"type": old}
     change = describe_device_change(old, meta["device"])
+    if cmeta.get("run_chunk") != meta["run_chunk"]:
+        change = ", ".join([c for c in (change, f"runs per step {cmeta.get('run_chunk')} -> "
+                                                 f"{meta['run_chunk']}") if c])
     if change:
-        print(f"kernel: resuming a checkpoint from another device or library version "
+        print(f"kernel: resuming a checkpoint of another device, library version or step "
               f"({change}): the result is correct but not bitwise identical to an "
               "uninterrupted run", file=sys.stderr)
     return int(cmeta["runs_done"]), carrs
@@ -178,7 +183,8 @@ def run_pass(tiles: list[Tile], p: Plan, ctx: PassContext, bounds: list[tuple[in
     meta = {"identity": out.attrs["identity"], "tiles": [t.key for t in tiles],
             "run_chunk": p.runs_per_step, "device": device_info(device)}
     start_runs, carrs = resume_point(ckpt_path, meta)
-    todo = [(s, e) for s, e in bounds if s >= start_runs]
+    # a checkpoint of other steps may end inside one of these: its rest comes first
+    todo = [(max(s, start_runs), e) for s, e in bounds if e > start_runs]
     # Reading starts first, so that it overlaps the device's start-up and allocations.
     reader = ChunkReader(store, (rsplit, csplit), row_rng, col_rng, todo, pin=is_cuda)
     itemsize = np.dtype(store.shape.dtype).itemsize

@@ -155,6 +155,24 @@ def test_checkpoint_from_another_device_resumes_and_says_so(resume_store, tmp_pa
 
 
 @pytest.mark.fault
+def test_checkpoint_of_other_steps_resumes_and_says_so(resume_store, tmp_path):
+    """A checkpoint written with 2 runs per step, resumed with 3 (as after an upgrade
+    that plans longer steps): the runs folded are kept, the first step is cut to the
+    next boundary, and the result equals the clean run to rounding."""
+    d, clean, test, train = resume_store
+    out = tmp_path / "steps"
+    _kill_after_checkpoint(d / "store", out, runs=4)
+    folded = _ckpt_progress(out)[0]
+    r = run_cli("kernel", "--store", str(d / "store"), "--out", str(out), *ARGS,
+                "--runs-per-step", "3", env={"OMP_NUM_THREADS": "1"})
+    assert "runs per step 2 -> 3" in r.stderr and "not bitwise identical" in r.stderr
+    assert f"from {folded}/80 runs" in r.stderr
+    got = zarr.open_group(str(out), mode="r")["kernel"][...]
+    assert np.abs(got - clean).max() <= 1e-6
+    assert np.abs(got - reference_kernel(test, train)).max() <= 1e-5
+
+
+@pytest.mark.fault
 def test_topk_kernel_killed_at_several_points_resumes_bitwise(resume_store, tmp_path):
     """A top-K kernel (partials written per tile, merged at the end) killed mid-pass,
     between tiles and again later, then resumed: the same bytes as an uninterrupted one,
