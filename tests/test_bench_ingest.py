@@ -20,7 +20,8 @@ def test_ingest_bench_measures_every_figure(tmp_path):
     assert d["kernel"]["summary"].startswith("kernel: test-train 20x60 runs 1000")
     best = d["files_to_kernel"]["converters"]
     assert d["ingest"][str(best)]["seconds"] == min(v["seconds"] for v in d["ingest"].values())
-    assert d["files_to_kernel"]["floor_s"] == d["write_s"] + d["matmul_s"]
+    assert d["startup_s"] > 0
+    assert d["files_to_kernel"]["floor_s"] == d["write_s"] + d["matmul_s"] + 2 * d["startup_s"]
     assert d["reference"]["seconds"] > 0
     assert "files -> kernel / published" in r.stdout
     assert not (out / "src").exists() and not (out / "store").exists()
