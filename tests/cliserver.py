@@ -6,9 +6,9 @@ that on two cores, most of a small command's time. One server per test worker im
 them once, then forks a child per command, which runs ``python -m kernelscale ARGS`` at
 the top level of its own interpreter: its own environment, folder, stdout and stderr
 files, signal dispositions, exit code and interpreter exit (threads joined, ``atexit``
-run). Only the three libraries' import-time state is the server's, so a command whose
-environment differs from the server's in a variable those imports read (see
-:data:`IMPORT_TIME`) runs as a plain subprocess instead (:func:`tests.conftest.run_cli`).
+run). Only the three libraries' import-time state is the server's, so a command goes to
+a server started with the same values of the variables those imports read (see
+:data:`IMPORT_TIME`; :func:`tests.conftest.run_cli`).
 
 Protocol, one command per connection: the client sends one JSON line ``{"args",
 "env", "cwd", "stdout", "stderr"}`` (the last two: paths of files to write); the server
@@ -21,13 +21,14 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
 
 #: Prefixes of environment variables read when torch, numpy or Zarr are imported (or by
-#: the interpreter at start-up): a command whose environment differs from the server's
-#: in one of these cannot share the server's imports.
+#: the interpreter at start-up): a command shares the imports of a server only where
+#: these are the same in both environments.
 IMPORT_TIME = ("PYTHON", "TORCH", "PYTORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS", "GOTO",
                "NUMPY", "ZARR", "NUMCODECS", "LD_", "CUDA", "NVIDIA", "GOMP")
 
@@ -62,8 +63,17 @@ def _serve(path: str) -> dict:
     # the handlers below are reaped by the kernel: no zombie, no wait in the loop
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     print("ready", flush=True)
+    parent = os.getppid()
+    srv.settimeout(5.0)
     while True:
-        conn, _ = srv.accept()
+        try:
+            conn, _ = srv.accept()
+        except TimeoutError:
+            if os.getppid() != parent:  # the test worker is gone: so is its server
+                shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+                sys.exit(0)
+            continue
+        conn.settimeout(None)
         if os.fork() != 0:
             conn.close()
             continue

@@ -73,13 +73,14 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
     """Run ``python -m kernelscale -q ARGS`` as a process of its own; return its
     CompletedProcess (text stdout and stderr).
 
-    The process is forked from this worker's :mod:`tests.cliserver`, which has imported
-    torch, numpy and Zarr once, unless ``env`` changes a variable those imports read; then
-    it is a plain subprocess."""
+    The process is forked from a :mod:`tests.cliserver` of this worker that has imported
+    torch, numpy and Zarr once, in the environment ``env`` gives those imports (e.g.
+    ``OMP_NUM_THREADS=1``): one server per such environment, a few at most, the rest
+    plain subprocesses."""
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, "-m", "kernelscale", "-q", *args]
-    server = _cli_server()
-    if server is not None and server.shares(e):
+    server = _cli_server(e)
+    if server is not None:
         p = server.run(cmd, e, timeout)
     else:
         import subprocess
@@ -92,28 +93,22 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
 
 
 class _CliServer:
-    """This worker's fork server (:mod:`tests.cliserver`), stopped when the worker exits."""
+    """A fork server of this worker (:mod:`tests.cliserver`) for one environment of the
+    imports; stopped when the worker exits, and stops itself if the worker dies."""
 
-    def __init__(self):
+    def __init__(self, env: dict):
         import atexit
         import subprocess
         import tempfile
 
         self.dir = Path(tempfile.mkdtemp(prefix="ks-cli-"))
         self.path = str(self.dir / "socket")
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.env = env
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cliserver.py"),
                                       self.path], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, env=self.env)
         self.ready = self.proc.stdout.readline().strip() == b"ready"
         atexit.register(self.close)
-
-    def shares(self, env: dict) -> bool:
-        """Whether a command with environment ``env`` may be forked from this server."""
-        from tests.cliserver import IMPORT_TIME
-
-        return all(env.get(k) == self.env.get(k) for k in set(env) | set(self.env)
-                   if k.startswith(IMPORT_TIME))
 
     def run(self, cmd: list[str], env: dict, timeout: float):
         import json
@@ -150,11 +145,19 @@ class _CliServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_SERVER: list = []
+#: this worker's fork servers by the environment their imports saw
+_SERVERS: dict[tuple, _CliServer] = {}
+MAX_SERVERS = 3
 
 
-def _cli_server() -> _CliServer | None:
-    """This worker's fork server, started on first use; None where it did not start."""
-    if not _SERVER:
-        _SERVER.append(_CliServer())
-    return _SERVER[0] if _SERVER[0].ready else None
+def _cli_server(env: dict) -> _CliServer | None:
+    """The fork server for a command of environment ``env``, started on first use; None
+    where it did not start or too many run already."""
+    from tests.cliserver import IMPORT_TIME
+
+    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME)))
+    if key not in _SERVERS:
+        if len(_SERVERS) >= MAX_SERVERS:
+            return None
+        _SERVERS[key] = _CliServer(env)
+    return _SERVERS[key] if _SERVERS[key].ready else None

@@ -32,6 +32,9 @@ from tests.conftest import ROOT, run_cli
 from tests.reference import random_source, reference_kernel
 from tests.test_ingestion import assert_same_store
 
+# one worker runs this file: its jobs never race each other for the one-node cluster
+pytestmark = pytest.mark.xdist_group("slurm")
+
 DATA = ROOT / "tests" / "data" / "slurm"
 REGENERATE = os.environ.get("KERNELSCALE_REGENERATE_SLURM") == "1"
 #: one BLAS thread everywhere, so that the Slurm tasks and the single-process runs they are
