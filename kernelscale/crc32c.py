@@ -20,6 +20,8 @@ import platform
 
 import numpy as np
 
+from .cpufeatures import numba_target_has
+
 #: Buffers from this size on are checked without the GIL (where possible). Smaller ones
 #: hold it under ~0.1 ms; the threshold also keeps numba (~0.6 s to load) out of
 #: processes that only ever check small chunks.
@@ -36,17 +38,7 @@ def _kernel():
         return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    if importlib.util.find_spec("numba") is None:
-        return None
-    import numba
-
-    # the instruction is selected for the host CPU; a configured generic or foreign
-    # target might lack it, and LLVM aborts the process on an instruction it cannot emit
-    if numba.config.CPU_NAME not in (None, "host") or numba.config.CPU_FEATURES:
-        return None
-    import llvmlite.binding as llvm
-
-    if not llvm.get_host_cpu_features().get("sse4.2", False):
+    if importlib.util.find_spec("numba") is None or not numba_target_has("sse4.2"):
         return None
     from . import crc32c_kernel
 

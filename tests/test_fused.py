@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from kernelscale import fused, fused_kernels
+from kernelscale import fused, fused_kernels, fused_math
 from kernelscale.normalise import Normaliser
 from kernelscale.stats import LOG1P32, PUBLISHED32, NonFiniteValues, stats_of_logits
 from tests.reference import confident_logits, log_softmax_exact64
@@ -18,7 +18,13 @@ CPU = torch.device("cpu")
 @njit
 def _widen(h, out):
     for i in range(h.size):
-        out[i] = fused_kernels.half(h[i])
+        out[i] = fused_math.half(h[i])
+
+
+@njit
+def _widen_by_tables(h, out):
+    for i in range(h.size):
+        out[i] = fused_math.half_table(h[i])
 
 
 @njit
@@ -26,13 +32,13 @@ def _exp_log1p(d, s, e_out, l_out):
     """exp of ``d`` and log1p of ``s`` (float32 arrays), as the kernels compute them;
     log1p's halving count as the kernels' tile loop finds it, for up to 1000 classes."""
     for i in range(d.size):
-        e_out[i] = fused_kernels.exp_neg(d[i])
+        e_out[i] = fused_math.exp_neg(d[i])
         k = np.float32(0.0)
-        b = fused_kernels._SQRT2
+        b = fused_math._SQRT2
         while b <= 1000:
             k += np.float32(1.0) if np.float32(1.0) + s[i] >= b else np.float32(0.0)
             b = b * np.float32(2.0)
-        l_out[i] = fused_kernels.log1p_k(s[i], k)
+        l_out[i] = fused_math.log1p_k(s[i], k)
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -186,11 +192,14 @@ def test_standardisation_of_an_example_range_uses_its_statistics():
     np.testing.assert_allclose(z.reshape(30, 5, 4), want.transpose(1, 0, 2), atol=1e-5)
 
 
-def test_every_float16_is_widened_exactly():
+@pytest.mark.parametrize("widen", [_widen, _widen_by_tables], ids=["used", "tables"])
+def test_every_float16_is_widened_exactly(widen):
+    """The form the kernels use (F16C's instruction where the CPU has it) and the
+    tables (where it has not), over all 65536 bit patterns."""
     bits = np.arange(1 << 16, dtype=np.uint16)
     want = bits.view(np.float16).astype(np.float32)
     got = np.empty(1 << 16, np.float32)
-    _widen(bits, got)
+    widen(bits, got)
     finite = np.isfinite(want)
     np.testing.assert_array_equal(got[finite], want[finite])
     assert np.array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
@@ -210,8 +219,8 @@ def test_exp_and_log1p_are_within_a_few_float32_ulps(seed):
     assert e[0] == 1.0 and lg[0] == 0.0  # exact where the top class needs it
     assert _rel(e, np.exp(d.astype(np.float64))) <= 3e-7
     assert _rel(lg[1:], np.log1p(s[1:].astype(np.float64))) <= 3e-7
-    assert fused_kernels.exp_neg(np.float32(-88.0)) == 0.0
-    assert fused_kernels.exp_neg(np.float32(np.nan)) == 0.0
+    assert fused_math.exp_neg(np.float32(-88.0)) == 0.0
+    assert fused_math.exp_neg(np.float32(np.nan)) == 0.0
 
 
 def test_no_examples_give_empty_statistics_and_no_z_scores():
@@ -285,3 +294,20 @@ def test_the_normaliser_chooses_by_the_whole_split(monkeypatch):
     assert Normaliser(st_, (10, 12), None, CPU, LOG1P32)._fused is not None
     monkeypatch.setattr(fused, "MIN_VALUES", 1201)
     assert Normaliser(st_, (0, 50), None, CPU, LOG1P32)._fused is None
+
+
+def test_the_target_cpu_decides_the_instructions(monkeypatch):
+    """Features count as numba's target has them: the host's, or those a portable cache
+    lists; a named CPU without a list has none (LLVM would abort on them)."""
+    import llvmlite.binding as llvm
+    import numba
+
+    from kernelscale.cpufeatures import numba_target_has
+
+    host = llvm.get_host_cpu_features()
+    assert numba_target_has("f16c") == bool(host.get("f16c"))
+    assert numba_target_has("f16c") == fused_math.HAS_F16C
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    assert not numba_target_has("sse4.2") and not numba_target_has("f16c")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sse4.2,-f16c")
+    assert numba_target_has("sse4.2") and not numba_target_has("f16c")

@@ -19,8 +19,8 @@ PKG = ROOT / "kernelscale"
 #: bottom to top; a module may import its own layer and the layers below it
 LAYERS = [
     ("foundations", {"errors", "atomic", "progress", "units", "signals", "device", "version",
-                     "bundled", "crc32c", "crc32c_kernel"}),
-    ("pure logic", {"fused", "fused_kernels", "fused_gpu", "fused_gpu_kernels", "float64_rows", "stats", "plan",
+                     "bundled", "crc32c", "crc32c_kernel", "cpufeatures"}),
+    ("pure logic", {"fused", "fused_kernels", "fused_math", "fused_gpu", "fused_gpu_kernels", "float64_rows", "stats", "plan",
                     "topk", "knn", "normalise", "similarity"}),
     ("formats", {"rawchunks", "store", "store_layout", "store_chunks", "store_stats",
                  "store_labelfile", "store_info", "locks", "output", "kernelread", "labels", "logfile",
