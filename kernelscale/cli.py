@@ -9,6 +9,7 @@ and run the stages are in :mod:`kernelscale.cli_commands`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -24,6 +25,17 @@ def _setup_logging(verbose: int) -> None:
                         datefmt="%Y-%m-%dT%H:%M:%S")
     warnings.simplefilter("default")
     warnings.formatwarning = lambda m, c, *_: f"kernelscale: warning: {m}\n"
+
+
+def command() -> int:
+    """The ``kernelscale`` program (and ``python -m kernelscale``): :func:`main`, then an
+    exit that skips collecting what the process imported."""
+    rc = main()
+    # Every object alive now lives until the process ends. Frozen, they are left out of
+    # the interpreter's final collection, which otherwise takes ~0.4 s of every exit
+    # once torch is imported (measured on 2 cores: 0.18 s against 0.56-0.79 s).
+    gc.freeze()
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
