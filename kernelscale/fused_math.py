@@ -32,6 +32,15 @@ _H_SCALE = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 31)] + [np
 HAS_F16C = numba_target_has("f16c")
 
 
+def _bits_of_width(builder, v, bits: int):
+    """The LLVM integer ``v`` cut to its low ``bits`` bits, or zero-extended to them."""
+    if v.type.width > bits:
+        return builder.trunc(v, _ir.IntType(bits))
+    if v.type.width < bits:
+        return builder.zext(v, _ir.IntType(bits))
+    return v
+
+
 @_intrinsic
 def _half_fpext(typingctx, h):
     """float32 of the float16 bits ``h`` (an integer of 16 bits or more, upper bits
@@ -39,13 +48,9 @@ def _half_fpext(typingctx, h):
     a NaN stays a NaN)."""
     if not isinstance(h, _types.Integer):
         return None
+
     def codegen(context, builder, sig, args):
-        v = args[0]
-        i16 = _ir.IntType(16)
-        if v.type.width > 16:
-            v = builder.trunc(v, i16)
-        elif v.type.width < 16:
-            v = builder.zext(v, i16)
+        v = _bits_of_width(builder, args[0], 16)
         return builder.fpext(builder.bitcast(v, _ir.HalfType()), _ir.FloatType())
     return _types.float32(h), codegen
 
@@ -55,14 +60,9 @@ def _f32_of_bits(typingctx, b):
     """The float32 whose bits are the low 32 bits of the integer ``b`` (a bitcast)."""
     if not isinstance(b, _types.Integer):
         return None
+
     def codegen(context, builder, sig, args):
-        v = args[0]
-        i32 = _ir.IntType(32)
-        if v.type.width > 32:
-            v = builder.trunc(v, i32)
-        elif v.type.width < 32:
-            v = builder.zext(v, i32)
-        return builder.bitcast(v, _ir.FloatType())
+        return builder.bitcast(_bits_of_width(builder, args[0], 32), _ir.FloatType())
     return _types.float32(b), codegen
 
 
