@@ -92,9 +92,9 @@ class Store:
         self.transform = str(a.get("transform", FLOAT64))
         self._stats_cache: dict[tuple[str, int], RunningStats] = {}
         self._chunks: dict[str, SplitChunks] = {}
-        #: the manifest this object last committed, and the logits arrays it resized
-        #: then: valid while no other writer has committed since (see :meth:`writer`)
-        self._own_commit: dict | None = None
+        #: what this object's writes leave in the lock file; the logits arrays it resized
+        #: last, valid while no other writer has held the lock since (see :meth:`writer`)
+        self._token = f"{os.getpid()} {id(self)} {time.time_ns()}"
         self._resized: dict[str, zarr.Array] = {}
 
     # ------------------------------------------------------------------ open / create
@@ -284,12 +284,18 @@ class Store:
             except BlockingIOError:
                 raise StoreError(f"{self.root}: another process is writing this store") from None
             self.manifest = read_json(self.root / "manifest.json")
-            if self.manifest != self._own_commit:
-                # first write, or another writer came between (or crashed): sweep
-                # its leftovers, forget what this object knew of the store
+            fh.seek(0)
+            if fh.read() != self._token:
+                # this object's first write, or another writer held the lock since its
+                # last (committed, failed or killed): sweep what a crash may have left,
+                # forget what this object knew of the store, and leave this one's token
                 self._cleanup()
                 self._stats_cache.clear()
                 self._resized.clear()
+                fh.seek(0)
+                fh.truncate()
+                fh.write(self._token)
+                fh.flush()
             yield self
         finally:
             fh.close()
@@ -323,7 +329,7 @@ class Store:
     def _commit(self, m: dict) -> None:
         """Replace the manifest with ``m`` atomically: the commit point of every write."""
         atomic_write_json(self.root / "manifest.json", m)
-        self.manifest = self._own_commit = m
+        self.manifest = m
 
     def commit_file(self, entry: dict, test: np.ndarray, train: np.ndarray,
                     file_stats: dict[str, RunningStats], before_commit=None) -> dict:

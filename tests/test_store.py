@@ -150,3 +150,40 @@ def test_two_writers_taking_turns_keep_every_run_and_its_statistics(tmp_path):
             assert rs.count == 20
             np.testing.assert_allclose(rs.mean, v.mean(axis=0), rtol=1e-6, atol=1e-12)
             np.testing.assert_allclose(rs.std(), v.std(axis=0, ddof=1), rtol=1e-6)
+
+
+@pytest.mark.fault
+def test_what_a_failed_writer_left_is_dropped_by_the_next_commit(tmp_path):
+    """Another writer between two commits of one Store object grows the arrays, writes
+    chunks, then fails before its commit: the next commit of the first object drops
+    what it left (chunks past the committed runs), as a fresh writer would."""
+    from kernelscale.stats import stats_of_logits
+
+    rng = np.random.default_rng(5)
+
+    def log(runs):
+        return tuple(rng.normal(size=(runs, n, 3)).astype(np.float16) for n in (5, 7))
+
+    def commit(store, name, te, tr, fail=False):
+        def refuse():
+            raise RuntimeError("source changed")
+        with store.writer():
+            store.commit_file({"name": name, "sha256": name * 64}, te, tr,
+                              {"test": stats_of_logits(te), "train": stats_of_logits(tr)},
+                              before_commit=refuse if fail else None)
+
+    path = tmp_path / "s"
+    Store.create(path, n_test=5, n_train=7, classes=3, dtype="float16", run_chunk=4)
+    a, b = Store.open(path, mode="a"), Store.open(path, mode="a")
+    first, second = log(4), log(4)
+    commit(a, "a", *first)
+    with pytest.raises(RuntimeError, match="source changed"):
+        commit(b, "b", *log(8), fail=True)  # runs 4..12 written, never committed
+    assert (path / "logits" / "train" / "c" / "2" / "0" / "0").exists()
+    commit(a, "c", *second)
+    final = Store.open(path)
+    assert final.runs == 8 and final.array("train").shape == (8, 7, 3)
+    for split in ("test", "train"):
+        assert not (path / "logits" / split / "c" / "2" / "0" / "0").exists(), split
+    np.testing.assert_array_equal(final.read("train", 0, 8),
+                                  np.concatenate([first[1], second[1]]))
