@@ -20,4 +20,7 @@ def numba_target_has(feature: str) -> bool:
         return f"+{feature}" in str(numba.config.CPU_FEATURES).split(",")
     if numba.config.CPU_NAME not in (None, "host"):
         return False
-    return bool(llvm.get_host_cpu_features().get(feature, False))
+    try:
+        return bool(llvm.get_host_cpu_features().get(feature, False))
+    except RuntimeError:  # the host's features unknown: none are assumed
+        return False

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import njit
 
-from kernelscale import fused, fused_kernels, fused_math
+from kernelscale import fused, fused_kernels
 from kernelscale.normalise import Normaliser
 from kernelscale.stats import LOG1P32, PUBLISHED32, NonFiniteValues, stats_of_logits
 from tests.reference import confident_logits, log_softmax_exact64
@@ -18,13 +18,13 @@ CPU = torch.device("cpu")
 @njit
 def _widen(h, out):
     for i in range(h.size):
-        out[i] = fused_math.half(h[i])
+        out[i] = fused_kernels.half(h[i])
 
 
 @njit
 def _widen_by_tables(h, out):
     for i in range(h.size):
-        out[i] = fused_math.half_table(h[i])
+        out[i] = fused_kernels.half_table(h[i])
 
 
 @njit
@@ -32,13 +32,13 @@ def _exp_log1p(d, s, e_out, l_out):
     """exp of ``d`` and log1p of ``s`` (float32 arrays), as the kernels compute them;
     log1p's halving count as the kernels' tile loop finds it, for up to 1000 classes."""
     for i in range(d.size):
-        e_out[i] = fused_math.exp_neg(d[i])
+        e_out[i] = fused_kernels.exp_neg(d[i])
         k = np.float32(0.0)
-        b = fused_math._SQRT2
+        b = fused_kernels._SQRT2
         while b <= 1000:
             k += np.float32(1.0) if np.float32(1.0) + s[i] >= b else np.float32(0.0)
             b = b * np.float32(2.0)
-        l_out[i] = fused_math.log1p_k(s[i], k)
+        l_out[i] = fused_kernels.log1p_k(s[i], k)
 
 
 def _rel(got: np.ndarray, want: np.ndarray) -> float:
@@ -219,8 +219,8 @@ def test_exp_and_log1p_are_within_a_few_float32_ulps(seed):
     assert e[0] == 1.0 and lg[0] == 0.0  # exact where the top class needs it
     assert _rel(e, np.exp(d.astype(np.float64))) <= 3e-7
     assert _rel(lg[1:], np.log1p(s[1:].astype(np.float64))) <= 3e-7
-    assert fused_math.exp_neg(np.float32(-88.0)) == 0.0
-    assert fused_math.exp_neg(np.float32(np.nan)) == 0.0
+    assert fused_kernels.exp_neg(np.float32(-88.0)) == 0.0
+    assert fused_kernels.exp_neg(np.float32(np.nan)) == 0.0
 
 
 def test_no_examples_give_empty_statistics_and_no_z_scores():
@@ -306,7 +306,7 @@ def test_the_target_cpu_decides_the_instructions(monkeypatch):
 
     host = llvm.get_host_cpu_features()
     assert numba_target_has("f16c") == bool(host.get("f16c"))
-    assert numba_target_has("f16c") == fused_math.HAS_F16C
+    assert numba_target_has("f16c") == fused_kernels.HAS_F16C
     monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
     assert not numba_target_has("sse4.2") and not numba_target_has("f16c")
     monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sse4.2,-f16c")

@@ -20,7 +20,7 @@ PKG = ROOT / "kernelscale"
 LAYERS = [
     ("foundations", {"errors", "atomic", "progress", "units", "signals", "device", "version",
                      "bundled", "crc32c", "crc32c_kernel", "cpufeatures"}),
-    ("pure logic", {"fused", "fused_kernels", "fused_math", "fused_gpu", "fused_gpu_kernels", "float64_rows", "stats", "plan",
+    ("pure logic", {"fused", "fused_kernels", "fused_gpu", "fused_gpu_kernels", "float64_rows", "stats", "plan",
                     "topk", "knn", "normalise", "similarity"}),
     ("formats", {"rawchunks", "store", "store_layout", "store_chunks", "store_stats",
                  "store_labelfile", "store_info", "locks", "output", "kernelread", "labels", "logfile",
