@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 
 #: Prefixes of environment variables read when torch, numpy or Zarr are imported (or by
 #: the interpreter at start-up): a command shares the imports of a server only where
@@ -40,15 +41,29 @@ def _threads() -> int:
 def _serve(path: str) -> dict:
     """Accept commands on the Unix socket ``path`` until killed; returns only in a
     forked child, with its command."""
-    import numpy  # noqa: F401 -- imported once here, inherited by every command
+    # What the imports print (a warning) would reach a plain command's stderr, but only
+    # the server's here: caught, and then the server refuses (its commands would differ).
+    with tempfile.TemporaryFile() as caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            import numpy  # noqa: F401 -- imported once here, inherited by every command
 
-    # fork() copies only the calling thread. numpy's OpenBLAS starts its workers at
-    # import and starts them again in a forked child (its pthread_atfork handlers);
-    # any other thread would be missing in the children: then the server refuses.
-    blas = _threads()
-    import torch  # noqa: F401
-    import zarr  # noqa: F401
-
+            # fork() copies only the calling thread. numpy's OpenBLAS starts its workers
+            # at import and starts them again in a forked child (its pthread_atfork
+            # handlers); any other thread would be missing in the children: then the
+            # server refuses.
+            blas = _threads()
+            import torch  # noqa: F401
+            import zarr  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        wrote = caught.seek(0, os.SEEK_END)
+    if wrote:
+        print("not ready: the imports wrote to stderr", flush=True)
+        sys.exit(1)
     if _threads() != blas:
         print(f"not ready: {_threads() - blas} thread(s) started by torch or Zarr",
               flush=True)
@@ -95,20 +110,20 @@ def _serve(path: str) -> dict:
 def _become(req: dict) -> None:
     """Turn this forked child into the process of ``req``'s command."""
     import numpy
-    import torch
 
-    os.environ.clear()
-    os.environ.update(req["env"])
-    os.chdir(req["cwd"])
     for fd, name, flags in ((0, os.devnull, os.O_RDONLY),
                             (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                             (2, req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
         f = os.open(name, flags, 0o600)
         os.dup2(f, fd)
         os.close(f)
-    # fresh random states, as a new process has (Python's own reseeds itself at fork)
+    os.environ.clear()
+    os.environ.update(req["env"])
+    os.chdir(req["cwd"])
+    # numpy's global generator is seeded from the OS at import: a new process's differs,
+    # so the child draws a fresh one (Python's reseeds itself at fork; torch's starts from
+    # a fixed seed in every process, the server's untouched one included)
     numpy.random.seed()
-    torch.seed()
     sys.argv = ["-m", *req["args"]]
     # `python -m` puts the working folder first on the path, where this script's folder is
     sys.path[0] = os.getcwd()

@@ -80,9 +80,8 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: fl
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, "-m", "kernelscale", "-q", *args]
     server = _cli_server(e)
-    if server is not None:
-        p = server.run(cmd, e, timeout)
-    else:
+    p = server.run(cmd, e, timeout) if server is not None else None
+    if p is None:
         import subprocess
 
         p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout)
@@ -98,6 +97,7 @@ class _CliServer:
 
     def __init__(self, env: dict):
         import atexit
+        import select
         import subprocess
         import tempfile
 
@@ -107,10 +107,14 @@ class _CliServer:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "cliserver.py"),
                                       self.path], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, env=self.env)
-        self.ready = self.proc.stdout.readline().strip() == b"ready"
         atexit.register(self.close)
+        # ready once its imports are done (seconds); a server that hangs is not waited for
+        ready, _, _ = select.select([self.proc.stdout], [], [], 120)
+        self.ready = bool(ready) and self.proc.stdout.readline().strip() == b"ready"
 
     def run(self, cmd: list[str], env: dict, timeout: float):
+        """The command's CompletedProcess, or None where the server is gone."""
+        import contextlib
         import json
         import signal
         import socket
@@ -121,7 +125,11 @@ class _CliServer:
             out, err = Path(d) / "stdout", Path(d) / "stderr"
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
-                s.connect(self.path)
+                try:
+                    s.connect(self.path)
+                except OSError:  # the server is gone: the caller runs a plain subprocess
+                    self.ready = False
+                    return None
                 s.sendall(json.dumps({"args": cmd[3:], "env": env, "cwd": os.getcwd(),
                                       "stdout": str(out), "stderr": str(err)}).encode()
                           + b"\n")
@@ -129,8 +137,13 @@ class _CliServer:
                 pid = int(answer.readline())
                 try:
                     code = int(answer.readline())
-                except TimeoutError:
-                    os.kill(pid, signal.SIGKILL)
+                except BaseException as e:
+                    # as subprocess.run: the command does not outlive a call that failed
+                    # (a timeout, Ctrl-C, the handler gone)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    if not isinstance(e, TimeoutError):
+                        raise
                     s.settimeout(None)
                     s.makefile("rb").readline()  # the handler saw the child end
                     raise subprocess.TimeoutExpired(cmd, timeout, out.read_text(),
