@@ -72,7 +72,10 @@ for _ in range(int(sys.argv[4]) if len(sys.argv) > 4 else 1):  # > 1: warm timin
 np.save(out, host)
 '''
 
-BASELINE = "import numpy, torch, zarr, kernelscale.kernel, kernelscale.store"
+#: a process of kernelscale's imports, exiting as the ``kernelscale`` program does (without
+#: the final collection of what it imported: :func:`kernelscale.cli.command`)
+BASELINE = ("import numpy, torch, zarr, kernelscale.kernel, kernelscale.store; "
+            "import gc; gc.freeze()")
 
 
 @dataclass
