@@ -328,9 +328,6 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
                 item.check_unchanged()
                 store.commit_file(entry, item.test, item.train, item.stats,
                                   before_commit=item.check_unchanged)
-                if any(r["name"] == item.file.name for r in store.manifest["rejected"]):
-                    store.manifest["rejected"] = [r for r in store.manifest["rejected"]
-                                                  if r["name"] != item.file.name]
             src.release(fetched)
             summary.files_ingested += 1
             summary.runs_added += item.runs

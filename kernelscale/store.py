@@ -367,6 +367,8 @@ class Store:
         m = self._edit_manifest()
         rec = dict(entry, runs=runs, run_start=start, run_stop=stop, ingested_at=_now())
         m["files"].append(rec)
+        # a file rejected before and good now is no longer a rejected one
+        m["rejected"] = [r for r in m["rejected"] if r["name"] != rec["name"]]
         m["runs"] = stop
         m["stats_generation"] = gen
         m["stats_sha256"] = digest

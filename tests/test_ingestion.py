@@ -222,6 +222,12 @@ def test_skip_bad_records_rejected_and_exits_nonzero(tmp_path):
     assert [r["name"] for r in s.manifest["rejected"]] == ["b/log.pt"]
     info = run_cli("info", str(tmp_path / "store")).stdout
     assert "rejected 1" in info and "b/log.pt" in info
+    # the file repaired, the next ingest takes it and it is no longer listed as rejected
+    write_log(tmp_path / "src" / "b" / "log.pt", *_good(rng))
+    run_cli("ingest", str(tmp_path / "src"), "--store", str(tmp_path / "store"), "--skip-bad")
+    s = Store.open(tmp_path / "store")
+    assert [f["name"] for f in s.manifest["files"]] == ["a/log.pt", "c/log.pt", "b/log.pt"]
+    assert s.manifest["rejected"] == []
 
 
 def test_fp32_file_into_fp16_store_is_refused(small_store, tmp_path):
