@@ -94,16 +94,11 @@ def half_table(h):
 
 
 if HAS_F16C:
-    HALF_FORM = "f16c fpext"
-
     @_jit
     def half(h):
         """The float16 of bits ``h`` as float32, exactly: vcvtph2ps (F16C)."""
         return _half_fpext(h)
-
-
 else:
-    HALF_FORM = "tables"
     half = half_table
 
 
@@ -125,8 +120,6 @@ _LN2_HI = np.float32(0.693359375)
 _LN2_LO = np.float32(-2.12194440e-4)
 _P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), \
     np.float32(8.3334519073e-3)
-
-
 _P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), \
     np.float32(5.0000001201e-1)
 
@@ -154,16 +147,10 @@ def exp_neg(d):
 #: f - f^2/2 + f^3 Q(f), Q of degree 8 (a few float32 ulps).
 _Q0, _Q1, _Q2 = np.float32(7.0376836292e-2), np.float32(-1.1514610310e-1), \
     np.float32(1.1676998740e-1)
-
-
 _Q3, _Q4, _Q5 = np.float32(-1.2420140846e-1), np.float32(1.4249322787e-1), \
     np.float32(-1.6668057665e-1)
-
-
 _Q6, _Q7, _Q8 = np.float32(2.0000714765e-1), np.float32(-2.4999993993e-1), \
     np.float32(3.3333331174e-1)
-
-
 _LN2 = np.float32(0.693147180559945)
 _SQRT2 = np.float32(1.41421356237)
 
@@ -234,6 +221,14 @@ def _value_impl(x, d, raw, c, i):
 
 
 @_jit
+def _tiny_bound(C):
+    """Rows whose others-sum is below this are evaluated in float64: near float32's
+    range (kernelscale.float64_rows.tiny_sum, written out: numba compiles no Python
+    function)."""
+    return max(TINY32, (C - 1) * FLUSHED_TERM_BOUND)
+
+
+@_jit
 def _tile32(x, r, e0, n, d, s, s32, top, it, lg, v):
     """The float32 part of :func:`tile`: ``d`` = x - max, ``lg`` = log1p(others-sum),
     ``s`` the float64 others-sums; the number of rows to be evaluated in float64."""
@@ -269,7 +264,7 @@ def _tile32(x, r, e0, n, d, s, s32, top, it, lg, v):
         b = b * np.float32(2.0)
     for i in range(n):
         lg[i] = log1p_k(s32[i], lg[i])
-    tiny = max(TINY32, (C - 1) * FLUSHED_TERM_BOUND)
+    tiny = _tiny_bound(C)
     m = 0
     for i in range(n):
         m += 1 if s[i] < tiny else 0
@@ -284,9 +279,7 @@ def _tile64(x, r, e0, n, d, s, it, lg, v):
         dc, vc = d[c, :n], v[c, :n]
         for i in range(n):
             vc[i] = np.float64(dc[i] - lg[i])
-    # Rows whose others-sum is near float32's range are evaluated in float64
-    # (kernelscale.float64_rows.tiny_sum, written out: numba compiles no Python function)
-    tiny = max(TINY32, (C - 1) * FLUSHED_TERM_BOUND)
+    tiny = _tiny_bound(C)
     for i in range(n):
         if s[i] < tiny:
             _row64(x, r, e0 + i, it[i], v, i)
@@ -323,16 +316,38 @@ def _row64(x, r, e, it, v, i):
 
 
 @_jit
-def scratch(C, T=TILE):
-    return (np.empty((C, T), np.float32), np.empty(T, np.float64),
-            np.empty(T, np.float32), np.empty(T, np.float32),
-            np.empty(T, np.int32), np.empty(T, np.float32),
-            np.empty((C, T), np.float64))
+def scratch(C):
+    return (np.empty((C, TILE), np.float32), np.empty(TILE, np.float64),
+            np.empty(TILE, np.float32), np.empty(TILE, np.float32),
+            np.empty(TILE, np.int32), np.empty(TILE, np.float32),
+            np.empty((C, TILE), np.float64))
 
 
-#: Examples per tile of fold and standardise (any size gives the same values).
-FOLD_TILE = TILE
-STD_TILE = TILE
+@_jit
+def _fold_rows(d, lg, v, f64rows, t0, n, first, shift, s1, s2):
+    """Fold a tile's values into ``s1``, ``s2`` (with ``first``, set ``shift`` to them
+    first): from ``v`` where ``f64rows``, else formed from ``d`` and ``lg`` here. Row
+    views index from 0, so that the loops vectorise."""
+    for c in range(d.shape[0]):
+        sh, a1, a2 = shift[c, t0:t0 + n], s1[c, t0:t0 + n], s2[c, t0:t0 + n]
+        if f64rows:
+            vc = v[c, :n]
+            if first:
+                for i in range(n):
+                    sh[i] = vc[i]
+            for i in range(n):
+                dv = vc[i] - sh[i]
+                a1[i] += dv
+                a2[i] += dv * dv
+        else:
+            dc = d[c, :n]
+            if first:
+                for i in range(n):
+                    sh[i] = np.float64(dc[i] - lg[i])
+            for i in range(n):
+                dv = np.float64(dc[i] - lg[i]) - sh[i]
+                a1[i] += dv
+                a2[i] += dv * dv
 
 
 @_jit
@@ -340,40 +355,15 @@ def fold(x, e0, e1, first, shift, s1, s2):
     """Fold runs ``x`` (R, E, C) of examples [e0, e1) into the shifted sums ``s1``,
     ``s2`` (float64 (C, E)); with ``first``, run 0's values become ``shift`` (C, E)."""
     R, _, C = x.shape
-    d, s, s32, top, it, lg, v = scratch(C, FOLD_TILE)
+    d, s, s32, top, it, lg, v = scratch(C)
     # Examples outer: a tile's sums stay in cache while its runs are folded.
-    for t0 in range(e0, e1, FOLD_TILE):
-        n = min(FOLD_TILE, e1 - t0)
+    for t0 in range(e0, e1, TILE):
+        n = min(TILE, e1 - t0)
         for r in range(R):
-            if _tile32(x, r, t0, n, d, s, s32, top, it, lg, v) == 0:
-                # no float64 rows: the values are formed where they are folded
-                if first and r == 0:
-                    for c in range(C):
-                        dc, sh = d[c, :n], shift[c, t0:t0 + n]
-                        for i in range(n):
-                            sh[i] = np.float64(dc[i] - lg[i])
-                for c in range(C):
-                    # row views: indices from 0, so that the loop vectorises
-                    dc, sh = d[c, :n], shift[c, t0:t0 + n]
-                    a1, a2 = s1[c, t0:t0 + n], s2[c, t0:t0 + n]
-                    for i in range(n):
-                        dv = np.float64(dc[i] - lg[i]) - sh[i]
-                        a1[i] += dv
-                        a2[i] += dv * dv
-                continue
-            _tile64(x, r, t0, n, d, s, it, lg, v)
-            if first and r == 0:
-                for c in range(C):
-                    vc, sh = v[c, :n], shift[c, t0:t0 + n]
-                    for i in range(n):
-                        sh[i] = vc[i]
-            for c in range(C):
-                vc, sh = v[c, :n], shift[c, t0:t0 + n]
-                a1, a2 = s1[c, t0:t0 + n], s2[c, t0:t0 + n]
-                for i in range(n):
-                    dv = vc[i] - sh[i]
-                    a1[i] += dv
-                    a2[i] += dv * dv
+            m = _tile32(x, r, t0, n, d, s, s32, top, it, lg, v)
+            if m:
+                _tile64(x, r, t0, n, d, s, it, lg, v)
+            _fold_rows(d, lg, v, m > 0, t0, n, first and r == 0, shift, s1, s2)
 
 
 #: Floats of z-scores standardise gathers (a group of runs of a tile) before it
@@ -406,13 +396,13 @@ def standardise(x, e0, e1, classes, mean, inv, out, col0):
     ``out[e, col0 + r*C' + j]`` (float32 (n, >= col0 + k*C'))."""
     k, _, C = x.shape
     cs = classes.shape[0]
-    d, s, s32, top, it, lg, v = scratch(C, STD_TILE)
+    d, s, s32, top, it, lg, v = scratch(C)
     # z-scores of a group of runs are formed over contiguous examples (vectorised) in
     # zt (~32 KB), then transposed into the operand's rows (g*C' contiguous floats)
-    g = max(1, min(k, STD_GROUP_FLOATS // max(1, cs * STD_TILE)))
-    zt = np.empty((g * cs, STD_TILE), np.float32)
-    for t0 in range(e0, e1, STD_TILE):
-        n = min(STD_TILE, e1 - t0)
+    g = max(1, min(k, STD_GROUP_FLOATS // max(1, cs * TILE)))
+    zt = np.empty((g * cs, TILE), np.float32)
+    for t0 in range(e0, e1, TILE):
+        n = min(TILE, e1 - t0)
         for r0 in range(0, k, g):
             r1 = min(k, r0 + g)
             for r in range(r0, r1):
