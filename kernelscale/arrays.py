@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from .accumulate import add_product
 from .device import matmul_precision, resolve_device
 from .errors import BadInputError, ConfigError
 from .kernel_setup import PRECISIONS
@@ -124,11 +125,12 @@ def kernel_from_arrays(test: Any, train: Any, *, log_softmax: bool = True,
         norm_a = Normaliser(st_a, (0, n_a), None, dev, transform)
         norm_b = norm_a if same else Normaliser(st_b, (0, n_b), None, dev, transform)
         acc = torch.zeros((n_a, n_b), dtype=torch.float64, device=dev)
+        scratch = None
         for s in range(0, runs, runs_per_step):
             e = min(s + runs_per_step, runs)
             za = norm_a(a.chunk(s, e))
             zb = za if same else norm_b(b.chunk(s, e))
             # float32 GEMM per chunk, float64 sum over chunks, as in the engine
-            acc += za @ zb.T
+            scratch = add_product(acc, za, zb, scratch)
         acc *= 1.0 / (c * runs)
         return acc.float().cpu().numpy()

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .bench import (
     BASELINE,
     REFERENCE,
@@ -101,8 +103,9 @@ def _write_floor(folder: Path, sizes: list[int]) -> float:
 
 
 def _matmul_floor(n_test: int, n_train: int, runs: int, classes: int, device: str) -> float:
-    """Seconds of the kernel's ``classes`` float32 products (n_test, runs) @ (runs, n_train):
-    one product timed (best of 2, after a warm-up on the device) times ``classes``."""
+    """Seconds of the kernel's ``classes`` float32 products (n_test, runs) @ (runs, n_train)
+    by the engine's GEMM (numpy's BLAS on the CPU, torch's on a GPU): one product timed
+    (best of 2, after a warm-up on the device) times ``classes``."""
     import torch
 
     from .device import resolve_device
@@ -111,12 +114,16 @@ def _matmul_floor(n_test: int, n_train: int, runs: int, classes: int, device: st
     g = torch.Generator().manual_seed(0)
     a = torch.randn(runs, n_test, generator=g).to(dev)
     b = torch.randn(runs, n_train, generator=g).to(dev)
+    prod = np.empty((n_test, n_train), dtype=np.float32)
     best = float("inf")
     for _ in range(3):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        a.T @ b
+        if dev.type == "cpu":
+            np.matmul(a.numpy().T, b.numpy(), out=prod)
+        else:
+            a.T @ b
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         best = min(best, time.perf_counter() - t0)

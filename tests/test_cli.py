@@ -145,3 +145,24 @@ def test_the_error_line_is_not_followed_by_reads_abandoned_in_the_background():
     assert p.stderr.splitlines() == [
         "kernelscale: error: x.zarr[runs 0:3]: cannot read 'logits' (checksum mismatch)"], \
         p.stderr
+
+
+def test_the_program_sets_its_blas_environment_before_numpy_loads():
+    """The command's module imports no numpy, so the variables that OpenBLAS reads once
+    are in place before it loads; a value the user set is kept."""
+    from kernelscale.cli import BLAS_ENV
+
+    code = ("import os, sys\n"
+            "import kernelscale.cli as c\n"
+            "assert 'numpy' not in sys.modules, 'numpy loaded with the command module'\n"
+            "sys.argv = ['kernelscale', '--version']\n"
+            "try:\n    c.command()\nexcept SystemExit:\n    pass\n"
+            "print(repr({k: os.environ.get(k) for k in c.BLAS_ENV}))\n")
+    env = {k: v for k, v in os.environ.items() if k not in BLAS_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == repr(BLAS_ENV)
+    key = next(iter(BLAS_ENV))
+    out = subprocess.run([sys.executable, "-c", code], env={**env, key: "30"},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == repr({key: "30"})

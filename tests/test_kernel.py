@@ -75,15 +75,21 @@ def test_tiled_equals_untiled(small_store, tmp_path_factory, monkeypatch, cr, cc
 
 
 def test_regions_assembled_equal_whole(small_store, tmp_path):
+    """Regions of the same tiles give the whole kernel bit for bit (a Slurm array's
+    tasks against one process); other tiles, to float32 rounding: the BLAS may sum a
+    GEMM of another shape in another order."""
     store, test, train = small_store
-    whole = run(store, tmp_path / "whole", chunks=(16, 32))
+    whole = run(store, tmp_path / "whole", chunks=(16, 32), tile=(16, 32))
+    untiled = run(store, tmp_path / "untiled", chunks=(16, 32))
     out = tmp_path / "regions"
     for rows in ((0, 16), (16, 40)):
         for cols in ((0, 64), (64, 96)):
-            run(store, out, chunks=(16, 32), rows=rows, cols=cols)
+            run(store, out, chunks=(16, 32), rows=rows, cols=cols, tile=(16, 32))
     g = zarr.open_group(str(out), mode="r")
     assert g.attrs["complete"] is True
     np.testing.assert_array_equal(g["kernel"][...], whole)
+    np.testing.assert_allclose(untiled, whole, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(whole, reference_kernel(test, train), rtol=0, atol=1e-5)
 
 
 def test_partial_region_leaves_kernel_incomplete(small_store, tmp_path):
@@ -473,3 +479,35 @@ def test_a_replace_killed_half_way_is_finished_by_the_next_run(small_store, tmp_
     with pytest.raises(KernelOutputError, match="is not a kernelscale kernel"):
         run(store, other)
     assert (other / "zarr.json").is_file()
+
+
+def test_add_product_sums_float32_products_into_float64_reusing_its_scratch():
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    op_x = torch.randn(7, 40, generator=g)
+    op_y = torch.randn(5, 40, generator=g)
+    acc = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    want = acc.clone()
+    scratch = None
+    for k in (40, 23):  # a whole operand, then a shorter chunk's column view of it
+        x, y = op_x[:, :k], op_y[:, :k]
+        want += x.double() @ y.double().T
+        scratch = accumulate.add_product(acc, x, y, scratch)
+    assert scratch.dtype == np.float32 and scratch.size == 35
+    np.testing.assert_allclose(acc.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    # a smaller tile reuses the scratch; a larger one gets a new one
+    small = torch.zeros(2, 3, dtype=torch.float64)
+    assert accumulate.add_product(small, op_x[:2], op_y[:3], scratch) is scratch
+    np.testing.assert_allclose(small.numpy(), (op_x[:2].double() @ op_y[:3].double().T)
+                               .numpy(), rtol=1e-5, atol=1e-5)
+    big = torch.zeros(7, 6, dtype=torch.float64)
+    grown = accumulate.add_product(big, op_x, torch.cat([op_y, op_y[:1]]), scratch)
+    assert grown is not scratch and grown.size == 42
+    # a tile times itself (a square kernel's diagonal in a pass of shared operands) has
+    # the bits of the same values held in two buffers (numpy's own path for x @ x.T,
+    # SYRK, rounds otherwise: 1e-5 apart at this size)
+    same, apart = (torch.zeros(7, 7, dtype=torch.float64) for _ in range(2))
+    accumulate.add_product(same, op_x, op_x)
+    accumulate.add_product(apart, op_x, op_x.clone())
+    assert torch.equal(same, apart)
