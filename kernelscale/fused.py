@@ -27,7 +27,8 @@ Python threads at once, which the ingest's converters do. Compiled code is cache
 read-only); that module, and numba, are imported on the first use.
 
 Values are float16 (read as their bits and widened exactly in the kernel: numba has no
-float16 arithmetic), float32 or float64; other dtypes take the torch form.
+float16 arithmetic), float32 or float64, in numpy arrays (an ingest's files, which then
+needs no torch) or CPU torch tensors; other dtypes take the torch form.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,9 +78,15 @@ def _kernels():
 
 
 def _threads() -> int:
-    import torch
-
-    return max(1, torch.get_num_threads())
+    """torch's thread count where torch is loaded; elsewhere (an ingest on the CPU never
+    loads it) the same default without it: ``OMP_NUM_THREADS``, else the usable CPUs."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return max(1, torch.get_num_threads())
+    with contextlib.suppress(ValueError):
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else os.cpu_count() or 1)
 
 
 def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
@@ -88,15 +96,18 @@ def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def supports(dtype) -> bool:
-    """Whether the kernels read values of this torch dtype directly."""
-    import torch
-
-    return dtype in (torch.float16, torch.float32, torch.float64)
+    """Whether the kernels read values of this torch or numpy dtype directly."""
+    return str(dtype).removeprefix("torch.") in ("float16", "float32", "float64")
 
 
 def _blocks(x, rows_per_block: int):
-    """(start, block) over axis 0 of torch tensor ``x`` (float16, float32 or float64):
-    C-contiguous numpy arrays, float16 ones as their uint16 bits."""
+    """(start, block) over axis 0 of ``x``, a torch tensor or numpy array (float16,
+    float32 or float64): C-contiguous numpy arrays, float16 ones as their uint16 bits."""
+    if isinstance(x, np.ndarray):
+        for s in range(0, x.shape[0], rows_per_block):
+            b = np.ascontiguousarray(x[s:s + rows_per_block])
+            yield s, b.view(np.uint16) if b.dtype == np.float16 else b
+        return
     import torch
 
     for s in range(0, x.shape[0], rows_per_block):
@@ -127,7 +138,8 @@ def _drive(x, kernel, args_of) -> None:
 
 def shifted_sums(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(shift, S1, S2) of the LOG1P32 values of ``x`` (runs >= 1, examples, classes),
-    a CPU torch tensor of a :func:`supported <supports>` dtype: ``shift`` the first
+    a numpy array or CPU torch tensor of a :func:`supported <supports>` dtype (native
+    byte order): ``shift`` the first
     run's values, ``S1 = sum(v - shift)``, ``S2 = sum((v - shift)^2)`` over the runs,
     each float64 (examples, classes), C-contiguous. See :func:`kernelscale.stats.stats_of_logits` for the sums."""
     runs, examples, classes = x.shape

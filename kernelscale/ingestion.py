@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .convert import BadFile, ConvertSpec, PreparedFile
-from .device import resolve_device
+from .device import device_name
 from .errors import BadInputError, ConfigError, KernelscaleError
 from .formats import DEFAULT_KEYS, FORMATS, check_keys, is_zarr_group
 from .ingestcheck import check_labels, check_unchanged, record_labels
@@ -225,7 +225,7 @@ def ingest_files(src: Source, files: list[SourceFile], cfg: IngestConfig,
     """
     t0 = time.monotonic()
     store_path = Path(cfg.store)
-    device = str(resolve_device(cfg.device))
+    device = device_name(cfg.device)
     summary = IngestSummary(device=device, converters=(
         cfg.converters if not cfg.scheduler and (cfg.workers or 1) == 1 else
         cfg.workers or 1))

@@ -6,9 +6,12 @@ A source file is a ``torch.save``d dict with
 * ``logits_train`` -- tensor of the same dtype (runs, n_train, classes)
 * ``code``         -- str, the training script (optional; not stored by ingest)
 
-Files are untrusted: they are loaded with ``torch.load(..., weights_only=True)``, which
-refuses any pickle that is not plain tensors and containers (memory-mapped: the tensors
-are views of the file's pages, never a copy), and then checked completely
+Files are untrusted. A plain one (a zip whose pickle names only tensors, storages and
+dicts) is mapped by :mod:`kernelscale.formats.torchmap` from its decoded header, with no
+unpickler and no torch; any other is loaded with ``torch.load(..., weights_only=True)``,
+whose restricted unpickler refuses any pickle that is not plain tensors and containers.
+Either way the tensors are views of the file's pages, never a copy (but for a permuted
+layout), and they are checked completely
 (keys, shapes and dtypes as in every format, :func:`kernelscale.formats.common.check_meta`;
 dense storage; finiteness) before any byte of them reaches a store.
 """
@@ -107,13 +110,36 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
     the caller's to check (:func:`sha256_file`; ingest hashes while it loads and
     computes). Raises :class:`BadInputError` naming the file and the first problem.
     """
-    import torch
-
     # imported here: the package kernelscale.formats imports this module
     from .formats.common import DEFAULT_KEYS, ArrayMeta, check_meta
+    from .formats.torchmap import map_tensors
 
     path = Path(path)
     label = name or str(path)
+    mapped = map_tensors(path, DEFAULT_KEYS)
+    if mapped is None:
+        test, train = _load_tensors(path, label, expect)
+    else:
+        test, train = mapped
+        check_meta(label, DEFAULT_KEYS, *(ArrayMeta(a.shape, a.dtype.name) for a in mapped),
+                   expect)
+    if check_finite:
+        for key, a in zip(DEFAULT_KEYS, (test, train), strict=True):
+            err = first_non_finite(label, key, a)
+            if err is not None:
+                raise err
+    return LoadedLog(label, path.stat().st_size, test, train)
+
+
+def _load_tensors(path: Path, label: str, expect: dict | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(test, train) of a ``log.pt`` through ``torch.load``: every file
+    :func:`~kernelscale.formats.torchmap.map_tensors` does not map, checked as
+    :func:`load_log` says."""
+    import torch
+
+    from .formats.common import DEFAULT_KEYS, ArrayMeta, check_meta
+
     obj = _load_object(path, label)
     try:
         size = path.stat().st_size
@@ -141,9 +167,4 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
                                 f"bytes, not stored densely in the file's {size} bytes")
     # a copy only for a permuted layout
     test, train = (t.contiguous().numpy() for t in tensors)
-    if check_finite:
-        for key, a in zip(DEFAULT_KEYS, (test, train), strict=True):
-            err = first_non_finite(label, key, a)
-            if err is not None:
-                raise err
-    return LoadedLog(label, size, test, train)
+    return test, train

@@ -8,6 +8,7 @@ for any split of the runs and numerically stable in float64, unlike sum / sum-of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,16 +169,18 @@ def stats_of_logits(logits, transform: str = LOG1P32, device=None) -> RunningSta
     summed by the one-pass kernel of :mod:`kernelscale.fused`
     (:data:`~kernelscale.fused.MIN_VALUES`); others by the torch form below.
     """
+    runs, examples, classes = logits.shape
+    on_cpu = str(device or "cpu") == "cpu" and str(getattr(logits, "device", "cpu")) == "cpu"
+    native = isinstance(logits, np.ndarray) and logits.dtype.isnative
+    if on_cpu and transform == LOG1P32 and runs and classes and _fused.supports(logits.dtype) \
+            and (native or not isinstance(logits, np.ndarray)) \
+            and _fused.use(math.prod(logits.shape)):
+        # numpy in, numpy out: an ingest on the CPU never loads torch
+        return _from_sums(runs, *_fused.shifted_sums(logits))
     import torch
 
     x = torch.as_tensor(logits)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    runs, examples, classes = x.shape
-    if dev.type == "cpu" and x.device.type == "cpu" and transform == LOG1P32 and runs \
-            and classes and _fused.use(x.numel()) and _fused.supports(x.dtype):
-        v0, s1, s2 = _fused.shifted_sums(x)
-        return _from_sums(runs, torch.from_numpy(v0), torch.from_numpy(s1),
-                          torch.from_numpy(s2))
     per_run = max(1, examples * classes * 4)
     block = max(1, STATS_BLOCK_BYTES.get(dev.type, STATS_BLOCK_BYTES["cuda"]) // per_run)
     v0 = s1 = s2 = None
@@ -192,15 +195,14 @@ def stats_of_logits(logits, transform: str = LOG1P32, device=None) -> RunningSta
         s2 += v.square_().sum(0)
     if v0 is None:
         return RunningStats.empty(examples, classes)
-    return _from_sums(runs, v0, s1, s2)
+    return _from_sums(runs, *(t.cpu().numpy() for t in (v0, s1, s2)))
 
 
-def _from_sums(runs: int, v0, s1, s2) -> RunningStats:
-    """The statistics of ``runs`` runs from their shifted sums (float64 torch tensors)."""
-    import torch
-
+def _from_sums(runs: int, v0: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> RunningStats:
+    """The statistics of ``runs`` runs from their shifted sums (float64 (examples,
+    classes)); each operation correctly rounded, as torch's (the same bits)."""
     mean = v0 + s1 / runs
-    m2 = (s2 - s1 * s1 / runs).clamp_(min=0.0)  # rounding can take a ~0 m2 below 0
-    if not bool(torch.isfinite(mean).all() and torch.isfinite(m2).all()):
+    m2 = np.maximum(s2 - s1 * s1 / runs, 0.0)  # rounding can take a ~0 m2 below 0
+    if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
         raise NonFiniteValues("non-finite values")
-    return RunningStats(runs, mean.cpu().numpy(), m2.cpu().numpy())
+    return RunningStats(runs, mean, m2)

@@ -113,3 +113,20 @@ def test_device_info_and_changes():
     other = dict(info, name="NVIDIA H100 80GB HBM3", torch="2.11.0")
     change = describe_device_change(other, info)
     assert "name NVIDIA H100 80GB HBM3 -> " in change and "torch 2.11.0 -> " in change
+
+
+def test_device_name_loads_torch_only_where_a_gpu_may_be(monkeypatch, tmp_path):
+    import kernelscale.device as d
+
+    calls = []
+    monkeypatch.setattr(d, "resolve_device", lambda n: calls.append(n) or torch.device("cpu"))
+    monkeypatch.setattr(d.sys, "platform", "linux")
+    monkeypatch.setattr(d, "GPU_NODES", (str(tmp_path / "nvidia*"),))
+    assert d.device_name("auto") == "cpu" and d.device_name("cpu") == "cpu" and calls == []
+    (tmp_path / "nvidia0").touch()  # a GPU driver's node: torch decides
+    assert d.device_name("auto") == "cpu" and calls == ["auto"]
+    assert d.device_name("cuda:1") == "cpu" and calls == ["auto", "cuda:1"]
+    (tmp_path / "nvidia0").unlink()
+    monkeypatch.setattr(d.sys, "platform", "darwin")  # no device nodes to look at
+    d.device_name("auto")
+    assert calls[-1] == "auto" and len(calls) == 3

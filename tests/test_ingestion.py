@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernelscale import fused
 from kernelscale.errors import BadInputError
 from kernelscale.ingestion import DuplicateFileWarning, IngestSummary
 from kernelscale.stats import LOG1P32
@@ -569,3 +570,23 @@ def test_labels_recording_killed_before_its_commit_keeps_the_old_labels(small_st
     got = store_labels(store)
     np.testing.assert_array_equal(got.test, b[1])
     assert got.class_names == ("v", "w", "x", "y", "z")
+
+
+def test_an_ingest_on_the_cpu_loads_no_torch(tmp_path):
+    """Plain log.pt files are mapped and summarised without torch (~1.5 s of every
+    ingest process), and the store holds what torch.load reads."""
+    test, train = random_source(tmp_path / "src", [4, 5], n_test=30, n_train=70)
+    code = ("import sys\n"
+            "import kernelscale.device as d\n"
+            "d.GPU_NODES = ()  # a node without GPU drivers, whatever this one has\n"
+            "from kernelscale.cli import main\n"
+            f"rc = main(['-q', 'ingest', {str(tmp_path / 'src')!r}, '--store', "
+            f"{str(tmp_path / 'store')!r}])\n"
+            "print(rc, 'torch' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), fused.ENV: "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[-2:] == ["0", "False"]
+    s = Store.open(tmp_path / "store")
+    np.testing.assert_array_equal(s.read("test", 0, 9), test)
+    np.testing.assert_array_equal(s.read("train", 0, 9), train)

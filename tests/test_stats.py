@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,31 @@ def test_non_finite_values_are_found_from_the_sums():
     logits[3, 2, 1] = -np.inf
     with pytest.raises(NonFiniteValues):
         stats_of_logits(logits)
+
+
+def test_numpy_and_torch_inputs_give_the_same_bits():
+    import torch
+
+    logits = (np.random.default_rng(4).normal(size=(30, 9, 6)) * 3).astype(np.float16)
+    a = stats_of_logits(logits)
+    b = stats_of_logits(torch.from_numpy(logits))
+    np.testing.assert_array_equal(a.mean, b.mean)
+    np.testing.assert_array_equal(a.m2, b.m2)
+
+
+def test_the_statistics_of_a_numpy_array_load_no_torch_on_the_cpu():
+    """An ingest on the CPU never loads torch (~1.5 s of a process): the one-pass kernels
+    take numpy arrays, and their thread count falls back to OMP_NUM_THREADS."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from kernelscale import fused\n"
+            "from kernelscale.stats import stats_of_logits\n"
+            "x = np.random.default_rng(0).normal(size=(3, 50, 10)).astype(np.float16)\n"
+            "s = stats_of_logits(x)\n"
+            "print('torch' in sys.modules, fused._threads(), s.count)\n")
+    env = {**os.environ, fused.ENV: "1", "OMP_NUM_THREADS": "3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["False", "3", "3"]

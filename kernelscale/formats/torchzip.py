@@ -38,7 +38,7 @@ ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "uint8": 1,
 MAX_PICKLE_BYTES = 4 << 20
 #: a zip local header's fixed part and its extra field (torch pads to 64-byte alignment)
 LOCAL_HEADER_MAX = 30 + 256
-_REBUILDERS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}
+REBUILDERS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}
 
 
 class HeaderError(BadInputError):
@@ -53,6 +53,8 @@ class TensorMeta:
     dtype: str
     storage: str
     offset: int
+    #: elements between neighbours along each axis (None where the header gives none)
+    stride: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,9 @@ _LITERALS = {"BININT", "BININT1", "BININT2", "LONG1", "LONG4", "INT", "LONG", "B
 _CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 
 
-def _walk(data: bytes, label: str):
-    """The object ``data`` pickles, as plain values and the stand-ins above."""
+def walk(data: bytes, label: str, names: set | None = None):
+    """The object ``data`` pickles, as plain values and the stand-ins above; the (module,
+    name) of every global it names are added to ``names``."""
     stack: list = []
     memo: dict = {}
 
@@ -220,12 +223,14 @@ def _walk(data: bytes, label: str):
                 memo[len(memo)] = stack[-1]
             elif name in ("BINGET", "LONG_BINGET", "GET"):
                 stack.append(memo[arg])
-            elif name == "GLOBAL":
-                module, _, attr = str(arg).partition(" ")
+            elif name in ("GLOBAL", "STACK_GLOBAL"):
+                if name == "GLOBAL":
+                    module, _, attr = str(arg).partition(" ")
+                else:
+                    attr, module = str(stack.pop()), str(stack.pop())
                 stack.append(_Global(module, attr))
-            elif name == "STACK_GLOBAL":
-                attr, module = stack.pop(), stack.pop()
-                stack.append(_Global(str(module), str(attr)))
+                if names is not None:
+                    names.add((module, attr))
             elif name == "BINPERSID":
                 stack.append(_Persistent(stack.pop()))
             elif name == "PERSID":
@@ -245,10 +250,10 @@ def _walk(data: bytes, label: str):
     raise HeaderError(f"{label}: data.pkl does not end with one object")
 
 
-def _tensor(value, label: str, key: str) -> TensorMeta | None:
+def tensor_meta(value, label: str, key: str) -> TensorMeta | None:
     """The tensor a rebuild call describes, or None when ``value`` is not one."""
     if not (isinstance(value, _Call) and isinstance(value.func, _Global)
-            and value.func.names in _REBUILDERS and isinstance(value.args, tuple)
+            and value.func.names in REBUILDERS and isinstance(value.args, tuple)
             and len(value.args) >= 3 and isinstance(value.args[0], _Persistent)):
         return None
     pid = value.args[0].pid
@@ -260,18 +265,22 @@ def _tensor(value, label: str, key: str) -> TensorMeta | None:
     if dtype is None or not isinstance(offset, int) or not isinstance(shape, tuple) \
             or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise HeaderError(f"{label}: {key!r}: tensor header not read here")
-    return TensorMeta(tuple(shape), dtype, str(pid[2]), offset)
+    stride = value.args[3] if len(value.args) > 3 else None
+    if not (isinstance(stride, tuple) and len(stride) == len(shape)
+            and all(isinstance(d, int) for d in stride)):
+        stride = None
+    return TensorMeta(tuple(shape), dtype, str(pid[2]), offset, stride)
 
 
 def pickle_tensors(data: bytes, label: str) -> dict[str, TensorMeta]:
     """The tensors of the top-level dict ``data`` (a ``torch.save`` pickle) holds, by key;
     other values (e.g. ``code``) are left out. Nothing is unpickled or imported."""
-    obj = _walk(data, label)
+    obj = walk(data, label)
     if not isinstance(obj, dict):
         raise HeaderError(f"{label}: data.pkl holds {type(obj).__name__}, not a dict")
     out = {}
     for k, v in obj.items():
-        t = _tensor(v, label, str(k))
+        t = tensor_meta(v, label, str(k))
         if t is not None:
             out[str(k)] = t
     return out
