@@ -111,3 +111,20 @@ def knn_predict(nbr_idx: np.ndarray, labels_train: np.ndarray) -> np.ndarray:
     """The published code's vote: ``torch.mode`` of the neighbours' labels (int64 (n,))."""
     nbr_labels = torch.from_numpy(labels_train[nbr_idx])
     return nbr_labels.mode(1).values.numpy()
+
+
+def mutate(good: bytes, rng: np.random.Generator, insert_below: int | None = None
+           ) -> tuple[int, bytes]:
+    """(kind, damaged copy of ``good``): 1-3 bytes flipped (kind 0), cut short (1), or 1-19
+    random bytes inserted (2) before position ``insert_below`` (default: anywhere)."""
+    b = bytearray(good)
+    op = int(rng.integers(3))
+    if op == 0:
+        for _ in range(rng.integers(1, 4)):
+            b[rng.integers(len(b))] = rng.integers(256)
+    elif op == 1:
+        b = b[:rng.integers(len(b))]
+    else:
+        at = rng.integers(min(len(b), insert_below or len(b)))
+        b[at:at] = rng.bytes(int(rng.integers(1, 20)))
+    return op, bytes(b)

@@ -33,7 +33,7 @@ from kernelscale.sources.ranged import RangedFile
 from kernelscale.store import Store
 from tests.conftest import ingest_dir, run_cli
 from tests.hubserver import HubServer
-from tests.reference import write_log
+from tests.reference import mutate, write_log
 from tests.test_hub import hf_env  # noqa: F401 -- autouse: a private HF home per test
 from tests.test_hub import ingest as hub_ingest
 
@@ -473,18 +473,9 @@ def test_mutated_files_are_refused_or_read_as_the_reference_readers_read_them(tm
     for name in ("g.safetensors", "g.npz", "c.npz", "t.npy"):
         good = (tmp_path / name).read_bytes()
         for _ in range(150):
-            b = bytearray(good)
-            op = rng.integers(3)
-            if op == 0:
-                for _ in range(rng.integers(1, 4)):
-                    b[rng.integers(len(b))] = rng.integers(256)
-            elif op == 1:
-                b = b[:rng.integers(len(b))]
-            else:
-                at = rng.integers(min(len(b), 200))
-                b[at:at] = rng.bytes(int(rng.integers(1, 20)))
+            _, b = mutate(good, rng, insert_below=200)
             p = tmp_path / f"m-{name}"
-            p.write_bytes(bytes(b))
+            p.write_bytes(b)
             try:
                 if name.endswith(".npy"):
                     got = load_npy_pair((p, tmp_path / "r.npy"), ("a", "b"), "pair", KEYS)

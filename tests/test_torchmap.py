@@ -11,6 +11,7 @@ import torch
 from kernelscale.errors import BadInputError
 from kernelscale.formats.torchmap import map_tensors
 from kernelscale.logfile import load_log
+from tests.reference import mutate
 
 KEYS = ("logits", "logits_train")
 
@@ -135,23 +136,14 @@ def test_mutated_files_map_the_bytes_torch_saved_or_not_at_all(tmp_path):
     outcomes = {"mapped": 0, "not mapped": 0, "torch reads otherwise": 0}
     p = tmp_path / "m.pt"
     for _ in range(600):
-        b = bytearray(good)
-        op = rng.integers(3)
-        if op == 0:
-            for _ in range(rng.integers(1, 4)):
-                b[rng.integers(len(b))] = rng.integers(256)
-        elif op == 1:
-            b = b[:rng.integers(len(b))]
-        else:
-            i = rng.integers(len(b))
-            b[i:i] = rng.bytes(int(rng.integers(1, 20)))
-        p.write_bytes(bytes(b))
+        op, b = mutate(good, rng)
+        p.write_bytes(b)
         got = map_tensors(p, KEYS)
         if got is None:
             outcomes["not mapped"] += 1
             continue
         outcomes["mapped"] += 1
-        saved = [np.frombuffer(bytes(b), np.float16, t.numel(), o).reshape(t.shape)
+        saved = [np.frombuffer(b, np.float16, t.numel(), o).reshape(t.shape)
                  for t, o in zip((te, tr), at, strict=True)]
         try:
             loaded = torch.load(p, weights_only=True)
