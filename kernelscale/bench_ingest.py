@@ -4,7 +4,8 @@ Measured in one invocation, on the same ``log.pt`` files (``simulate``-shaped, 5
 per file) and machine:
 
 * **floors**: reading the files' bytes cold (page cache dropped) and warm,
-  ``torch.load`` of every file alone (a subprocess, files cached), the statistics of
+  ``torch.load`` of every file alone (a subprocess, files cached; a plain ``log.pt`` is
+  mapped without it, from the same cached pages), the statistics of
   one file computed from memory (times the number of files): the compute any ingest pays;
   writing the same bytes durably (one file per input file, each fsynced): what any
   ingest that keeps its store after a crash pays; and the kernel's matrix products
@@ -42,7 +43,7 @@ from .bench import (
     write_synthetic,
 )
 
-#: ``torch.load`` of every file, timed in the child: the floor of any ingest's loading
+#: ``torch.load`` of every file, timed in the child: the loading floor the issue names
 LOAD_ALONE = r'''
 import json, sys, time
 import torch

@@ -35,9 +35,10 @@ def resolve_device(name: str):
     return torch.device("cuda", index)
 
 
-#: device nodes of the drivers through which torch sees a GPU (NVIDIA's, AMD ROCm's, WSL's
-#: GPU paravirtualisation): a Linux node with none of them has no GPU torch could use
-GPU_NODES = ("/dev/nvidia*", "/dev/kfd", "/dev/dxg")
+#: device nodes of the drivers through which torch sees a GPU (NVIDIA's, also its loaded
+#: kernel module where nodes are made on first use; AMD ROCm's; WSL's GPU
+#: paravirtualisation): a Linux node with none of them has no GPU torch could use
+GPU_NODES = ("/dev/nvidia*", "/proc/driver/nvidia", "/dev/kfd", "/dev/dxg")
 
 
 def _may_have_gpu() -> bool:
@@ -168,8 +169,39 @@ def device_info(device) -> dict:
     else:
         import platform
 
-        info.update(name=platform.machine(), threads=torch.get_num_threads())
+        info.update(name=platform.machine(), threads=torch.get_num_threads(), **blas_info())
     return info
+
+
+def blas_info() -> dict:
+    """numpy's BLAS, which runs the CPU kernel's GEMMs (:func:`kernelscale.accumulate.
+    add_product`): ``blas`` (name and version) and ``blas_threads`` (its thread count,
+    None where it cannot be asked): its products' bits depend on both."""
+    import numpy as np
+
+    dep = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+    return {"blas": f"{dep.get('name')} {dep.get('version')}", "blas_threads": _blas_threads()}
+
+
+def _blas_threads() -> int | None:
+    """OpenBLAS's own thread count, asked of the library numpy loaded."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            paths = {ln.split()[-1] for ln in fh if "/" in ln}
+        libs = sorted(p for p in paths if "openblas" in p.lower() and ".so" in p)
+    except OSError:
+        return None
+    for path in libs:
+        with contextlib.suppress(OSError):
+            lib = ctypes.CDLL(path)
+            for sym in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                        "openblas_get_num_threads"):
+                fn = getattr(lib, sym, None)
+                if fn is not None:
+                    return int(fn())
+    return None
 
 
 def _cublas_version() -> str:

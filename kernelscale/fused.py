@@ -79,7 +79,9 @@ def _kernels():
 
 def _threads() -> int:
     """torch's thread count where torch is loaded; elsewhere (an ingest on the CPU never
-    loads it) the same default without it: ``OMP_NUM_THREADS``, else the usable CPUs."""
+    loads it) ``OMP_NUM_THREADS``, else the usable logical CPUs (torch counts physical
+    cores: on a host with SMT this takes more threads, which changes no result, the
+    threads splitting the examples)."""
     torch = sys.modules.get("torch")
     if torch is not None:
         return max(1, torch.get_num_threads())

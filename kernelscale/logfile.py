@@ -166,5 +166,5 @@ def _load_tensors(path: Path, label: str, expect: dict | None
             raise BadInputError(f"{label}: {key!r} declares {tuple(t.shape)} = {nbytes} "
                                 f"bytes, not stored densely in the file's {size} bytes")
     # a copy only for a permuted layout
-    test, train = (t.contiguous().numpy() for t in tensors)
+    test, train = (t.detach().contiguous().numpy() for t in tensors)
     return test, train

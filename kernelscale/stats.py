@@ -195,14 +195,25 @@ def stats_of_logits(logits, transform: str = LOG1P32, device=None) -> RunningSta
         s2 += v.square_().sum(0)
     if v0 is None:
         return RunningStats.empty(examples, classes)
-    return _from_sums(runs, *(t.cpu().numpy() for t in (v0, s1, s2)))
+    return _from_sums(runs, v0, s1, s2)
 
 
-def _from_sums(runs: int, v0: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> RunningStats:
-    """The statistics of ``runs`` runs from their shifted sums (float64 (examples,
-    classes)); each operation correctly rounded, as torch's (the same bits)."""
+def _from_sums(runs: int, v0, s1, s2) -> RunningStats:
+    """The statistics of ``runs`` runs from their shifted sums: float64 (examples,
+    classes) numpy arrays, or torch tensors on the device that summed them (computed
+    there, as before numpy arrays were taken: a GPU divides by the run count through its
+    reciprocal, so moving this to the host would change a GPU store's last bits)."""
     mean = v0 + s1 / runs
-    m2 = np.maximum(s2 - s1 * s1 / runs, 0.0)  # rounding can take a ~0 m2 below 0
-    if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+    m2 = s2 - s1 * s1 / runs
+    if isinstance(m2, np.ndarray):
+        m2 = np.maximum(m2, 0.0)  # rounding can take a ~0 m2 below 0
+        finite = bool(np.isfinite(mean).all() and np.isfinite(m2).all())
+    else:
+        import torch
+
+        m2 = m2.clamp_(min=0.0)
+        finite = bool(torch.isfinite(mean).all() and torch.isfinite(m2).all())
+        mean, m2 = mean.cpu().numpy(), m2.cpu().numpy()
+    if not finite:
         raise NonFiniteValues("non-finite values")
     return RunningStats(runs, mean, m2)

@@ -113,6 +113,23 @@ def test_device_info_and_changes():
     other = dict(info, name="NVIDIA H100 80GB HBM3", torch="2.11.0")
     change = describe_device_change(other, info)
     assert "name NVIDIA H100 80GB HBM3 -> " in change and "torch 2.11.0 -> " in change
+    # the CPU's GEMMs are numpy's BLAS: a checkpoint of torch's (no BLAS recorded) or of
+    # another BLAS thread count is another device
+    assert info["blas"].startswith("scipy-openblas ") and info["blas_threads"] >= 1
+    old = {k: v for k, v in info.items() if not k.startswith("blas")}
+    assert "blas None -> scipy-openblas" in describe_device_change(old, info)
+
+
+def test_the_blas_thread_count_is_the_librarys_own():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom kernelscale.device import device_info\n"
+            "print(device_info(torch.device('cpu'))['blas_threads'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert out.stdout.split() == ["1"]
 
 
 def test_device_name_loads_torch_only_where_a_gpu_may_be(monkeypatch, tmp_path):

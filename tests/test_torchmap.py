@@ -1,8 +1,11 @@
 """``torch.save`` files mapped without torch: the arrays ``torch.load`` gives, or None
 (the caller then takes ``torch.load``)."""
 
+import collections
 import io
 import pickle
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -65,6 +68,12 @@ def _permuted(path):
                         "logits_train": tr})
 
 
+def _requires_grad(path):
+    te, tr = (t.float().requires_grad_() for t in _pair())
+    return _save(path, {"logits": te.permute(1, 0, 2).detach().contiguous().permute(1, 0, 2)
+                        .requires_grad_(), "logits_train": tr})
+
+
 def _bfloat16(path):
     return _save(path, dict(zip(KEYS, _pair(torch.bfloat16), strict=True)))
 
@@ -98,7 +107,7 @@ def _pickle(path):
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("make", [_legacy, _permuted, _bfloat16, _other_global,
+@pytest.mark.parametrize("make", [_legacy, _permuted, _requires_grad, _bfloat16, _other_global,
                                   _not_a_tensor, _missing, _cut, _pickle])
 def test_files_not_mapped_go_to_torch_with_its_verdict(tmp_path, make):
     p = make(tmp_path / "log.pt")
@@ -112,8 +121,8 @@ def test_files_not_mapped_go_to_torch_with_its_verdict(tmp_path, make):
     if isinstance(want, dict) and all(isinstance(want.get(k), torch.Tensor) for k in KEYS) \
             and want[KEYS[0]].dtype in (torch.float16, torch.float32):
         log = load_log(p)
-        np.testing.assert_array_equal(log.test, want[KEYS[0]].numpy())
-        np.testing.assert_array_equal(log.train, want[KEYS[1]].numpy())
+        np.testing.assert_array_equal(log.test, want[KEYS[0]].detach().numpy())
+        np.testing.assert_array_equal(log.train, want[KEYS[1]].detach().numpy())
     else:
         with pytest.raises(BadInputError, match="log.pt"):
             load_log(p)
@@ -157,3 +166,89 @@ def test_mutated_files_map_the_bytes_torch_saved_or_not_at_all(tmp_path):
         for g, w in zip(got, saved, strict=True):
             np.testing.assert_array_equal(g, w)
     assert outcomes["mapped"] > 20 and outcomes["not mapped"] > 300, outcomes
+
+
+class _Storage:
+    """Pickled as the persistent id torch.save gives a storage."""
+
+    def __init__(self, key: str, cls, numel: int):
+        self.key, self.cls, self.numel = key, cls, numel
+
+
+class _Tensor:
+    """Pickled as torch.save pickles a tensor; ``state``: a BUILD after the call."""
+
+    def __init__(self, storage, offset, shape, stride, state=None):
+        self.args = (storage, offset, shape, stride, False, collections.OrderedDict())
+        self.state = state
+
+    def __reduce__(self):
+        call = (torch._utils._rebuild_tensor_v2, self.args)
+        return call if self.state is None else (*call, self.state)
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", obj.cls, obj.key, "cpu", obj.numel)
+        return None
+
+
+def _craft(path, tensors: dict, storages: dict, protocol: int = 2, twice: str | None = None):
+    """A torch.save-like zip of ``tensors`` (a dict pickled as torch.save does) and the
+    ``storages`` (key -> bytes); ``twice``: a storage key written a second time."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=protocol).dump(tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of a duplicate name
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            z.writestr("archive/data.pkl", buf.getvalue())
+            z.writestr("archive/byteorder", "little")
+            for k, b in storages.items():
+                z.writestr(f"archive/data/{k}", b)
+            if twice is not None:
+                z.writestr(f"archive/data/{twice}", bytes(len(storages[twice])))
+            z.writestr("archive/version", "3\n")
+    return path
+
+
+def _crafted(path, *, offset=0, numel=None, state=None, protocol=2, twice=None,
+             dtypes=("HalfStorage", "HalfStorage")):
+    te = np.arange(24, dtype=np.float16) / 8
+    tr = np.arange(40, dtype=np.float16) / 16
+    raw = {"0": te.tobytes() + tr.tobytes()}
+    s0 = _Storage("0", getattr(torch, dtypes[0]), numel or 64)
+    s1 = _Storage("0", getattr(torch, dtypes[1]), numel or 64)
+    return _craft(path, {"logits": _Tensor(s0, offset, (2, 3, 4), (12, 4, 1), state),
+                         "logits_train": _Tensor(s1, 24, (2, 5, 4), (20, 4, 1))},
+                  raw, protocol, twice), te.reshape(2, 3, 4), tr.reshape(2, 5, 4)
+
+
+def test_a_crafted_plain_file_maps_as_torch_loads_it(tmp_path):
+    p, te, tr = _crafted(tmp_path / "log.pt")
+    got = map_tensors(p, KEYS)
+    want = torch.load(p, weights_only=True)
+    np.testing.assert_array_equal(got[0], te)
+    np.testing.assert_array_equal(got[1], tr)
+    np.testing.assert_array_equal(want["logits"].numpy(), te)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("case", [
+    {"offset": -10}, {"offset": -1_000_000}, {"numel": 100}, {"state": (1, 2)},
+    {"protocol": 4}, {"twice": "0"}, {"dtypes": ("HalfStorage", "FloatStorage")}])
+def test_what_torch_reads_otherwise_is_not_mapped(tmp_path, case):
+    """A negative offset, a storage of another size than declared, a BUILD after the
+    call, opcodes torch's weights-only loader does not read, a member twice, a storage
+    viewed as two dtypes: torch refuses or reads them its own way, so they go to it."""
+    p, _, _ = _crafted(tmp_path / "log.pt", **case)
+    assert map_tensors(p, KEYS) is None
+    try:  # as load_log calls it (memory-mapped: the storage's size is not checked)
+        want = torch.load(p, weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 -- torch refuses it: so does load_log
+        with pytest.raises(BadInputError, match="log.pt"):
+            load_log(p)
+        return
+    log = load_log(p)
+    np.testing.assert_array_equal(log.test, want["logits"].numpy())
+    np.testing.assert_array_equal(log.train, want["logits_train"].numpy())

@@ -18,8 +18,9 @@
 
 Every array is (runs, examples, classes), float16 or float32 -- the dtypes a ``log.pt``
 may hold -- and both of a unit share runs, classes and dtype. ``--keys TEST,TRAIN``
-renames the two arrays in every format but ``log.pt``. Nothing is unpickled (``log.pt``
-goes through ``torch.load(weights_only=True)``), and every header is checked -- shapes,
+renames the two arrays in every format but ``log.pt``. Nothing is unpickled (a plain
+``log.pt`` is mapped from its decoded header, :mod:`.torchmap`; any other goes through
+``torch.load(weights_only=True)``), and every header is checked -- shapes,
 dtypes, declared bytes against the file's size -- before any data is read or allocated.
 """
 

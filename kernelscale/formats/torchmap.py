@@ -2,9 +2,10 @@
 importing torch.
 
 The common ``log.pt`` is mapped here: a zip whose pickle (decoded by
-:mod:`.torchzip`, never unpickled) is a dict naming no globals but torch's tensor
-rebuilders, its storage classes and ``collections.OrderedDict``, whose tensors are dense
-and little-endian, and whose storages are stored members inside the file. Importing
+:mod:`.torchzip`, never unpickled) is a dict made of the opcodes torch's weights-only
+loader reads and of plain calls of no globals but torch's tensor rebuilders, its storage
+classes and ``collections.OrderedDict``, whose tensors are dense, little-endian and
+within storages of the declared sizes, and whose records are whole (:func:`_sound`). Importing
 torch costs an ingest process ~1.5 s (2 cores) before its first file; for every other
 file -- the legacy pickle format, other globals, a permuted or big-endian tensor, a
 dtype numpy lacks, a header this module does not read, a damaged or short member --
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickletools
 import struct
 import zipfile
-import zlib
 
 import numpy as np
 
@@ -26,13 +27,20 @@ from .torchzip import (
     MAX_PICKLE_BYTES,
     REBUILDERS,
     STORAGE_DTYPES,
-    HeaderError,
     TensorMeta,
     read_directory,
     tensor_meta,
     walk,
 )
 
+#: the opcodes torch's weights-only unpickler reads, but for those building objects other
+#: than by a plain call (NEWOBJ, BUILD: ``walk`` does not apply their state) and sets
+PLAIN_OPCODES = frozenset({
+    "PROTO", "STOP", "GLOBAL", "REDUCE", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "MARK",
+    "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE",
+    "EMPTY_LIST", "EMPTY_DICT", "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE",
+    "SHORT_BINSTRING", "BINPERSID", "BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT",
+    "LONG1"})
 #: the globals a plain ``torch.save`` of a dict of tensors names
 PLAIN_GLOBALS = frozenset({*REBUILDERS, *(("torch", s) for s in STORAGE_DTYPES),
                            ("collections", "OrderedDict")})
@@ -103,13 +111,14 @@ def _sound(fh, zf: zipfile.ZipFile, prefix: str, storages: set[str]) -> bool:
     the storages (a few small records) matching its CRC. A storage's bytes are not read
     here, as torch's memory-mapped load does not read them either."""
     infos = zf.infolist()
-    if not infos or infos[0].header_offset != 0 or zf.comment or not _one_disk(fh, len(infos)):
+    if not infos or infos[0].header_offset != 0 or zf.comment or not _one_disk(fh, len(infos)) \
+            or len({i.filename for i in infos}) != len(infos):  # a name twice: which one?
         return False
     for info in infos:
         if not info.filename.startswith(prefix) or info.volume != 0 or info.flag_bits & 1 \
                 or info.compress_size != info.file_size or _data_offset(fh, info) is None:
             return False
-        if info.filename[len(prefix):].removeprefix("data/") not in storages:
+        if info.filename not in storages:
             zf.read(info)  # raises BadZipFile on a CRC mismatch
     return True
 
@@ -128,10 +137,13 @@ def map_tensors(path: str | os.PathLike, keys: tuple[str, ...]
             if tz.pickle_size > MAX_PICKLE_BYTES:
                 return None
             prefix = tz.pickle_name[: -len("data.pkl")]
-            if not _sound(fh, zf, prefix, set(tz.storages)):
+            if not _sound(fh, zf, prefix, {f"{prefix}data/{k}" for k in tz.storages}):
+                return None
+            data = zf.read(tz.pickle_name)
+            if not {op.name for op, _, _ in pickletools.genops(data)} <= PLAIN_OPCODES:
                 return None
             names: set = set()
-            obj = walk(zf.read(tz.pickle_name), str(path), names)
+            obj = walk(data, str(path), names)
             if not isinstance(obj, dict) or not names <= PLAIN_GLOBALS:
                 return None
             try:
@@ -140,26 +152,25 @@ def map_tensors(path: str | os.PathLike, keys: tuple[str, ...]
             except KeyError:  # written before torch recorded it: little-endian
                 pass
             size = os.fstat(fh.fileno()).st_size
-            places = []
+            arrays, dtypes = [], {}
             for key in keys:
                 t = tensor_meta(obj.get(key), str(path), key)
                 if t is None or not _contiguous(t) or t.dtype == "bfloat16" \
-                        or 0 in t.shape:
-                    return None
+                        or 0 in t.shape or dtypes.setdefault(t.storage, t.dtype) != t.dtype:
+                    return None  # torch views a storage shared by two dtypes as its first
                 dt = np.dtype(t.dtype).newbyteorder("<")
                 info = zf.getinfo(f"{prefix}data/{t.storage}")
                 start = _data_offset(fh, info)
                 if start is None or start + info.file_size > size \
+                        or t.storage_numel is None \
+                        or t.storage_numel * dt.itemsize != info.file_size \
                         or (t.offset + math.prod(t.shape)) * dt.itemsize > info.file_size:
                     return None
-                places.append((dt, start + t.offset * dt.itemsize, t.shape))
-    except (HeaderError, OSError, KeyError, ValueError, EOFError, NotImplementedError,
-            RuntimeError, zipfile.BadZipFile, zlib.error):
-        return None  # a damaged or unusual file: torch.load's to judge
-    arrays = []
-    for dt, offset, shape in places:
-        # copy-on-write, as torch maps them: writable arrays (torch warns about read-only
-        # ones) whose writes never reach the file
-        a = np.asarray(np.memmap(path, dtype=dt, mode="c", offset=offset, shape=shape))
-        arrays.append(a if dt.isnative else a.astype(dt.newbyteorder("=")))
-    return tuple(arrays)
+                # copy-on-write, as torch maps them: writable arrays (torch warns about
+                # read-only ones) whose writes never reach the file
+                a = np.asarray(np.memmap(fh, dtype=dt, mode="c",
+                                         offset=start + t.offset * dt.itemsize, shape=t.shape))
+                arrays.append(a if dt.isnative else a.astype(dt.newbyteorder("=")))
+            return tuple(arrays)
+    except Exception:  # noqa: BLE001 -- damaged or unusual in any way: torch.load judges
+        return None

@@ -55,6 +55,8 @@ class TensorMeta:
     offset: int
     #: elements between neighbours along each axis (None where the header gives none)
     stride: tuple[int, ...] | None = None
+    #: elements the storage declares it holds (None where the header gives none)
+    storage_numel: int | None = None
 
 
 @dataclass(frozen=True)
@@ -262,14 +264,16 @@ def tensor_meta(value, label: str, key: str) -> TensorMeta | None:
         raise HeaderError(f"{label}: {key!r}: storage reference not read here")
     dtype = STORAGE_DTYPES.get(pid[1].names[1])
     offset, shape = value.args[1], value.args[2]
-    if dtype is None or not isinstance(offset, int) or not isinstance(shape, tuple) \
+    if dtype is None or not isinstance(offset, int) or offset < 0 \
+            or not isinstance(shape, tuple) \
             or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise HeaderError(f"{label}: {key!r}: tensor header not read here")
     stride = value.args[3] if len(value.args) > 3 else None
     if not (isinstance(stride, tuple) and len(stride) == len(shape)
             and all(isinstance(d, int) for d in stride)):
         stride = None
-    return TensorMeta(tuple(shape), dtype, str(pid[2]), offset, stride)
+    numel = pid[4] if len(pid) > 4 and isinstance(pid[4], int) else None
+    return TensorMeta(tuple(shape), dtype, str(pid[2]), offset, stride, numel)
 
 
 def pickle_tensors(data: bytes, label: str) -> dict[str, TensorMeta]:
