@@ -316,7 +316,16 @@ class Store:
                         ) -> tuple[dict[str, RunningStats], str]:
         """Resize the logits arrays to ``stop`` runs and write statistics generation
         ``gen``, the current one merged with ``file_stats``; return the merged statistics
-        and their digest. Nothing here is committed until the manifest names it."""
+        and their digest. Nothing here is committed until the manifest names it; all of
+        it is durable when this returns, synced together."""
+        zs = self.group.store
+        with zs.synced_together() if isinstance(zs, DurableLocalStore) else \
+                contextlib.nullcontext():
+            return self._write_metadata_files(stop, gen, file_stats)
+
+    def _write_metadata_files(self, stop: int, gen: int,
+                              file_stats: dict[str, RunningStats]
+                              ) -> tuple[dict[str, RunningStats], str]:
         for split in SPLITS:
             if split not in self._resized:
                 self._resized[split] = self.array(split)

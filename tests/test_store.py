@@ -187,3 +187,45 @@ def test_what_a_failed_writer_left_is_dropped_by_the_next_commit(tmp_path):
         assert not (path / "logits" / split / "c" / "2" / "0" / "0").exists(), split
     np.testing.assert_array_equal(final.read("train", 0, 8),
                                   np.concatenate([first[1], second[1]]))
+
+
+def test_every_file_a_commit_writes_is_fsynced_before_the_manifest_names_it(
+        tmp_path, monkeypatch):
+    """The metadata written beside the chunk bytes (the arrays' new extent, the next
+    statistics generation) is synced together at the end; all of it, the chunk files and
+    their folders are durable before the manifest is replaced."""
+    import os
+
+    from tests.reference import random_source
+
+    random_source(tmp_path / "src", [4, 4], n_test=10, n_train=20)
+    synced: set[str] = set()
+    events: list = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        real_replace(src, dst, *a, **k)
+        if os.path.realpath(src) in synced:  # fsynced as a temp file, then renamed
+            synced.add(os.path.realpath(dst))
+        if str(dst).endswith("manifest.json"):
+            events.append(set(synced))
+
+    ingest_dir(tmp_path / "src", tmp_path / "store", show_progress=False,
+               glob="**/file000/log.pt")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    before = {str(p) for p in (tmp_path / "store").rglob("*")}
+    ingest_dir(tmp_path / "src", tmp_path / "store", show_progress=False)
+    monkeypatch.undo()
+    written = [p for p in (tmp_path / "store").rglob("*") if p.is_file()
+               and str(p) not in before and p.name != "manifest.json"]
+    written += [tmp_path / "store" / "logits" / s / "zarr.json" for s in ("test", "train")]
+    assert len(events) == 1 and any("stats" in str(p) for p in written)
+    assert any("logits" in str(p) and "/c/" in str(p) for p in written)
+    missing = [str(q) for p in written for q in (p, p.parent)
+               if os.path.realpath(q) not in events[0]]
+    assert not missing, missing
