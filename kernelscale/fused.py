@@ -105,18 +105,11 @@ def supports(dtype) -> bool:
 def _blocks(x, rows_per_block: int):
     """(start, block) over axis 0 of ``x``, a torch tensor or numpy array (float16,
     float32 or float64): C-contiguous numpy arrays, float16 ones as their uint16 bits."""
-    if isinstance(x, np.ndarray):
-        for s in range(0, x.shape[0], rows_per_block):
-            b = np.ascontiguousarray(x[s:s + rows_per_block])
-            yield s, b.view(np.uint16) if b.dtype == np.float16 else b
-        return
-    import torch
-
+    if not isinstance(x, np.ndarray):
+        x = x.numpy()  # a CPU tensor: a view of its memory
     for s in range(0, x.shape[0], rows_per_block):
-        b = x[s:s + rows_per_block].contiguous()
-        if b.dtype == torch.float16:
-            b = b.view(torch.int16)
-        yield s, b.numpy().view(np.uint16) if b.dtype == torch.int16 else b.numpy()
+        b = np.ascontiguousarray(x[s:s + rows_per_block])
+        yield s, b.view(np.uint16) if b.dtype == np.float16 else b
 
 
 def _drive(x, kernel, args_of) -> None:

@@ -116,9 +116,13 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
 
     path = Path(path)
     label = name or str(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise BadInputError(f"{label}: cannot read ({e.strerror})") from None
     mapped = map_tensors(path, DEFAULT_KEYS)
     if mapped is None:
-        test, train = _load_tensors(path, label, expect)
+        test, train = _load_tensors(path, label, size, expect)
     else:
         test, train = mapped
         check_meta(label, DEFAULT_KEYS, *(ArrayMeta(a.shape, a.dtype.name) for a in mapped),
@@ -128,12 +132,12 @@ def load_log(path: str | os.PathLike, name: str | None = None, *,
             err = first_non_finite(label, key, a)
             if err is not None:
                 raise err
-    return LoadedLog(label, path.stat().st_size, test, train)
+    return LoadedLog(label, size, test, train)
 
 
-def _load_tensors(path: Path, label: str, expect: dict | None
+def _load_tensors(path: Path, label: str, size: int, expect: dict | None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(test, train) of a ``log.pt`` through ``torch.load``: every file
+    """(test, train) of a ``log.pt`` of ``size`` bytes through ``torch.load``: every file
     :func:`~kernelscale.formats.torchmap.map_tensors` does not map, checked as
     :func:`load_log` says."""
     import torch
@@ -141,10 +145,6 @@ def _load_tensors(path: Path, label: str, expect: dict | None
     from .formats.common import DEFAULT_KEYS, ArrayMeta, check_meta
 
     obj = _load_object(path, label)
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise BadInputError(f"{label}: cannot read ({e.strerror})") from None
     if not isinstance(obj, dict):
         raise BadInputError(f"{label}: expected a dict with 'logits' and 'logits_train', "
                             f"got {type(obj).__name__}")

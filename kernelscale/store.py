@@ -321,19 +321,15 @@ class Store:
         zs = self.group.store
         with zs.synced_together() if isinstance(zs, DurableLocalStore) else \
                 contextlib.nullcontext():
-            return self._write_metadata_files(stop, gen, file_stats)
-
-    def _write_metadata_files(self, stop: int, gen: int,
-                              file_stats: dict[str, RunningStats]
-                              ) -> tuple[dict[str, RunningStats], str]:
-        for split in SPLITS:
-            if split not in self._resized:
-                self._resized[split] = self.array(split)
-            arr = self._resized[split]
-            # Shrinking first drops whatever a crashed writer left past the committed runs.
-            arr.resize((stop, *arr.shape[1:]))
-        merged = {split: self.stats(split).merge(file_stats[split]) for split in SPLITS}
-        return merged, write_generation(self.group, gen, merged)
+            for split in SPLITS:
+                if split not in self._resized:
+                    self._resized[split] = self.array(split)
+                arr = self._resized[split]
+                # Shrinking first drops whatever a crashed writer left past the committed
+                # runs.
+                arr.resize((stop, *arr.shape[1:]))
+            merged = {split: self.stats(split).merge(file_stats[split]) for split in SPLITS}
+            return merged, write_generation(self.group, gen, merged)
 
     def _commit(self, m: dict) -> None:
         """Replace the manifest with ``m`` atomically: the commit point of every write."""

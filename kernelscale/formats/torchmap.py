@@ -5,9 +5,9 @@ The common ``log.pt`` is mapped here: a zip whose pickle (decoded by
 :mod:`.torchzip`, never unpickled) is a dict made of the opcodes torch's weights-only
 loader reads and of plain calls of no globals but torch's tensor rebuilders, its storage
 classes and ``collections.OrderedDict``, whose tensors are dense, little-endian and
-within storages of the declared sizes, and whose records are whole (:func:`_sound`). Importing
-torch costs an ingest process ~1.5 s (2 cores) before its first file; for every other
-file -- the legacy pickle format, other globals, a permuted or big-endian tensor, a
+within storages of the declared sizes, and whose records are whole (:func:`_sound`).
+Importing torch costs an ingest process ~1.5 s (2 cores) before its first file; for
+every other file -- the legacy pickle format, other globals, a permuted or big-endian tensor, a
 dtype numpy lacks, a header this module does not read, a damaged or short member --
 :func:`map_tensors` gives None, and the caller loads it with
 ``torch.load(weights_only=True)``, whose verdict and messages stand for it.
@@ -104,23 +104,27 @@ def _one_disk(fh, entries: int) -> bool:
     return sig == b"PK\x06\x06" and disk == cd_disk == 0 and here == total == entries
 
 
-def _sound(fh, zf: zipfile.ZipFile, prefix: str, storages: set[str]) -> bool:
-    """Whether the zip is whole the way torch's own reader checks one, before any of it is
-    trusted: one archive starting at the file's first byte, every member in the
-    pickle's folder with its local header where the directory says, and every member but
-    the storages (a few small records) matching its CRC. A storage's bytes are not read
-    here, as torch's memory-mapped load does not read them either."""
+def _sound(fh, zf: zipfile.ZipFile, prefix: str, storages: set[str]) -> dict[str, int] | None:
+    """Where each member's bytes start, when the zip is whole the way torch's own reader
+    checks one, before any of it is trusted: one archive starting at the file's first
+    byte, every member in the pickle's folder with its local header where the directory
+    says, and every member but the storages (a few small records) matching its CRC; else
+    None. A storage's bytes are not read here, as torch's memory-mapped load does not
+    read them either."""
     infos = zf.infolist()
     if not infos or infos[0].header_offset != 0 or zf.comment or not _one_disk(fh, len(infos)) \
             or len({i.filename for i in infos}) != len(infos):  # a name twice: which one?
-        return False
+        return None
+    starts = {}
     for info in infos:
+        start = _data_offset(fh, info)
         if not info.filename.startswith(prefix) or info.volume != 0 or info.flag_bits & 1 \
-                or info.compress_size != info.file_size or _data_offset(fh, info) is None:
-            return False
+                or info.compress_size != info.file_size or start is None:
+            return None
         if info.filename not in storages:
             zf.read(info)  # raises BadZipFile on a CRC mismatch
-    return True
+        starts[info.filename] = start
+    return starts
 
 
 def map_tensors(path: str | os.PathLike, keys: tuple[str, ...]
@@ -137,7 +141,8 @@ def map_tensors(path: str | os.PathLike, keys: tuple[str, ...]
             if tz.pickle_size > MAX_PICKLE_BYTES:
                 return None
             prefix = tz.pickle_name[: -len("data.pkl")]
-            if not _sound(fh, zf, prefix, {f"{prefix}data/{k}" for k in tz.storages}):
+            starts = _sound(fh, zf, prefix, {f"{prefix}data/{k}" for k in tz.storages})
+            if starts is None:
                 return None
             data = zf.read(tz.pickle_name)
             if not {op.name for op, _, _ in pickletools.genops(data)} <= PLAIN_OPCODES:
@@ -160,8 +165,8 @@ def map_tensors(path: str | os.PathLike, keys: tuple[str, ...]
                     return None  # torch views a storage shared by two dtypes as its first
                 dt = np.dtype(t.dtype).newbyteorder("<")
                 info = zf.getinfo(f"{prefix}data/{t.storage}")
-                start = _data_offset(fh, info)
-                if start is None or start + info.file_size > size \
+                start = starts[info.filename]
+                if start + info.file_size > size \
                         or t.storage_numel is None \
                         or t.storage_numel * dt.itemsize != info.file_size \
                         or (t.offset + math.prod(t.shape)) * dt.itemsize > info.file_size:
